@@ -2,12 +2,22 @@
 
 Offsets o = (dy, dx) with dy, dx in [-d, d] are ordered row-major (dy outer, dx inner), so a window
 tensor has (2d+1)^2 channels. A neighbour x + dilation * o outside the image never receives weight.
+
+The public functions run compiled C kernels (`local_window.c`, built at first use, see `_native`) on CPU
+tensors, and the plain PyTorch versions below on other devices, without a C compiler, or when
+`LMRC_LOCAL_WINDOW=plain`.
 """
 from __future__ import annotations
+
+import ctypes
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lmrc.ops import _native
 
 
 def window_offsets(radius: int) -> list[tuple[int, int]]:
@@ -53,6 +63,199 @@ def local_weighted_sum_plain(weights: Tensor, value: Tensor, radius: int, dilati
     return out
 
 
-# Public entry points; the fast native kernels plug in here.
-local_similarity = local_similarity_plain
-local_weighted_sum = local_weighted_sum_plain
+def _window_size(radius: int) -> int:
+    return (2 * radius + 1) ** 2
+
+
+def _check(radius: int, dilation: int, *pairs: tuple[str, Tensor]) -> None:
+    if int(radius) != radius or radius < 0:
+        raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
+    if int(dilation) != dilation or dilation < 1:
+        raise ValueError(f"dilation must be a positive integer, got {dilation!r}")
+    ref_name, ref = pairs[0]
+    for name, t in pairs:
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be B x C x H x W, got shape {tuple(t.shape)}")
+        if (t.shape[0], t.shape[2], t.shape[3]) != (ref.shape[0], ref.shape[2], ref.shape[3]):
+            raise ValueError(f"{name} {tuple(t.shape)} and {ref_name} {tuple(ref.shape)} differ in batch or size")
+
+
+def _native_for(*tensors: Tensor):
+    """The native library to use for these inputs, or None for the plain PyTorch path.
+
+    `LMRC_LOCAL_WINDOW=plain` forces the plain path, `=native` makes an unavailable native path an error,
+    `auto` (default) uses native kernels for CPU tensors when a C compiler is available.
+    """
+    mode = os.environ.get("LMRC_LOCAL_WINDOW", "auto").strip().lower() or "auto"
+    if mode not in ("auto", "plain", "native"):
+        raise ValueError(f"LMRC_LOCAL_WINDOW must be auto, plain or native, got {mode!r}")
+    if mode == "plain" or any(t.numel() == 0 for t in tensors):
+        return None
+    if any(t.device.type != "cpu" or not t.is_floating_point() for t in tensors):
+        if mode == "native":
+            raise RuntimeError("LMRC_LOCAL_WINDOW=native needs floating-point CPU tensors")
+        return None
+    lib = _native.load(_compute_dtype(*tensors))
+    if lib is None and mode == "native":
+        raise RuntimeError("LMRC_LOCAL_WINDOW=native but the native kernels could not be built (see the warning)")
+    return lib
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    # bf16 / fp16 are computed in fp32; float64 keeps float64 (gradcheck runs the same C code in double).
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _result_dtype(*tensors: Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _prep(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+class _NativeSimilarity(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, radius, dilation, scale, lib):
+        dtype = _compute_dtype(query, key)
+        q, k = _prep(query, dtype), _prep(key, dtype)
+        b, c, h, w = q.shape
+        sim = torch.empty(b, _window_size(radius), h, w, dtype=dtype)
+        lib("lw_similarity_fwd", _ptr(q), _ptr(k), _ptr(sim), b, c, h, w, radius, dilation, float(scale))
+        # keep the caller's tensors (not fp32 copies of bf16 inputs): backward recasts them
+        ctx.save_for_backward(query, key)
+        ctx.params = (radius, dilation, float(scale), lib, dtype)
+        return sim.to(_result_dtype(query, key))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sim):
+        query, key = ctx.saved_tensors
+        radius, dilation, scale, lib, dtype = ctx.params
+        q, k, gs = _prep(query, dtype), _prep(key, dtype), _prep(grad_sim, dtype)
+        gq = torch.empty_like(q) if ctx.needs_input_grad[0] else None
+        gk = torch.empty_like(k) if ctx.needs_input_grad[1] else None
+        b, c, h, w = q.shape
+        lib("lw_similarity_bwd", _ptr(gs), _ptr(q), _ptr(k), _ptr(gq), _ptr(gk), b, c, h, w, radius, dilation, scale)
+        return (
+            None if gq is None else gq.to(query.dtype),
+            None if gk is None else gk.to(key.dtype),
+            None, None, None, None,
+        )
+
+
+class _NativeWeightedSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weights, value, radius, dilation, lib):
+        dtype = _compute_dtype(weights, value)
+        wt, v = _prep(weights, dtype), _prep(value, dtype)
+        b, c, h, w = v.shape
+        out = torch.empty_like(v)
+        lib("lw_wsum_fwd", _ptr(wt), _ptr(v), _ptr(out), b, c, h, w, radius, dilation)
+        ctx.save_for_backward(weights, value)
+        ctx.params = (radius, dilation, lib, dtype)
+        return out.to(_result_dtype(weights, value))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        weights, value = ctx.saved_tensors
+        radius, dilation, lib, dtype = ctx.params
+        wt, v, go = _prep(weights, dtype), _prep(value, dtype), _prep(grad_out, dtype)
+        gw = torch.empty_like(wt) if ctx.needs_input_grad[0] else None
+        gv = torch.empty_like(v) if ctx.needs_input_grad[1] else None
+        b, c, h, w = v.shape
+        lib("lw_wsum_bwd", _ptr(go), _ptr(wt), _ptr(v), _ptr(gw), _ptr(gv), b, c, h, w, radius, dilation)
+        return (
+            None if gw is None else gw.to(weights.dtype),
+            None if gv is None else gv.to(value.dtype),
+            None, None, None,
+        )
+
+
+class _NativeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, value, radius, dilation, scale, lib):
+        ctx.set_materialize_grads(False)  # unused outputs (often the similarity) get no gradient buffer
+        dtype = _compute_dtype(query, key, value)
+        q, k, v = _prep(query, dtype), _prep(key, dtype), _prep(value, dtype)
+        b, ck, h, w = q.shape
+        cv = v.shape[1]
+        sim = torch.empty(b, _window_size(radius), h, w, dtype=dtype)
+        aff = torch.empty_like(sim)
+        readout = torch.empty_like(v)
+        lib("lw_attention_fwd", _ptr(q), _ptr(k), _ptr(v), _ptr(sim), _ptr(aff), _ptr(readout),
+            b, ck, cv, h, w, radius, dilation, float(scale))
+        # backward needs the inputs and the affinity only; the similarity is not kept
+        ctx.save_for_backward(query, key, value, aff)
+        ctx.params = (radius, dilation, float(scale), lib, dtype)
+        out_dtype = _result_dtype(query, key, value)
+        return readout.to(out_dtype), sim.to(out_dtype), aff.to(out_dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_readout, grad_sim, grad_aff):
+        query, key, value, aff = ctx.saved_tensors
+        radius, dilation, scale, lib, dtype = ctx.params
+        q, k, v = _prep(query, dtype), _prep(key, dtype), _prep(value, dtype)
+        gr = torch.zeros_like(v) if grad_readout is None else _prep(grad_readout, dtype)
+        gs, ga = _prep(grad_sim, dtype), _prep(grad_aff, dtype)
+        b, ck, h, w = q.shape
+        cv = v.shape[1]
+        dsim = torch.empty_like(aff)
+        gq = torch.empty_like(q)  # always allocated: the kernel uses its rows as scratch
+        gk = torch.empty_like(k) if ctx.needs_input_grad[1] else None
+        gv = torch.empty_like(v) if ctx.needs_input_grad[2] else None
+        lib("lw_attention_bwd", _ptr(gr), _ptr(gs), _ptr(ga), _ptr(q), _ptr(k), _ptr(v), _ptr(aff), _ptr(dsim),
+            _ptr(gq), _ptr(gk), _ptr(gv), b, ck, cv, h, w, radius, dilation, scale)
+        return (
+            gq.to(query.dtype) if ctx.needs_input_grad[0] else None,
+            None if gk is None else gk.to(key.dtype),
+            None if gv is None else gv.to(value.dtype),
+            None, None, None, None,
+        )
+
+
+def local_similarity(query: Tensor, key: Tensor, radius: int, dilation: int = 1, scale: float = 1.0) -> Tensor:
+    """LMR similarity (eq. 4) in a window: B x C x H x W pair -> B x (2d+1)^2 x H x W, -inf outside the image."""
+    _check(radius, dilation, ("query", query), ("key", key))
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
+    lib = _native_for(query, key)
+    if lib is None:
+        return local_similarity_plain(query, key, radius, dilation, scale)
+    return _NativeSimilarity.apply(query, key, int(radius), int(dilation), scale, lib)
+
+
+def local_weighted_sum(weights: Tensor, value: Tensor, radius: int, dilation: int = 1) -> Tensor:
+    """Window-weighted sum (eq. 5, and eq. 6-7 with dilation 2): B x (2d+1)^2 x H x W, B x C x H x W -> B x C x H x W."""
+    _check(radius, dilation, ("value", value), ("weights", weights))
+    if weights.shape[1] != _window_size(radius):
+        raise ValueError(f"weights need {_window_size(radius)} channels for radius {radius}, got {weights.shape[1]}")
+    lib = _native_for(weights, value)
+    if lib is None:
+        return local_weighted_sum_plain(weights, value, radius, dilation)
+    return _NativeWeightedSum.apply(weights, value, int(radius), int(dilation), lib)
+
+
+def local_attention(
+    query: Tensor, key: Tensor, value: Tensor, radius: int, dilation: int = 1, scale: float = 1.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """LMR (eq. 4-5): returns (readout B x Cv x H x W, similarity and affinity B x (2d+1)^2 x H x W)."""
+    _check(radius, dilation, ("query", query), ("key", key), ("value", value))
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
+    lib = _native_for(query, key, value)
+    if lib is None:
+        sim = local_similarity_plain(query, key, radius, dilation, scale)
+        aff = torch.softmax(sim, dim=1)
+        return local_weighted_sum_plain(aff, value, radius, dilation), sim, aff
+    readout, sim, aff = _NativeAttention.apply(query, key, value, int(radius), int(dilation), scale, lib)
+    return readout, sim, aff

@@ -1,0 +1,186 @@
+"""Build `local_window.c` with the system C compiler at first use and load it with ctypes.
+
+The shared library is cached per user in `$LMRC_CACHE_DIR` (default `~/.cache/lmrc`) under a name keyed by
+the source, the compiler, its flags and the CPU (the build uses -march=native). It is compiled into a
+temporary file and renamed into place, so concurrent processes never load a half-written library.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("local_window.c")
+
+# Tried in order: the first set is the intended build, the others keep a working (slower) kernel when the
+# compiler rejects -march=native or has no OpenMP (e.g. Apple clang).
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-fopenmp"],
+    ["-O3", "-fopenmp"],
+    ["-O3", "-march=native"],
+    ["-O3"],
+)
+_COMMON_FLAGS = ["-std=gnu11", "-shared", "-fPIC"]
+_REALS = {torch.float32: ("float", "_f32"), torch.float64: ("double", "_f64")}
+
+_P, _L, _D, _I = ctypes.c_void_p, ctypes.c_long, ctypes.c_double, ctypes.c_int
+_SIGNATURES = {
+    "lw_similarity_fwd": [_P, _P, _P] + [_L] * 6 + [_D, _I],
+    "lw_similarity_bwd": [_P] * 5 + [_L] * 6 + [_D, _I],
+    "lw_wsum_fwd": [_P] * 3 + [_L] * 6 + [_I],
+    "lw_wsum_bwd": [_P] * 5 + [_L] * 6 + [_I],
+    "lw_attention_fwd": [_P] * 6 + [_L] * 7 + [_D, _I],
+    "lw_attention_bwd": [_P] * 11 + [_L] * 7 + [_D, _I],
+}
+
+_lock = threading.Lock()
+_loaded: dict[torch.dtype, "NativeLibrary | None"] = {}
+_warned = False
+
+
+class NativeLibrary:
+    """The compiled kernels for one floating type (float32 or float64)."""
+
+    def __init__(self, path: Path, suffix: str, flags: list[str]):
+        self.path = path
+        self.flags = flags
+        self.openmp = "-fopenmp" in flags
+        lib = ctypes.CDLL(str(path))
+        self._functions = {}
+        for name, argtypes in _SIGNATURES.items():
+            fn = getattr(lib, name + suffix)
+            fn.argtypes = argtypes
+            fn.restype = None
+            self._functions[name] = fn
+        self._lib = lib
+
+    def __call__(self, name: str, *args) -> None:
+        # ctypes.CDLL releases the GIL during the call; the kernel's OpenMP team uses torch's thread count.
+        self._functions[name](*args, torch.get_num_threads())
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LMRC_CACHE_DIR") or Path.home() / ".cache" / "lmrc")
+
+
+def _compiler() -> list[str] | None:
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    if not cc or shutil.which(cc[0]) is None:
+        return None
+    return cc
+
+
+def _cpu_id() -> str:
+    # -march=native binaries must not be reused on a different CPU sharing the same home directory.
+    ident = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features")):
+                    ident += line
+                if line.strip() == "":
+                    break
+    except OSError:
+        pass
+    return ident
+
+
+def _compiler_version(cc: list[str]) -> str:
+    try:
+        return subprocess.run(cc + ["--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _build(cc: list[str], real: str, suffix: str) -> tuple[Path | None, list[str], str]:
+    """Returns (library path or None, flags used, compiler error text)."""
+    source = SOURCE.read_bytes()
+    version = _compiler_version(cc)
+    errors = ""
+    out_dir = cache_dir()
+    for flags in _FLAG_SETS:
+        full = _COMMON_FLAGS + flags + [f"-DLW_REAL={real}", f"-DLW_SUFFIX={suffix}"]
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join(cc).encode(), version.encode(), " ".join(full).encode(), _cpu_id().encode()])
+        ).hexdigest()[:20]
+        target = out_dir / f"local_window{suffix}_{key}.so"
+        if target.exists():
+            return target, flags, ""
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=target.stem + ".", suffix=".tmp")
+            os.close(fd)
+        except OSError as exc:
+            return None, flags, f"cannot write to the cache directory {out_dir}: {exc}"
+        try:
+            proc = subprocess.run(
+                cc + full + [str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+            )
+            if proc.returncode == 0:
+                os.replace(tmp, target)  # atomic: a concurrent builder of the same key writes identical bytes
+                return target, flags, ""
+            errors = proc.stderr.strip()
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors = str(exc)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return None, [], errors
+
+
+def _warn_once(message: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def load(dtype: torch.dtype) -> NativeLibrary | None:
+    """The native kernels for `dtype` (float32 or float64), or None (warned once) when they cannot be built."""
+    if dtype in _loaded:
+        return _loaded[dtype]
+    with _lock:
+        if dtype in _loaded:
+            return _loaded[dtype]
+        real, suffix = _REALS[dtype]
+        lib = None
+        cc = _compiler()
+        if cc is None:
+            _warn_once(
+                "lmrc: no C compiler found (looked for $CC or `cc`); the local-window ops (LMR/SLMR) fall back to "
+                "plain PyTorch, which is several times slower and uses more memory. Install gcc to get the fast path."
+            )
+        else:
+            path, flags, errors = _build(cc, real, suffix)
+            if path is None:
+                _warn_once(
+                    f"lmrc: compiling {SOURCE.name} with `{' '.join(cc)}` failed; the local-window ops (LMR/SLMR) "
+                    f"fall back to plain PyTorch (slower, more memory). Compiler said:\n{errors[-2000:]}"
+                )
+            else:
+                try:
+                    lib = NativeLibrary(path, suffix, flags)
+                except (OSError, AttributeError) as exc:
+                    _warn_once(f"lmrc: cannot load {path}: {exc}; local-window ops fall back to plain PyTorch.")
+                if lib is not None and not lib.openmp:
+                    _warn_once("lmrc: the C compiler has no OpenMP; local-window kernels run on one thread.")
+        _loaded[dtype] = lib
+        return lib
+
+
+def reset() -> None:
+    """Forget loaded libraries and the warning state (tests use it to exercise the build and fallback paths)."""
+    global _warned
+    with _lock:
+        _loaded.clear()
+        _warned = False

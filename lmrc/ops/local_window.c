@@ -1,0 +1,290 @@
+/* Native kernels for the local-window reads of LMRC: LMR (eq. 4-5) and SLMR (eq. 6-8).
+ *
+ * Built at first use by lmrc/ops/local_window.py, once with -DLW_REAL=float -DLW_SUFFIX=_f32 and once with
+ * -DLW_REAL=double -DLW_SUFFIX=_f64 (the double build exists so gradcheck can test this exact code).
+ * Every tensor is a contiguous B x C x H x W array. A window tensor has O = (2R+1)^2 channels, offsets
+ * row-major (dy outer, dx inner), each offset scaled by the dilation D. Neighbours outside the image are
+ * skipped: similarity -inf, zero weight, zero gradient.
+ *
+ * Work is split over output rows (b, y): every row is written by exactly one thread, so the backward
+ * passes are written as gathers (no atomics). Inner loops run over x on contiguous memory so the compiler
+ * vectorises them. No kernel allocates memory: scratch space is a row of an output that is written later.
+ */
+#include <math.h>
+
+#ifndef LW_REAL
+#define LW_REAL float
+#endif
+#ifndef LW_SUFFIX
+#define LW_SUFFIX _f32
+#endif
+#define LW_CAT2(a, b) a##b
+#define LW_CAT(a, b) LW_CAT2(a, b)
+#define LW_FN(name) LW_CAT(name, LW_SUFFIX)
+
+typedef LW_REAL real;
+
+/* single-precision exp for the float build: the double one would round-trip every element */
+#define lw_exp(x) _Generic((x), float: expf, default: exp)(x)
+
+typedef struct {
+    long H, W, HW, R, D, K, O;
+} geom;
+
+static geom make_geom(long H, long W, long R, long D) {
+    geom g;
+    g.H = H;
+    g.W = W;
+    g.HW = H * W;
+    g.R = R;
+    g.D = D;
+    g.K = 2 * R + 1;
+    g.O = g.K * g.K;
+    return g;
+}
+
+/* Shift (dy, dx) of offset o and the columns x for which x + dx stays inside [0, W). Returns 0 when no
+ * column of row y has its neighbour inside the image (sign = +1: neighbour is y + dy; -1: y - dy). */
+static inline int window_cols(const geom *g, long o, long y, int sign, long *dy, long *dx, long *x0, long *x1) {
+    long sy = sign * (o / g->K - g->R) * g->D, sx = sign * (o % g->K - g->R) * g->D;
+    *dy = sy;
+    *dx = sx;
+    if (y + sy < 0 || y + sy >= g->H) return 0;
+    *x0 = sx < 0 ? -sx : 0;
+    *x1 = sx > 0 ? g->W - sx : g->W;
+    return *x0 < *x1;
+}
+
+/* s[b, :, y, :] = -scale * ||q(y, x) - k(y + dy, x + dx)||^2, -inf outside (eq. 4). */
+static void sim_row(const geom *g, long C, const real *restrict q, const real *restrict k, real *restrict s,
+                    real scale, long b, long y) {
+    const long W = g->W, HW = g->HW;
+    real *srow = s + b * g->O * HW + y * W;
+    for (long o = 0; o < g->O; o++) {
+        real *sr = srow + o * HW;
+        long dy, dx, x0 = 0, x1 = 0;
+        if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) x0 = x1 = 0;
+        for (long x = 0; x < W; x++) sr[x] = (x >= x0 && x < x1) ? (real)0 : (real)-INFINITY;
+    }
+    /* channel outer: one query row is reused across all offsets while the O output rows stay in L1 */
+    for (long c = 0; c < C; c++) {
+        const real *qr = q + (b * C + c) * HW + y * W;
+        for (long o = 0; o < g->O; o++) {
+            long dy, dx, x0, x1;
+            if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) continue;
+            const real *kr = k + (b * C + c) * HW + (y + dy) * W + dx;
+            real *sr = srow + o * HW;
+            for (long x = x0; x < x1; x++) {
+                real d = qr[x] - kr[x];
+                sr[x] += d * d;
+            }
+        }
+    }
+    for (long o = 0; o < g->O; o++) {
+        long dy, dx, x0, x1;
+        if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) continue;
+        real *sr = srow + o * HW;
+        for (long x = x0; x < x1; x++) sr[x] *= -scale;
+    }
+}
+
+/* out[b, c, y, :] = sum_o w[b, o, y, :] * v(y + dy, x + dx) (eq. 5, 6-7). */
+static void wsum_row(const geom *g, long C, const real *restrict w, const real *restrict v, real *restrict out,
+                     long b, long y) {
+    const long W = g->W, HW = g->HW;
+    const real *wrow = w + b * g->O * HW + y * W;
+    for (long c = 0; c < C; c++) {
+        real *orow = out + (b * C + c) * HW + y * W;
+        for (long x = 0; x < W; x++) orow[x] = 0;
+        for (long o = 0; o < g->O; o++) {
+            long dy, dx, x0, x1;
+            if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) continue;
+            const real *wr = wrow + o * HW;
+            const real *vr = v + (b * C + c) * HW + (y + dy) * W + dx;
+            for (long x = x0; x < x1; x++) orow[x] += wr[x] * vr[x];
+        }
+    }
+}
+
+/* gw[b, o, y, :] (+)= sum_c gout(c, y, x) * v(c, y + dy, x + dx): gradient of wsum w.r.t. its weights. */
+static void wsum_grad_w_row(const geom *g, long C, const real *restrict gout, const real *restrict v,
+                            real *restrict gw, int accumulate, long b, long y) {
+    const long W = g->W, HW = g->HW;
+    real *gwrow = gw + b * g->O * HW + y * W;
+    if (!accumulate)
+        for (long o = 0; o < g->O; o++)
+            for (long x = 0; x < W; x++) gwrow[o * HW + x] = 0;
+    for (long c = 0; c < C; c++) {
+        const real *gr = gout + (b * C + c) * HW + y * W;
+        for (long o = 0; o < g->O; o++) {
+            long dy, dx, x0, x1;
+            if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) continue;
+            const real *vr = v + (b * C + c) * HW + (y + dy) * W + dx;
+            real *gwr = gwrow + o * HW;
+            for (long x = x0; x < x1; x++) gwr[x] += gr[x] * vr[x];
+        }
+    }
+}
+
+/* gv[b, c, y', :] = sum_o w(o, y' - dy, x' - dx) * gout(c, y' - dy, x' - dx): gather form of the scatter. */
+static void wsum_grad_v_row(const geom *g, long C, const real *restrict w, const real *restrict gout,
+                            real *restrict gv, long b, long y) {
+    const long W = g->W, HW = g->HW;
+    for (long c = 0; c < C; c++) {
+        real *gvr = gv + (b * C + c) * HW + y * W;
+        for (long x = 0; x < W; x++) gvr[x] = 0;
+        for (long o = 0; o < g->O; o++) {
+            long dy, dx, x0, x1;  /* here dy, dx are the negated offset: source row y + dy */
+            if (!window_cols(g, o, y, -1, &dy, &dx, &x0, &x1)) continue;
+            const real *wr = w + (b * g->O + o) * HW + (y + dy) * W + dx;
+            const real *gr = gout + (b * C + c) * HW + (y + dy) * W + dx;
+            for (long x = x0; x < x1; x++) gvr[x] += wr[x] * gr[x];
+        }
+    }
+}
+
+/* gq[b, c, y, :] = -2 scale * sum_o gs(o, y, x) (q(c, y, x) - k(c, y + dy, x + dx)); outside pairs skipped. */
+static void sim_grad_q_row(const geom *g, long C, const real *restrict gs, const real *restrict q,
+                           const real *restrict k, real *restrict gq, real scale, long b, long y) {
+    const long W = g->W, HW = g->HW;
+    const real *gsrow = gs + b * g->O * HW + y * W;
+    for (long c = 0; c < C; c++) {
+        const real *qr = q + (b * C + c) * HW + y * W;
+        real *gqr = gq + (b * C + c) * HW + y * W;
+        for (long x = 0; x < W; x++) gqr[x] = 0;
+        for (long o = 0; o < g->O; o++) {
+            long dy, dx, x0, x1;
+            if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) continue;
+            const real *kr = k + (b * C + c) * HW + (y + dy) * W + dx;
+            const real *gr = gsrow + o * HW;
+            for (long x = x0; x < x1; x++) gqr[x] += gr[x] * (qr[x] - kr[x]);
+        }
+        for (long x = 0; x < W; x++) gqr[x] *= -2 * scale;
+    }
+}
+
+/* gk[b, c, y', :] = 2 scale * sum_o gs(o, y' - dy, x' - dx) (q(c, y' - dy, x' - dx) - k(c, y', x')). */
+static void sim_grad_k_row(const geom *g, long C, const real *restrict gs, const real *restrict q,
+                           const real *restrict k, real *restrict gk, real scale, long b, long y) {
+    const long W = g->W, HW = g->HW;
+    for (long c = 0; c < C; c++) {
+        const real *kr = k + (b * C + c) * HW + y * W;
+        real *gkr = gk + (b * C + c) * HW + y * W;
+        for (long x = 0; x < W; x++) gkr[x] = 0;
+        for (long o = 0; o < g->O; o++) {
+            long dy, dx, x0, x1;
+            if (!window_cols(g, o, y, -1, &dy, &dx, &x0, &x1)) continue;
+            const real *gr = gs + (b * g->O + o) * HW + (y + dy) * W + dx;
+            const real *qr = q + (b * C + c) * HW + (y + dy) * W + dx;
+            for (long x = x0; x < x1; x++) gkr[x] += gr[x] * (qr[x] - kr[x]);
+        }
+        for (long x = 0; x < W; x++) gkr[x] *= 2 * scale;
+    }
+}
+
+/* Affinity rows a[b, :, y, :] = softmax over o of s[b, :, y, :]; `tmp` is a W-long scratch row. */
+static void softmax_row(const geom *g, const real *restrict s, real *restrict a, real *restrict tmp, long b,
+                        long y) {
+    const long W = g->W, HW = g->HW, O = g->O;
+    const real *srow = s + b * O * HW + y * W;
+    real *arow = a + b * O * HW + y * W;
+    for (long x = 0; x < W; x++) tmp[x] = srow[x];
+    for (long o = 1; o < O; o++)
+        for (long x = 0; x < W; x++) tmp[x] = srow[o * HW + x] > tmp[x] ? srow[o * HW + x] : tmp[x];
+    /* the centre offset is always inside, so the maximum is finite and exp(-inf - max) = 0 */
+    for (long o = 0; o < O; o++)
+        for (long x = 0; x < W; x++) arow[o * HW + x] = lw_exp(srow[o * HW + x] - tmp[x]);
+    for (long x = 0; x < W; x++) tmp[x] = 0;
+    for (long o = 0; o < O; o++)
+        for (long x = 0; x < W; x++) tmp[x] += arow[o * HW + x];
+    for (long x = 0; x < W; x++) tmp[x] = (real)1 / tmp[x];
+    for (long o = 0; o < O; o++)
+        for (long x = 0; x < W; x++) arow[o * HW + x] *= tmp[x];
+}
+
+#define LW_ROWS_PARALLEL _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
+
+void LW_FN(lw_similarity_fwd)(const real *q, const real *k, real *s, long B, long C, long H, long W, long R,
+                              long D, double scale, int nthreads) {
+    geom g = make_geom(H, W, R, D);
+    LW_ROWS_PARALLEL
+    for (long i = 0; i < B * H; i++) sim_row(&g, C, q, k, s, (real)scale, i / H, i % H);
+}
+
+/* gq or gk may be NULL when that gradient is not needed. */
+void LW_FN(lw_similarity_bwd)(const real *gs, const real *q, const real *k, real *gq, real *gk, long B, long C,
+                              long H, long W, long R, long D, double scale, int nthreads) {
+    geom g = make_geom(H, W, R, D);
+    LW_ROWS_PARALLEL
+    for (long i = 0; i < B * H; i++) {
+        if (gq) sim_grad_q_row(&g, C, gs, q, k, gq, (real)scale, i / H, i % H);
+        if (gk) sim_grad_k_row(&g, C, gs, q, k, gk, (real)scale, i / H, i % H);
+    }
+}
+
+void LW_FN(lw_wsum_fwd)(const real *w, const real *v, real *out, long B, long C, long H, long W, long R, long D,
+                        int nthreads) {
+    geom g = make_geom(H, W, R, D);
+    LW_ROWS_PARALLEL
+    for (long i = 0; i < B * H; i++) wsum_row(&g, C, w, v, out, i / H, i % H);
+}
+
+/* gw or gv may be NULL when that gradient is not needed. */
+void LW_FN(lw_wsum_bwd)(const real *gout, const real *w, const real *v, real *gw, real *gv, long B, long C,
+                        long H, long W, long R, long D, int nthreads) {
+    geom g = make_geom(H, W, R, D);
+    LW_ROWS_PARALLEL
+    for (long i = 0; i < B * H; i++) {
+        if (gw) wsum_grad_w_row(&g, C, gout, v, gw, 0, i / H, i % H);
+        if (gv) wsum_grad_v_row(&g, C, w, gout, gv, i / H, i % H);
+    }
+}
+
+/* Fused LMR (eq. 4-5): similarity, affinity and readout of one row while its data is in cache. */
+void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *s, real *a, real *out, long B,
+                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
+    geom g = make_geom(H, W, R, D);
+    LW_ROWS_PARALLEL
+    for (long i = 0; i < B * H; i++) {
+        long b = i / H, y = i % H;
+        sim_row(&g, Ck, q, k, s, (real)scale, b, y);
+        /* readout channel 0 of this row is only written by wsum_row below, so it serves as scratch */
+        softmax_row(&g, s, a, out + b * Cv * g.HW + y * W, b, y);
+        wsum_row(&g, Cv, a, v, out, b, y);
+    }
+}
+
+/* Backward of the fused LMR. gr (readout grad) is required; gs and ga may be NULL (unused outputs).
+ * ds (B x O x H x W) receives the similarity gradient; gq must be given (its rows serve as scratch),
+ * gk and gv may be NULL. Two passes: ds and gq need only row y, gk and gv gather ds and a from other rows. */
+void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, const real *q, const real *k,
+                             const real *v, const real *a, real *ds, real *gq, real *gk, real *gv, long B,
+                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
+    geom g = make_geom(H, W, R, D);
+    const long HW = g.HW, O = g.O;
+    LW_ROWS_PARALLEL
+    for (long i = 0; i < B * H; i++) {
+        long b = i / H, y = i % H;
+        real *dsrow = ds + b * O * HW + y * W;
+        const real *arow = a + b * O * HW + y * W;
+        real *t = gq + b * Ck * HW + y * W; /* scratch, overwritten by sim_grad_q_row */
+        for (long o = 0; o < O; o++)
+            for (long x = 0; x < W; x++) dsrow[o * HW + x] = ga ? ga[b * O * HW + o * HW + y * W + x] : 0;
+        wsum_grad_w_row(&g, Cv, gr, v, ds, 1, b, y);
+        /* softmax backward: ds = a * (da - sum_o a * da) */
+        for (long x = 0; x < W; x++) t[x] = 0;
+        for (long o = 0; o < O; o++)
+            for (long x = 0; x < W; x++) t[x] += arow[o * HW + x] * dsrow[o * HW + x];
+        for (long o = 0; o < O; o++)
+            for (long x = 0; x < W; x++) dsrow[o * HW + x] = arow[o * HW + x] * (dsrow[o * HW + x] - t[x]);
+        if (gs)
+            for (long o = 0; o < O; o++)
+                for (long x = 0; x < W; x++) dsrow[o * HW + x] += gs[b * O * HW + o * HW + y * W + x];
+        sim_grad_q_row(&g, Ck, ds, q, k, gq, (real)scale, b, y);
+    }
+    LW_ROWS_PARALLEL
+    for (long i = 0; i < B * H; i++) {
+        if (gk) sim_grad_k_row(&g, Ck, ds, q, k, gk, (real)scale, i / H, i % H);
+        if (gv) wsum_grad_v_row(&g, Cv, a, gr, gv, i / H, i % H);
+    }
+}
