@@ -254,8 +254,9 @@ class ResultWriter:
         # Temporary files of a killed run (atomic_path names them .<name>.<random>.tmp<ext>).
         for folder in (self.out_dir, self.out_dir / PROBS_FOLDER):
             if folder.is_dir():
-                for file in folder.glob(".*.tmp*"):
-                    file.unlink(missing_ok=True)
+                for pattern in (".*.tmp.png", ".*.tmp.npz"):
+                    for file in folder.glob(pattern):
+                        file.unlink(missing_ok=True)
 
     def mask_path(self, name: str) -> Path:
         return self.out_dir / f"{name}.png"
