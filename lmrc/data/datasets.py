@@ -366,24 +366,32 @@ class VOSTrainingDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         rng = sample_rng(self.seed, index)
-        seq = self.sequence_for(index)
+        seq, frame_idx, ids, candidates = self.draw_clip(index, rng)
+        img, msk = self.load_clip(seq, frame_idx, ids)
+        objects = choose_objects(candidates, self.max_objects, rng)
+        info = {"name": seq.name, "frames": torch.tensor(frame_idx, dtype=torch.long), "source": self.name}
+        return make_sample(img, msk, objects, rng, self.augment, self.max_objects, info)
+
+    def draw_clip(self, index: int, rng: np.random.Generator, sequence: VideoSequence | None = None):
+        """(sequence, frame indices, id masks, objects in frame 0) for sample `index` (or from `sequence`)."""
+        seq = sequence if sequence is not None else self.sequence_for(index)
         picked = self.pick_clip(seq, self.max_gap_at(index), rng)
         for _ in range(5):
             if picked is not None:
-                break
+                return (seq, *picked)
             # This sequence gave no clip with an object in its first frame (an object appearing late): another.
             seq = self.sequences[int(rng.integers(len(self.sequences)))]
             picked = self.pick_clip(seq, self.max_gap_at(index), rng)
         if picked is None:
             raise LmrcError(f"dataset {self.name}: no clip with an object in its first frame after several "
                             "sequences; check that the masks hold objects")
-        frame_idx, ids, candidates = picked
+        return (seq, *picked)
+
+    def load_clip(self, seq: VideoSequence, frame_idx: Sequence[int], ids: Sequence[np.ndarray]):
+        """Frames + id masks as T x 3 x H x W / T x H x W uint8 tensors, shorter side capped at max_short_side."""
         images = [load_image(seq.frames[i]) for i in frame_idx]
         img, msk = stack_clip(images, ids)
-        img, msk = resize_short_side(img, msk, self.max_short_side)
-        objects = choose_objects(candidates, self.max_objects, rng)
-        info = {"name": seq.name, "frames": torch.tensor(frame_idx, dtype=torch.long), "source": self.name}
-        return make_sample(img, msk, objects, rng, self.augment, self.max_objects, info)
+        return resize_short_side(img, msk, self.max_short_side)
 
     def pick_clip(self, seq: VideoSequence, max_gap: int, rng: np.random.Generator, attempts: int = 5):
         """(frame indices, id masks, objects in frame 0) for a clip of `seq`, or None if no try had an object."""

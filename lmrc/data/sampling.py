@@ -168,4 +168,4 @@ def pack_sample(
             padded[k] = obj
     out_info = dict(info)
     out_info["object_ids"] = padded  # 0 where the slot is empty or invalid
-    return {"images": images.float().clamp_(0, 1), "masks": masks, "valid_objects": valid, "info": out_info}
+    return {"images": images.float().clamp(0, 1), "masks": masks, "valid_objects": valid, "info": out_info}
