@@ -1,0 +1,246 @@
+"""Local-window ops: native kernels vs the plain PyTorch ops vs the literal eq. (4)-(7) references."""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmrc.ops import _native
+from lmrc.ops import local_window as lw
+from lmrc.ops.reference import (
+    local_memory_read_reference,
+    sequential_reorganise_reference,
+    window_to_4d,
+)
+
+NO_COMPILER = "no working C compiler: native local-window kernels not built, only the plain fallback is tested"
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _auto_backend(monkeypatch):
+    monkeypatch.delenv("LMRC_LOCAL_WINDOW", raising=False)
+
+
+@pytest.fixture
+def native():
+    for dtype in (torch.float32, torch.float64):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            if _native.load(dtype) is None:
+                pytest.skip(NO_COMPILER)
+
+
+def _inputs(b, ck, cv, h, w, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    # keys of moderate size: similarities of order 1-10, as with the model's scaled keys
+    q = torch.randn(b, ck, h, w, generator=g, dtype=dtype) * 0.5
+    k = q + torch.randn(b, ck, h, w, generator=g, dtype=dtype) * 0.5
+    v = torch.randn(b, cv, h, w, generator=g, dtype=dtype)
+    return q, k, v
+
+
+def _max_diff(a, b):
+    # -inf must sit at the same places; compare finite entries
+    assert torch.equal(torch.isneginf(a), torch.isneginf(b))
+    finite = torch.isfinite(b)
+    return (a[finite].double() - b[finite].double()).abs().max().item() if finite.any() else 0.0
+
+
+def _is_native(t):
+    return t.grad_fn is not None and "Native" in type(t.grad_fn).__name__
+
+
+SIZES = [(1, 13), (13, 1), (2, 3), (7, 9), (10, 12)]
+
+
+@pytest.mark.parametrize("size,radius,dilation", list(itertools.product(SIZES, [0, 1, 2, 3], [1, 2])))
+def test_forward_matches_plain_and_dense_reference(native, size, radius, dilation):
+    h, w = size
+    q, k, v = _inputs(2, 8, 5, h, w, seed=h * 100 + w)
+    q.requires_grad_()  # so the outputs carry a grad_fn that names the path taken
+    scale = 0.7
+    read, sim, aff = lw.local_attention(q, k, v, radius, dilation, scale)
+    assert _is_native(read)
+    with torch.no_grad():
+        sim_plain = lw.local_similarity_plain(q, k, radius, dilation, scale)
+        aff_plain = torch.softmax(sim_plain, 1)
+        read_plain = lw.local_weighted_sum_plain(aff_plain, v, radius, dilation)
+        assert _max_diff(sim, sim_plain) <= TOL
+        assert _max_diff(lw.local_similarity(q, k, radius, dilation, scale), sim_plain) <= TOL
+        assert _max_diff(aff, aff_plain) <= TOL
+        assert _max_diff(read, read_plain) <= TOL
+        # separate weighted-sum op with arbitrary (not softmax) weights, outside entries included
+        weights = torch.randn(2, (2 * radius + 1) ** 2, h, w)
+        assert _max_diff(
+            lw.local_weighted_sum(weights, v, radius, dilation), lw.local_weighted_sum_plain(weights, v, radius, dilation)
+        ) <= TOL
+        # independent dense eq. (4)-(5) in float64
+        read_ref, sim_ref, aff_ref = local_memory_read_reference(q.double(), k.double(), v.double(), radius, scale, dilation)
+        assert _max_diff(read, read_ref) <= TOL
+        b = q.shape[0]
+        assert _max_diff(window_to_4d(sim, radius, dilation, float("-inf")).reshape(b, h * w, h * w), sim_ref) <= TOL
+        assert _max_diff(window_to_4d(aff, radius, dilation).reshape(b, h * w, h * w), aff_ref) <= TOL
+
+
+def test_model_sized_channels_match_plain(native):
+    q, k, v = _inputs(2, 64, 32, 17, 23)
+    scale = 64 ** -0.5
+    read, sim, aff = lw.local_attention(q, k, v, 2, 1, scale)
+    sim_plain = lw.local_similarity_plain(q, k, 2, 1, scale)
+    assert _max_diff(sim, sim_plain) <= TOL
+    assert _max_diff(read, lw.local_weighted_sum_plain(torch.softmax(sim_plain, 1), v, 2)) <= TOL
+
+
+@pytest.mark.parametrize("coarse,radius", [((3, 4), 1), ((4, 4), 2), ((2, 5), 2)])
+def test_slmr_composition_matches_eq6_7_loops(native, coarse, radius):
+    h, w = coarse
+    g = torch.Generator().manual_seed(3)
+    # arbitrary weights (not a softmax): entries pointing outside the coarse image must still be ignored
+    weights = torch.rand(2, (2 * radius + 1) ** 2, h, w, generator=g)
+    fine = torch.randn(2, 6, 2 * h, 2 * w, generator=g)
+    fast = lw.local_weighted_sum(F.interpolate(weights, scale_factor=2, mode="nearest"), fine, radius, dilation=2)
+    expected = sequential_reorganise_reference(window_to_4d(weights.double(), radius), fine.double(), radius)
+    assert _max_diff(fast, expected) <= TOL
+    # and with a real stage r+1 affinity from LMR
+    q, k, _ = _inputs(1, 4, 1, h, w, seed=5)
+    _, _, aff = lw.local_attention(q, k, torch.zeros(1, 1, h, w), radius)
+    fast = lw.local_weighted_sum(F.interpolate(aff, scale_factor=2, mode="nearest"), fine[:1], radius, dilation=2)
+    expected = sequential_reorganise_reference(window_to_4d(aff.double(), radius), fine[:1].double(), radius)
+    assert _max_diff(fast, expected) <= TOL
+
+
+GRAD_CASES = [((4, 5), 1, 1), ((5, 6), 2, 2), ((2, 3), 2, 1), ((1, 7), 1, 2)]
+
+
+def _masked(t):
+    return t.masked_fill(torch.isneginf(t), 0.0)
+
+
+@pytest.mark.parametrize("size,radius,dilation", GRAD_CASES)
+def test_gradcheck_native_float64(native, size, radius, dilation):
+    h, w = size
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 3, 2, h, w, dtype=torch.float64, seed=7))
+    weights = torch.randn(1, (2 * radius + 1) ** 2, h, w, dtype=torch.float64, requires_grad=True)
+    assert _is_native(lw.local_similarity(q, k, radius, dilation, 0.6))
+    assert _is_native(lw.local_weighted_sum(weights, v, radius, dilation))
+    assert torch.autograd.gradcheck(lambda a, b: _masked(lw.local_similarity(a, b, radius, dilation, 0.6)), (q, k))
+    assert torch.autograd.gradcheck(lambda a, b: lw.local_weighted_sum(a, b, radius, dilation), (weights, v))
+    # all three outputs receive gradients, as in the model (readout, top-k of similarity, SLMR reuse of affinity)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: tuple(_masked(t) for t in lw.local_attention(a, b, c, radius, dilation, 0.6)), (q, k, v)
+    )
+    # only the readout used: the unused outputs get no gradient buffers
+    assert torch.autograd.gradcheck(lambda a, b, c: lw.local_attention(a, b, c, radius, dilation, 0.6)[0], (q, k, v))
+
+
+def test_fp32_gradients_match_plain_autograd(native):
+    q, k, v = _inputs(2, 16, 8, 9, 11)
+    g = torch.Generator().manual_seed(1)
+    g_read, g_sim, g_aff = torch.randn(2, 8, 9, 11, generator=g), torch.randn(2, 25, 9, 11, generator=g), None
+    g_aff = torch.randn(2, 25, 9, 11, generator=g)
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        read, sim, aff = fn(*leaves)
+        loss = (read * g_read).sum() + (_masked(sim) * g_sim).sum() + (aff * g_aff).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    def plain(a, b, c):
+        sim = lw.local_similarity_plain(a, b, 2, 1, 0.5)
+        aff = torch.softmax(sim, 1)
+        return lw.local_weighted_sum_plain(aff, c, 2, 1), sim, aff
+
+    for fast, ref in zip(grads(lambda a, b, c: lw.local_attention(a, b, c, 2, 1, 0.5)), grads(plain)):
+        assert (fast - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_bf16_in_bf16_out_close_to_fp32(native):
+    q, k, v = _inputs(1, 16, 8, 9, 10)
+    qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
+    read, sim, aff = lw.local_attention(qb, kb, vb, 2)
+    assert read.dtype == sim.dtype == aff.dtype == torch.bfloat16 and _is_native(read)
+    read32, sim32, aff32 = lw.local_attention(qb.float(), kb.float(), vb.float(), 2)
+    assert (read.float() - read32).abs().max().item() <= 2e-2 * read32.abs().max().item()
+    assert (aff.float() - aff32).abs().max().item() <= 1e-2
+    read.sum().backward()
+    assert qb.grad.dtype == kb.grad.dtype == vb.grad.dtype == torch.bfloat16
+    wsum = lw.local_weighted_sum(aff.detach(), vb.detach(), 2)
+    assert wsum.dtype == torch.bfloat16
+
+
+def test_noncontiguous_inputs_and_thread_count_do_not_change_results(native):
+    q, k, v = _inputs(2, 8, 6, 12, 14)
+    q_cl, v_t = q.contiguous(memory_format=torch.channels_last), v.transpose(2, 3).contiguous().transpose(2, 3)
+    base = lw.local_attention(q, k, v, 2, 2, 0.5)
+    other = lw.local_attention(q_cl, k, v_t, 2, 2, 0.5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = lw.local_attention(q, k, v, 2, 2, 0.5)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b, c in zip(base, other, single):
+        assert torch.equal(a, b) and torch.equal(a, c)  # rows are independent: bitwise equal whatever the split
+
+
+def test_env_forces_plain_fallback(monkeypatch):
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 4, 3, 6, 7))
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW", "plain")
+    read, sim, aff = lw.local_attention(q, k, v, 1, 1, 0.5)
+    assert not _is_native(read) and not _is_native(lw.local_similarity(q, k, 1))
+    sim_plain = lw.local_similarity_plain(q, k, 1, 1, 0.5)
+    assert torch.equal(sim, sim_plain)
+    # the fallback is differentiated by autograd
+    read.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("LMRC_CACHE_DIR", str(tmp_path / "cache"))
+    _native.reset()
+    try:
+        q, k, v = _inputs(1, 4, 3, 5, 6)
+        with pytest.warns(RuntimeWarning, match="no C compiler"):
+            read, _, _ = lw.local_attention(q, k, v, 1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a second call must not warn again
+            lw.local_weighted_sum(torch.rand(1, 9, 5, 6), v, 1)
+        expected = lw.local_weighted_sum_plain(torch.softmax(lw.local_similarity_plain(q, k, 1), 1), v, 1)
+        assert torch.equal(read, expected)
+        monkeypatch.setenv("LMRC_LOCAL_WINDOW", "native")
+        with pytest.raises(RuntimeError, match="could not be built"):
+            lw.local_similarity(q, k, 1)
+    finally:
+        _native.reset()
+
+
+def test_build_goes_to_cache_dir_atomically(native, monkeypatch, tmp_path):
+    monkeypatch.setenv("LMRC_CACHE_DIR", str(tmp_path))
+    _native.reset()
+    try:
+        lib = _native.load(torch.float32)
+        assert lib is not None and lib.path.parent == tmp_path
+        assert [p.name for p in tmp_path.iterdir()] == [lib.path.name]  # no temporary left behind
+    finally:
+        _native.reset()
+
+
+def test_non_cpu_tensors_use_plain_path():
+    q, k, v = (torch.empty(1, 4, 6, 7, device="meta") for _ in range(3))
+    read, sim, aff = lw.local_attention(q, k, v, 2)
+    assert read.shape == (1, 4, 6, 7) and sim.shape == aff.shape == (1, 25, 6, 7)
+
+
+def test_bad_arguments_raise():
+    q, k, v = _inputs(1, 4, 3, 5, 6)
+    with pytest.raises(ValueError, match="channels"):
+        lw.local_weighted_sum(torch.rand(1, 8, 5, 6), v, 1)
+    with pytest.raises(ValueError, match="radius"):
+        lw.local_similarity(q, k, -1)
+    with pytest.raises(ValueError, match="differ"):
+        lw.local_attention(q, k[..., :5], v, 1)
