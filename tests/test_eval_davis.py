@@ -208,7 +208,6 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_run_without_engine_says_so(tmp_path, capsys):
-    pytest.importorskip("torch")
     try:
         import lmrc.inference.run  # noqa: F401
     except ImportError:
