@@ -73,6 +73,8 @@ class ClipAugment:
         return img.as_subclass(torch.Tensor).clamp(0, 1), msk
 
     def _frame_affine(self, image, mask, rng):
+        if self.rotation == 0 and self.shear == 0:
+            return image, mask  # an identity warp would still resample every pixel
         angle = float(rng.uniform(-self.rotation, self.rotation))
         shear = [float(rng.uniform(-self.shear, self.shear)), 0.0]
         kwargs = dict(angle=angle, translate=[0.0, 0.0], scale=1.0, shear=shear)
@@ -90,7 +92,22 @@ class ClipAugment:
             need = self.min_object_pixels * (h * w) / out_area
             if all(int((region == k).sum()) >= need for k in keep):
                 return top, left, h, w
-        # No crop kept every object: use the whole frame (resized, aspect not kept) rather than lose an object.
+        # No random crop kept every object (tiny or off-centre objects): the smallest allowed box centred on
+        # the objects keeps them largest; if even that misses one (objects far apart), the whole frame.
+        present = torch.zeros_like(first_ids, dtype=torch.bool)
+        for k in keep:
+            present |= first_ids == k
+        ys, xs = torch.nonzero(present, as_tuple=True)
+        if len(ys):
+            aspect = min(max(self.crop_size[1] / self.crop_size[0], self.crop_ratio[0]), self.crop_ratio[1])
+            area = self.crop_scale[0] * height * width
+            h = min(height, max(1, int(round(math.sqrt(area / aspect)))))
+            w = min(width, max(1, int(round(math.sqrt(area * aspect)))))
+            top = min(max(int(ys.float().mean()) - h // 2, 0), height - h)
+            left = min(max(int(xs.float().mean()) - w // 2, 0), width - w)
+            region = first_ids[top:top + h, left:left + w]
+            if all(bool((region == k).any()) for k in keep):
+                return top, left, h, w
         return 0, 0, height, width
 
     def _colour(self, img: torch.Tensor, rng) -> torch.Tensor:
