@@ -94,7 +94,9 @@ def propagate(method: str, frames: list[Path], first_mask: np.ndarray, flow: str
         yield ids
 
 
-def run_video(method: str, frames_dir: str | Path, mask_path: str | Path, out_dir: str | Path, flow: str = "dis") -> int:
+def run_video(
+    method: str, frames_dir: str | Path, mask_path: str | Path, out_dir: str | Path, flow: str = "dis"
+) -> int:
     """Segment one frame folder from its first-frame mask into `out_dir/<frame>.png`; returns the frame count.
 
     The folder is written beside `out_dir` under a temporary name and moved into place only when complete.
@@ -206,5 +208,6 @@ def main(args: argparse.Namespace) -> int:
             raise LmrcError("give INPUT (a folder of frames) and --mask FIRST_MASK, or --gt DAVIS_ROOT")
         frames = run_video(args.method, args.input, args.mask, args.out, args.flow)
     seconds = time.perf_counter() - start
-    print(f"{args.method} baseline: {frames} frames in {seconds:.1f} s ({frames / max(seconds, 1e-9):.1f} frames/s) -> {args.out}")
+    rate = frames / max(seconds, 1e-9)
+    print(f"{args.method} baseline: {frames} frames in {seconds:.1f} s ({rate:.1f} frames/s) -> {args.out}")
     return 0

@@ -127,7 +127,9 @@ def gt_frames(gt_root: str | Path, sequence: str) -> list[Path]:
             "semi-supervised scoring needs a mask for every frame (use the full train/val annotations)"
         )
     if len(frames) < 3:
-        raise LmrcError(f"ground truth {folder} has {len(frames)} frames; at least 3 are needed (first and last are not scored)")
+        raise LmrcError(
+            f"ground truth {folder} has {len(frames)} frames; at least 3 are needed (first and last are not scored)"
+        )
     return frames
 
 

@@ -32,7 +32,9 @@ def read_meta(valid_root: str | Path) -> dict[str, dict[int, dict]]:
         videos = meta["videos"]
         return {video: {int(k): v for k, v in info["objects"].items()} for video, info in videos.items()}
     except FileNotFoundError:
-        raise LmrcError(f"{path} not found; pass the YouTube-VOS valid folder (holding meta.json, JPEGImages/)") from None
+        raise LmrcError(
+            f"{path} not found; pass the YouTube-VOS valid folder (holding meta.json, JPEGImages/)"
+        ) from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise LmrcError(
             f"{path} is not a YouTube-VOS meta file ({type(exc).__name__}: {exc}); expected "
