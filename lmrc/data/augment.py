@@ -60,7 +60,7 @@ class ClipAugment:
         top, left, h, w = self._crop_keeping(ids[0], keep, rng)
         img = F.resized_crop(tv_tensors.Image(images), top, left, h, w, [out_h, out_w],
                              interpolation=InterpolationMode.BILINEAR, antialias=True)
-        msk = F.resized_crop(tv_tensors.Mask(ids), top, left, h, w, [out_h, out_w])
+        msk = resized_crop_ids(ids, top, left, h, w, [out_h, out_w])
         if rng.random() < self.hflip_prob:
             img, msk = F.horizontal_flip(img), F.horizontal_flip(msk)
         warped = [self._frame_affine(tv_tensors.Image(img[t]), tv_tensors.Mask(msk[t]), rng)
@@ -157,7 +157,7 @@ def random_resized_crop_box(
 def _resize_clip(images: torch.Tensor, ids: torch.Tensor, out_h: int, out_w: int):
     img = F.resize(tv_tensors.Image(images), [out_h, out_w], interpolation=InterpolationMode.BILINEAR,
                    antialias=True)
-    msk = F.resize(tv_tensors.Mask(ids), [out_h, out_w])
+    msk = resize_ids(ids, [out_h, out_w])
     img = F.to_dtype(img, torch.float32, scale=True)
     return img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor)
 
@@ -170,5 +170,20 @@ def resize_short_side(images: torch.Tensor, ids: torch.Tensor, short_side: int |
     factor = short_side / min(h, w)
     size = [max(1, round(h * factor)), max(1, round(w * factor))]
     img = F.resize(tv_tensors.Image(images), size, interpolation=InterpolationMode.BILINEAR, antialias=True)
-    msk = F.resize(tv_tensors.Mask(ids), size)
-    return img.as_subclass(torch.Tensor), msk.as_subclass(torch.Tensor)
+    return img.as_subclass(torch.Tensor), resize_ids(ids, size)
+
+
+def resize_ids(ids: torch.Tensor, size: list[int]) -> torch.Tensor:
+    """Resize id masks (... x H x W) with nearest-exact sampling.
+
+    torchvision's default for masks is torch's legacy 'nearest', which samples pixel corners, not centres: the
+    mask shifts by up to half a pixel against the (centre-aligned) bilinear image. 'nearest-exact' keeps them
+    aligned.
+    """
+    out = F.resize(tv_tensors.Mask(ids), size, interpolation=InterpolationMode.NEAREST_EXACT)
+    return out.as_subclass(torch.Tensor)
+
+
+def resized_crop_ids(ids: torch.Tensor, top: int, left: int, h: int, w: int, size: list[int]) -> torch.Tensor:
+    """Crop then resize id masks, centre-aligned like the image's ``F.resized_crop`` (see ``resize_ids``)."""
+    return resize_ids(F.crop(tv_tensors.Mask(ids), top, left, h, w).as_subclass(torch.Tensor), size)

@@ -13,7 +13,7 @@ and what the trainer consumes; T = 3 frames, N = ``max_objects`` (default 2), H 
 | ``masks`` | float32 T x N x H x W in {0, 1}; channel k is object slot k; empty slots are all zero |
 | ``valid_objects`` | bool N; slot k holds an object that is present in frame 0 |
 | ``info["name"]`` | str, the sequence (or synthetic source) name |
-| ``info["frames"]`` | int64 T, frame indices in the sequence's frame list (the same index repeated for a static clip) |
+| ``info["frames"]`` | int64 T, frame indices in the sequence's frame list (all 0 for a static-image clip) |
 | ``info["object_ids"]`` | int64 N, the dataset object id in each slot, 0 for an empty slot |
 | ``info["source"]`` | str, the dataset's name (``VOSTrainingDataset(name=...)``) |
 
@@ -334,7 +334,7 @@ class VOSTrainingDataset(Dataset):
         name: str = "",
     ) -> None:
         self.schedule = as_schedule(max_gap)
-        if self.schedule.largest < num_frames - 1 or min(g for _, g in self.schedule.steps) < num_frames - 1:
+        if min(g for _, g in self.schedule.steps) < num_frames - 1:
             raise LmrcError(f"max_gap must be >= {num_frames - 1} to hold {num_frames} different frames")
         usable = [s for s in sequences if len(s.annotated) >= num_frames]
         if not usable:

@@ -21,7 +21,7 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from lmrc.data.augment import FILL_RGB, ClipAugment, resize_short_side
+from lmrc.data.augment import FILL_RGB, ClipAugment, resize_ids, resize_short_side
 from lmrc.data.datasets import VideoSequence, VOSTrainingDataset, load_image, make_sample, stack_clip
 from lmrc.data.masks import read_mask
 from lmrc.data.sampling import GapSchedule, choose_objects, epoch_permutation, objects_present, sample_rng
@@ -224,7 +224,7 @@ def paste_object(
     """
     h, w = ids.shape[-2:]
     d_img = F.resize(tv_tensors.Image(donor_images), [h, w], interpolation=InterpolationMode.BILINEAR, antialias=True)
-    d_msk = F.resize(tv_tensors.Mask((donor_ids == donor_object).to(torch.uint8)), [h, w])
+    d_msk = tv_tensors.Mask(resize_ids((donor_ids == donor_object).to(torch.uint8), [h, w]))
     base_mask = ids == base_object
     base_area = int(base_mask[0].sum())
     ys, xs = torch.nonzero(d_msk[0], as_tuple=True)
