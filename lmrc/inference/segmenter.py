@@ -151,7 +151,7 @@ class Segmenter:
         if isinstance(frame, np.ndarray):
             if frame.ndim != 3 or frame.shape[2] != 3:
                 raise ValueError(f"frame must be H x W x 3 RGB, got shape {frame.shape}")
-            image = torch.from_numpy(np.ascontiguousarray(frame)).permute(2, 0, 1)
+            image = torch.tensor(frame).permute(2, 0, 1)  # a copy: decoders hand out read-only arrays
         elif isinstance(frame, Tensor):
             if frame.ndim != 3 or frame.shape[0] != 3:
                 raise ValueError(f"frame tensor must be 3 x H x W, got shape {tuple(frame.shape)}")
