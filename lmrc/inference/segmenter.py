@@ -179,7 +179,7 @@ class Segmenter:
     def _given(self, mask: np.ndarray | Tensor, objects: Sequence[int] | None,
                size: tuple[int, int]) -> tuple[list[int], Tensor]:
         """-> (listed ids, 1 x K x H x W float one-hot of them)."""
-        ids = torch.as_tensor(np.asarray(mask) if not isinstance(mask, Tensor) else mask, device=self.device)
+        ids = (mask if isinstance(mask, Tensor) else torch.tensor(np.asarray(mask))).to(self.device)
         if ids.ndim != 2 or tuple(ids.shape) != tuple(size):
             raise ValueError(f"mask must be H x W = {tuple(size)} like its frame, got {tuple(ids.shape)}")
         ids = ids.long()
