@@ -44,11 +44,11 @@ def lmrc_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """Eq. (11): L = L_ce (summed over the predicted frames) + beta * L_scale (pass query_keys=None once it stops)."""
     ce = sum(cross_entropy(o, t, kind) for o, t in zip(outputs, targets))
-    parts = {"ce": float(ce)}
+    parts = {"ce": float(ce.detach())}
     total = ce
     if query_keys is not None and beta:
         sl = scale_loss(query_keys)
         total = total + beta * sl
-        parts["scale"] = float(sl)
-    parts["total"] = float(total)
+        parts["scale"] = float(sl.detach())
+    parts["total"] = float(total.detach())
     return total, parts

@@ -1,0 +1,646 @@
+"""The training recipe of Section III-E: Adam, eq. (11) loss, frozen BN statistics, clipping, mixed precision,
+resumable checkpoints, validation on held-out sequences, one process or many (DistributedDataParallel).
+
+Data order: iteration ``s`` consumes the global sample indices ``[s*B, (s+1)*B)`` (B = effective batch), each a
+pure function of its index (``lmrc.data``), so resuming at step ``s`` only needs ``s``; with P processes rank r
+takes the indices ``i % P == r`` of that range (B / P each), so the union is the same global batch.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import Tensor, nn
+
+from lmrc.config import ABLATION_SETTINGS
+from lmrc.errors import LmrcError
+from lmrc.fileio import atomic_path
+from lmrc.train.config import TrainConfig, config_differences, config_to_dict
+from lmrc.train.losses import lmrc_loss
+
+CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_FORMAT = "lmrc-train-checkpoint-1"
+
+
+# ------------------------------------------------------------------------------------------------ process setup
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group torchrun describes (env RANK/WORLD_SIZE); a plain single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return Dist(rank, world, local)
+
+
+def resolve_device(name: str, d: Dist) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise LmrcError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+        if name == "cuda":
+            name = f"cuda:{d.local_rank}"
+        torch.cuda.set_device(torch.device(name))
+    elif name != "cpu":
+        raise LmrcError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
+    return torch.device(name)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for a precision setting (None = fp32). fp16 needs CUDA (and a GradScaler)."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type != "cuda":
+        raise LmrcError("optim.precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    return torch.float16
+
+
+# ------------------------------------------------------------------------------------------------ model pieces
+
+def freeze_batchnorm(model: nn.Module) -> None:
+    """BN layers use (and keep) their running statistics while the rest trains; their affine weights still learn.
+
+    Batches of 4-8 crops give noisy statistics, so STCN freezes them; call after every ``model.train()``.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+def set_train_mode(model: nn.Module) -> None:
+    model.train()
+    freeze_batchnorm(model)
+
+
+def lr_factor(cfg: TrainConfig, step: int) -> float:
+    """Multiplier of optim.lr at `step` (0-based): linear warmup, then constant / step / cosine."""
+    o = cfg.optim
+    if o.warmup_iterations > 0 and step < o.warmup_iterations:
+        return (step + 1) / o.warmup_iterations
+    if o.schedule == "constant":
+        return 1.0
+    if o.schedule == "step":
+        passed = sum(step >= int(round(m * o.iterations)) for m in o.step_milestones)
+        return o.step_gamma ** passed
+    span = max(1, o.iterations - o.warmup_iterations)
+    t = min(1.0, (step - o.warmup_iterations) / span)
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def ids_from_masks(masks: Tensor) -> Tensor:
+    """B x N x H x W {0,1} object masks -> B x H x W ids (0 = background, k+1 = slot k)."""
+    background = torch.full_like(masks[:, :1], 0.5)
+    return torch.cat([background, masks], 1).argmax(1)
+
+
+def training_loss(out, masks: Tensor, step: int, cfg: TrainConfig) -> tuple[Tensor, dict[str, float]]:
+    """Eq. (11): CE on the local-memory frame's and the query frame's predictions + beta * L_scale (first K its)."""
+    targets = [ids_from_masks(masks[:, 1]), ids_from_masks(masks[:, 2])]
+    kind = cfg.loss.ce if step >= cfg.loss.plain_ce_iterations else "plain"
+    keys = out.query_keys if step < cfg.loss.scale_loss_iterations else None
+    return lmrc_loss([out.local_frame.agg_logits, out.query_frame.agg_logits], targets, keys, cfg.loss.beta, kind)
+
+
+def build_model(cfg: TrainConfig, log) -> nn.Module:
+    from lmrc.model.network import LMRC
+
+    torch.manual_seed(cfg.seed)  # identical initialisation on every rank (DDP also broadcasts rank 0's)
+    model = LMRC(cfg.model, pretrained_backbone=cfg.init.pretrained_backbone)
+    if cfg.init.stcn:
+        from lmrc.model.weights import load_stcn_checkpoint
+
+        if not Path(cfg.init.stcn).is_file():
+            raise LmrcError(f"init.stcn checkpoint {cfg.init.stcn} not found; download STCN's stcn.pth or remove init.stcn")
+        report = load_stcn_checkpoint(model, cfg.init.stcn)
+        log(f"init from STCN {cfg.init.stcn}: {report.summary()}")
+    if cfg.init.weights:
+        from lmrc.model.weights import load_weights
+
+        load_weights(model, cfg.init.weights)
+        log(f"init from lmrc weights {cfg.init.weights}")
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def read_training_sequences(cfg: TrainConfig) -> list[list]:
+    """Sequences of every dataset in data.datasets, held-out ones removed (LmrcError on a bad path/layout)."""
+    from lmrc.data.datasets import read_dataset
+
+    out = []
+    for spec in cfg.data.datasets:
+        options: dict[str, Any] = {"exclude": sorted(set(cfg.data.holdout) | set(spec.exclude))}
+        if spec.kind in ("davis2016", "davis2017"):
+            options["split"] = spec.split
+        out.append(read_dataset(spec.kind, spec.root, **options))
+    return out
+
+
+def build_training_data(cfg: TrainConfig, sequences: list[list], total: int):
+    """One Dataset over the global sample stream: real sources and synthetic ones mixed by weight."""
+    from lmrc.data.datasets import MixedDataset, VOSTrainingDataset
+
+    d = cfg.data
+    gap = [tuple(s) for s in d.gap_curriculum] if d.gap_curriculum else d.max_gap
+    common = dict(crop_size=tuple(d.crop_size), max_objects=d.max_objects, max_short_side=d.max_short_side,
+                  length=total)
+    sources, weights = [], []
+    for k, (spec, seqs) in enumerate(zip(d.datasets, sequences)):
+        sources.append(VOSTrainingDataset(seqs, max_gap=gap, seed=d.seed + 101 * k, batch_size=cfg.optim.batch_size,
+                                          name=spec.kind, **common))
+        weights.append(spec.weight)
+    everything = [s for seqs in sequences for s in seqs]
+    syn = d.synthetic
+    if syn.static_weight > 0 or syn.paste_weight > 0:
+        from lmrc.data.synthetic import PastedObjectClips, StaticImageClips, annotated_frames
+    if syn.static_weight > 0:
+        sources.append(StaticImageClips(annotated_frames(everything, syn.static_stride), seed=d.seed + 7, **common))
+        weights.append(syn.static_weight)
+    if syn.paste_weight > 0:
+        sources.append(PastedObjectClips(everything, max_gap=gap, seed=d.seed + 13, batch_size=cfg.optim.batch_size,
+                                         **common))
+        weights.append(syn.paste_weight)
+    if len(sources) == 1:
+        return sources[0]
+    return MixedDataset(sources, weights, length=total, seed=d.seed + 1)
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding/augmenting in a worker must not fight the training threads
+
+
+def make_loader(dataset, total: int, start: int, per_process: int, d: Dist, workers: int):
+    from torch.utils.data import DataLoader
+
+    from lmrc.data.sampling import TrainingIndexSampler
+
+    sampler = TrainingIndexSampler(total, start=start, rank=d.rank, world_size=d.world_size)
+    return DataLoader(dataset, batch_size=per_process, sampler=sampler, num_workers=workers,
+                      worker_init_fn=_worker_init if workers else None, persistent_workers=False,
+                      prefetch_factor=2 if workers else None, drop_last=True)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, step: int, cfg: TrainConfig,
+                    best: float | None) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "step": step,
+        "data_position": step * cfg.optim.batch_size,  # next global sample index
+        "config": config_to_dict(cfg),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "rng": rng_state(),
+        "best": best,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
+    if not path.is_file():
+        raise LmrcError(f"--resume: no checkpoint {path}; start without --resume or point --out at the run folder")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: torch raises many types
+        raise LmrcError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise LmrcError(f"{path} is not an lmrc training checkpoint; delete it or choose another --out")
+    # Logging cadence and the run length may change on resume; anything else changes what is trained.
+    stored, current = dict(payload["config"]), config_to_dict(cfg)
+    for c in (stored, current):
+        c.pop("logging", None)
+        c.get("optim", {}).pop("iterations", None)
+    differ = config_differences(stored, current)
+    if differ:
+        raise LmrcError(f"checkpoint {path} was written with another config (differs in {', '.join(differ)}); "
+                        "resume with the config of that run (saved as config.yaml beside it) or use another --out")
+    return payload
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+@dataclass
+class Validation:
+    triplets: list[dict] = field(default_factory=list)
+    sequences: list = field(default_factory=list)
+
+
+def build_validation(cfg: TrainConfig) -> Validation:
+    """Fixed held-out triplets (plain resize, no augmentation) and the held-out sequences themselves."""
+    from lmrc.data.augment import ClipAugment
+    from lmrc.data.datasets import VOSTrainingDataset, read_dataset
+
+    v = cfg.data.validation
+    names = v.sequences if v.sequences is not None else cfg.data.holdout
+    if not names:
+        return Validation()
+    first = cfg.data.datasets[0]
+    kind, root = v.kind or first.kind, v.root or first.root
+    options: dict[str, Any] = {"include": names}
+    if kind in ("davis2016", "davis2017"):
+        options["split"] = v.split
+    seqs = read_dataset(kind, root, **options)
+    triplets = []
+    if v.triplets_per_sequence > 0:
+        ds = VOSTrainingDataset(seqs, max_gap=cfg.data.max_gap, max_objects=cfg.data.max_objects, seed=12345,
+                                augment=ClipAugment(crop_size=tuple(cfg.data.crop_size), enabled=False),
+                                max_short_side=cfg.data.max_short_side)
+        triplets = [ds[i] for i in range(len(seqs) * v.triplets_per_sequence)]
+    return Validation(triplets, seqs)
+
+
+def _mean_j(pred_ids: Tensor, gt_ids: Tensor, valid: Tensor) -> list[float]:
+    out = []
+    for k in range(valid.shape[-1]):
+        if not bool(valid[k]):
+            continue
+        p, g = pred_ids == k + 1, gt_ids == k + 1
+        union = (p | g).sum().item()
+        out.append(1.0 if union == 0 else (p & g).sum().item() / union)
+    return out
+
+
+@torch.no_grad()
+def validate(model: nn.Module, val: Validation, cfg: TrainConfig, device: torch.device,
+             amp: torch.dtype | None, log) -> dict[str, float]:
+    """Loss and J (query frame) on the held-out triplets, and J of streaming segmentation when lmrc.inference
+    provides a Segmenter. Leaves the model in train mode with frozen BN."""
+    model.eval()
+    results: dict[str, float] = {}
+    try:
+        if val.triplets:
+            losses, js = [], []
+            for sample in val.triplets:
+                images = sample["images"][None].to(device)
+                masks = sample["masks"][None].to(device)
+                valid = sample["valid_objects"][None].to(device)
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                    out = model(images, masks[:, 0], valid)
+                loss, _ = training_loss(out, masks, cfg.loss.scale_loss_iterations, cfg)
+                losses.append(float(loss))
+                js += _mean_j(out.query_frame.probs.argmax(1)[0].cpu(), ids_from_masks(masks[:, 2])[0].cpu(),
+                              sample["valid_objects"])
+            results["val/loss"] = float(np.mean(losses))
+            results["val/J_triplets"] = float(np.mean(js)) if js else 0.0
+        if val.sequences and cfg.data.validation.video_frames > 0:
+            video = validate_videos(model, val.sequences, cfg, device, log)
+            if video is not None:
+                results["val/J"] = video
+    finally:
+        set_train_mode(model)
+    return results
+
+
+_warned_no_segmenter = False
+
+
+def validate_videos(model: nn.Module, sequences, cfg: TrainConfig, device: torch.device, log) -> float | None:
+    """Mean J over the first `video_frames` frames of each held-out video with lmrc.inference.Segmenter.
+
+    Imported lazily: the segmenter is developed separately; without it this is skipped with one log line.
+    """
+    global _warned_no_segmenter
+    try:
+        from lmrc.inference.segmenter import Segmenter
+    except ImportError as exc:
+        if not _warned_no_segmenter:
+            log(f"validation: streaming J skipped (lmrc.inference.segmenter not available: {exc})")
+            _warned_no_segmenter = True
+        return None
+    from lmrc.data.datasets import load_image
+    from lmrc.data.masks import read_mask
+
+    v = cfg.data.validation
+    js = []
+    for seq in sequences:
+        frames = list(range(min(len(seq.frames), v.video_frames)))
+        if not frames or 0 not in seq.masks:
+            continue
+        segmenter = Segmenter(model)
+        first_ids = None
+        for t in frames:
+            image = torch.from_numpy(load_image(seq.frames[t])).permute(2, 0, 1).float() / 255
+            image = _resize_short(image[None], v.short_side)[0]
+            gt = torch.from_numpy(read_mask(seq.masks[t]).astype(np.int64)) if t in seq.masks else None
+            if gt is not None:
+                gt = torch.nn.functional.interpolate(gt[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0].long()
+            if t == 0:
+                first_ids = gt
+                probs = segmenter.step(image.to(device), gt.to(device))
+                continue
+            probs = segmenter.step(image.to(device))
+            if gt is None:
+                continue
+            pred = probs.argmax(0).cpu() if probs.dim() == 3 else probs.cpu()
+            objects = [int(i) for i in torch.unique(first_ids) if int(i) != 0]
+            for k in objects:
+                p, g = pred == k, gt == k
+                union = int((p | g).sum())
+                js.append(1.0 if union == 0 else int((p & g).sum()) / union)
+    return float(np.mean(js)) if js else None
+
+
+def _resize_short(images: Tensor, short: int) -> Tensor:
+    h, w = images.shape[-2:]
+    scale = short / min(h, w)
+    size = (max(16, int(round(h * scale / 16)) * 16), max(16, int(round(w * scale / 16)) * 16))
+    return torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to finish the current step, checkpoint and exit."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. called from a test thread): no handler
+                pass
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, _frame) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        self.signal = signum
+
+
+@dataclass
+class RunResult:
+    step: int
+    stopped_by: int | None = None  # signal number when interrupted
+    final_hash: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.stopped_by is None else 128 + self.stopped_by
+
+
+def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str = "auto",
+          log_stream=None) -> RunResult:
+    """Run (or resume) training into folder `out`; returns where it stopped."""
+    out = Path(out)
+    d = setup_distributed("cuda" if device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available()) else "cpu")
+    device = resolve_device(device_name, d)
+    stream = log_stream or sys.stdout
+
+    def log(msg: str) -> None:
+        if d.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(f"[lmrc train] {msg}", file=stream)
+            stream.flush()
+
+    B = cfg.optim.batch_size
+    if B % d.world_size:
+        raise LmrcError(f"optim.batch_size {B} (the effective batch) is not divisible by the {d.world_size} "
+                        f"processes; use a multiple of {d.world_size}")
+    per_process = B // d.world_size
+    total_iters = cfg.optim.iterations
+    checkpoint_path = out / CHECKPOINT_NAME
+    if not resume and checkpoint_path.exists():
+        raise LmrcError(f"{out} already holds a training checkpoint; pass --resume to continue it or choose another --out")
+
+    # Read data first: a wrong path should fail before minutes of model building.
+    sequences = read_training_sequences(cfg)
+    dataset = build_training_data(cfg, sequences, total_iters * B)
+    val = build_validation(cfg) if d.is_main else Validation()
+
+    model = build_model(cfg, log).to(device)
+    amp = autocast_dtype(cfg.optim.precision, device)
+    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+
+    step, best = 0, None
+    if resume:
+        payload = load_checkpoint(checkpoint_path, cfg)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        if scaler is not None and payload.get("scaler"):
+            scaler.load_state_dict(payload["scaler"])
+        set_rng_state(payload["rng"])
+        step, best = int(payload["step"]), payload.get("best")
+        log(f"resumed {checkpoint_path} at step {step}")
+    elif d.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "config.yaml") as tmp:
+            tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+    set_train_mode(model)
+    net: nn.Module = model
+    if d.enabled:
+        # Settings A and B leave the values of stages 2/3 unread, so their parameters get no gradient.
+        unused = not set(ABLATION_SETTINGS["C"]["local_read_stages"]) <= set(cfg.model.local_read_stages)
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+
+    writer = None
+    if d.is_main and cfg.logging.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"), purge_step=step if resume else None)
+        except ImportError:
+            log("tensorboard is not installed: no TensorBoard logs (pip install tensorboard)")
+
+    stop = _StopFlag()
+    stop.install()
+    result = RunResult(step)
+    loader = make_loader(dataset, total_iters * B, step * B, per_process, d, cfg.data.workers)
+    show_bar = cfg.logging.progress_bar if cfg.logging.progress_bar is not None else sys.stderr.isatty()
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_iters, initial=step, disable=not (d.is_main and show_bar), dynamic_ncols=True,
+               desc="train", file=sys.stderr)
+    log(f"{'resuming' if resume else 'training'} {cfg.model.backbone} setting {cfg.model.setting}: "
+        f"{total_iters} iterations, batch {B} ({d.world_size} x {per_process}), crop {list(cfg.data.crop_size)}, "
+        f"precision {str(amp).replace('torch.', '') if amp else 'fp32'}, device {device}, {len(dataset.datasets) if hasattr(dataset, 'datasets') else 1} source(s)")
+
+    window_loss, window_parts, window_start, window_steps = 0.0, {}, time.perf_counter(), 0
+    try:
+        batches = iter(loader)
+        while step < total_iters:
+            batch = next(batches)
+            images = batch["images"].to(device, non_blocking=True)
+            masks = batch["masks"].to(device, non_blocking=True)
+            valid = batch["valid_objects"].to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                output = net(images, masks[:, 0], valid)
+            loss, parts = training_loss(output, masks, step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if cfg.optim.grad_clip:
+                parts["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip))
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            result.step = step
+
+            if not math.isfinite(parts["total"]):
+                raise LmrcError(f"loss became {parts['total']} at step {step}; lower optim.lr or use precision fp32 "
+                                f"(resume from the last checkpoint with --resume)")
+            window_loss += parts["total"]
+            for k, v in parts.items():
+                window_parts[k] = window_parts.get(k, 0.0) + v
+            window_steps += 1
+            bar.update(1)
+            if step % cfg.logging.every == 0 or step == total_iters:
+                now = time.perf_counter()
+                rate = window_steps / max(now - window_start, 1e-9)
+                means = {k: v / window_steps for k, v in window_parts.items()}
+                lr = optimizer.param_groups[0]["lr"]
+                eta = (total_iters - step) / max(rate, 1e-9)
+                bar.set_postfix(loss=f"{means['total']:.4f}", lr=f"{lr:.2e}")
+                log(f"step {step}/{total_iters} loss {means['total']:.4f} (ce {means['ce']:.4f}"
+                    + (f", scale {means['scale']:.3g}" if "scale" in means else "")
+                    + f") lr {lr:.2e} {rate:.3f} it/s eta {_hms(eta)}")
+                if writer is not None:
+                    for k, v in means.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                    writer.add_scalar("train/lr", lr, step)
+                    writer.add_scalar("train/it_per_s", rate, step)
+                window_loss, window_parts, window_start, window_steps = 0.0, {}, time.perf_counter(), 0
+
+            if cfg.logging.val_every and step % cfg.logging.val_every == 0 and step < total_iters and d.is_main:
+                best = _validate_and_keep(model, val, cfg, device, amp, log, writer, step, out, best, result)
+                window_start = time.perf_counter()  # validation time is not training speed
+
+            stopping = _agree_stop(stop.signal, d, device)
+            if d.is_main and (step % cfg.logging.checkpoint_every == 0 or stopping):
+                save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                step=step, cfg=cfg, best=best)
+            if stopping:
+                result.stopped_by = stop.signal or signal.SIGTERM
+                log(f"stopped by signal at step {step}; checkpoint saved to {checkpoint_path}; "
+                    "continue with the same command and --resume")
+                return result
+        if d.is_main:
+            if val.triplets or val.sequences:
+                best = _validate_and_keep(model, val, cfg, device, amp, log, writer, step, out, best, result)
+            save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                            step=step, cfg=cfg, best=best)
+            from lmrc.model.weights import save_weights
+
+            result.final_hash = save_weights(model, out / "final.safetensors", extra={"step": step})
+            log(f"done: {out / 'final.safetensors'} (sha256 {result.final_hash[:12]})")
+        if d.enabled:
+            dist.barrier()
+        return result
+    finally:
+        bar.close()
+        stop.restore()
+        if writer is not None:
+            writer.close()
+
+
+def _agree_stop(signum: int | None, d: Dist, device: torch.device) -> bool:
+    """Every rank must stop after the same step, or the others would hang in the next all-reduce."""
+    if not d.enabled:
+        return signum is not None
+    flag = torch.tensor([1.0 if signum is not None else 0.0], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
+def _validate_and_keep(model, val, cfg, device, amp, log, writer, step, out, best, result):
+    metrics = validate(model, val, cfg, device, amp, log)
+    if not metrics:
+        return best
+    result.metrics = metrics
+    if writer is not None:
+        for k, v in metrics.items():
+            writer.add_scalar(k, v, step)
+    score = metrics.get("val/J", metrics.get("val/J_triplets"))
+    log(f"validation at step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()))
+    if score is not None and (best is None or score > best):
+        from lmrc.model.weights import save_weights
+
+        save_weights(model, out / "best.safetensors", extra={"step": step, "score": score})
+        log(f"new best {score:.4f}: {out / 'best.safetensors'}")
+        return score
+    return best
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
