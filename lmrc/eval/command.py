@@ -102,8 +102,7 @@ def _peak_memory_mib() -> str:
 
 # ---------------------------------------------------------------------------------------------------------------
 # INTEGRATION POINT with the segmentation engine (lmrc.inference). The engine is being written separately; this
-# is the only place `lmrc eval --run` touches it. The call signature below is provisional: wire it once
-# `lmrc.inference.run.segment_sequence` exists.
+# is the only place `lmrc eval --run` touches it (paper schedule: mem_every 5, shorter side 480).
 # ---------------------------------------------------------------------------------------------------------------
 def _segment_split(args: argparse.Namespace, sequences: list[str], out_dir: Path) -> int:
     """Segment every sequence from its first annotated frame into `out_dir/<seq>/<frame>.png`; returns frames done."""
@@ -114,19 +113,20 @@ def _segment_split(args: argparse.Namespace, sequences: list[str], out_dir: Path
             f"the segmentation engine (lmrc.inference.run.segment_sequence) is unavailable ({exc}); "
             "score existing results without --run, e.g. lmrc eval --results DIR --gt DAVIS_ROOT"
         ) from None
+    import torch
+
     from lmrc.eval.davis import RESOLUTION, gt_frames
+    from lmrc.model.weights import load_model
 
     root = Path(args.gt)
+    model = load_model(args.model, args.weights, "cuda" if torch.cuda.is_available() else "cpu")
     frames = 0
     for i, seq in enumerate(sequences, 1):
         print(f"segmenting {i}/{len(sequences)}: {seq}", file=sys.stderr, flush=True)
-        frames += segment_sequence(  # provisional signature; expected to return the number of frames written
-            frames_dir=root / "JPEGImages" / RESOLUTION / seq,
-            first_mask=gt_frames(root, seq)[0],
-            out_dir=out_dir / seq,
-            model=args.model,
-            weights=args.weights,
-        )
+        # --run writes --results afresh (overwrite): results of an older run must not mix with this one.
+        frames += segment_sequence(
+            model, root / "JPEGImages" / RESOLUTION / seq, gt_frames(root, seq)[0], out_dir / seq, overwrite=True,
+        ).frames
     return frames
 
 
