@@ -27,12 +27,18 @@ typedef LW_REAL real;
 /* single-precision exp for the float build: the double one would round-trip every element */
 #define lw_exp(x) _Generic((x), float: expf, default: exp)(x)
 
+/* Largest radius the kernels accept (the Python wrapper falls back to plain PyTorch beyond it). */
+#define LW_MAX_RADIUS 7
+#define LW_MAX_O ((2 * LW_MAX_RADIUS + 1) * (2 * LW_MAX_RADIUS + 1))
+
 typedef struct {
     long H, W, HW, R, D, K, O;
+    int oy[LW_MAX_O], ox[LW_MAX_O]; /* offset o in pixels: tables keep divisions out of the row loops */
 } geom;
 
 static geom make_geom(long H, long W, long R, long D) {
     geom g;
+    if (R > LW_MAX_RADIUS) R = LW_MAX_RADIUS; /* never reached through the Python wrapper */
     g.H = H;
     g.W = W;
     g.HW = H * W;
@@ -40,13 +46,17 @@ static geom make_geom(long H, long W, long R, long D) {
     g.D = D;
     g.K = 2 * R + 1;
     g.O = g.K * g.K;
+    for (long o = 0; o < g.O; o++) {
+        g.oy[o] = (int)((o / g.K - R) * D);
+        g.ox[o] = (int)((o % g.K - R) * D);
+    }
     return g;
 }
 
 /* Shift (dy, dx) of offset o and the columns x for which x + dx stays inside [0, W). Returns 0 when no
  * column of row y has its neighbour inside the image (sign = +1: neighbour is y + dy; -1: y - dy). */
 static inline int window_cols(const geom *g, long o, long y, int sign, long *dy, long *dx, long *x0, long *x1) {
-    long sy = sign * (o / g->K - g->R) * g->D, sx = sign * (o % g->K - g->R) * g->D;
+    long sy = sign * g->oy[o], sx = sign * g->ox[o];
     *dy = sy;
     *dx = sx;
     if (y + sy < 0 || y + sy >= g->H) return 0;
@@ -66,8 +76,23 @@ static void sim_row(const geom *g, long C, const real *restrict q, const real *r
         if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) x0 = x1 = 0;
         for (long x = 0; x < W; x++) sr[x] = (x >= x0 && x < x1) ? (real)0 : (real)-INFINITY;
     }
-    /* channel outer: one query row is reused across all offsets while the O output rows stay in L1 */
-    for (long c = 0; c < C; c++) {
+    /* channels outer, four at a time: the query rows are reused across all offsets while the O output rows
+     * stay in L1, and each output load/store is shared by four channels */
+    long c = 0;
+    for (; c + 4 <= C; c += 4) {
+        const real *q0 = q + (b * C + c) * HW + y * W, *q1 = q0 + HW, *q2 = q1 + HW, *q3 = q2 + HW;
+        for (long o = 0; o < g->O; o++) {
+            long dy, dx, x0, x1;
+            if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) continue;
+            const real *k0 = k + (b * C + c) * HW + (y + dy) * W + dx, *k1 = k0 + HW, *k2 = k1 + HW, *k3 = k2 + HW;
+            real *sr = srow + o * HW;
+            for (long x = x0; x < x1; x++) {
+                real d0 = q0[x] - k0[x], d1 = q1[x] - k1[x], d2 = q2[x] - k2[x], d3 = q3[x] - k3[x];
+                sr[x] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            }
+        }
+    }
+    for (; c < C; c++) {
         const real *qr = q + (b * C + c) * HW + y * W;
         for (long o = 0; o < g->O; o++) {
             long dy, dx, x0, x1;
@@ -88,20 +113,67 @@ static void sim_row(const geom *g, long C, const real *restrict q, const real *r
     }
 }
 
+/* An offset whose neighbour row is inside the image for the current row, and its valid columns. */
+typedef struct {
+    long o, dy, dx, x0, x1;
+} tap;
+
+/* Fills t with the offsets valid for row y (sign as in window_cols); returns how many. */
+static int row_taps(const geom *g, long y, int sign, tap *t) {
+    int n = 0;
+    for (long o = 0; o < g->O; o++) {
+        t[n].o = o;
+        if (window_cols(g, o, y, sign, &t[n].dy, &t[n].dx, &t[n].x0, &t[n].x1)) n++;
+    }
+    return n;
+}
+
+/* Columns [*X0, *X1) valid for all four taps t[0..3] (X0 == X1 when none). The row kernels below sum four
+ * taps per pass over these columns, sharing one load and store of the output row between four products;
+ * each tap's remaining border columns are then done one tap at a time. */
+static inline void common_cols(const tap *t, long *X0, long *X1) {
+    long a = t[0].x0, z = t[0].x1;
+    for (int i = 1; i < 4; i++) {
+        a = t[i].x0 > a ? t[i].x0 : a;
+        z = t[i].x1 < z ? t[i].x1 : z;
+    }
+    *X0 = a;
+    *X1 = z > a ? z : a;
+}
+
+#define LW_BORDER_LOOPS(t, X0, X1, BODY)                                              \
+    for (long x = (t).x0; x < ((X0) < (t).x1 ? (X0) : (t).x1); x++) BODY;             \
+    for (long x = ((X1) > (t).x0 ? (X1) : (t).x0); x < (t).x1; x++) BODY;
+
 /* out[b, c, y, :] = sum_o w[b, o, y, :] * v(y + dy, x + dx) (eq. 5, 6-7). */
 static void wsum_row(const geom *g, long C, const real *restrict w, const real *restrict v, real *restrict out,
                      long b, long y) {
     const long W = g->W, HW = g->HW;
     const real *wrow = w + b * g->O * HW + y * W;
+    tap t[LW_MAX_O];
+    const int n = row_taps(g, y, 1, t);
     for (long c = 0; c < C; c++) {
-        real *orow = out + (b * C + c) * HW + y * W;
+        real *restrict orow = out + (b * C + c) * HW + y * W;
+        const real *vc = v + (b * C + c) * HW;
         for (long x = 0; x < W; x++) orow[x] = 0;
-        for (long o = 0; o < g->O; o++) {
-            long dy, dx, x0, x1;
-            if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) continue;
-            const real *wr = wrow + o * HW;
-            const real *vr = v + (b * C + c) * HW + (y + dy) * W + dx;
-            for (long x = x0; x < x1; x++) orow[x] += wr[x] * vr[x];
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            const tap *u = t + i;
+            long X0, X1;
+            common_cols(u, &X0, &X1);
+            const real *w0 = wrow + u[0].o * HW, *w1 = wrow + u[1].o * HW, *w2 = wrow + u[2].o * HW,
+                       *w3 = wrow + u[3].o * HW;
+            const real *v0 = vc + (y + u[0].dy) * W + u[0].dx, *v1 = vc + (y + u[1].dy) * W + u[1].dx,
+                       *v2 = vc + (y + u[2].dy) * W + u[2].dx, *v3 = vc + (y + u[3].dy) * W + u[3].dx;
+            for (long x = X0; x < X1; x++) orow[x] += (w0[x] * v0[x] + w1[x] * v1[x]) + (w2[x] * v2[x] + w3[x] * v3[x]);
+            LW_BORDER_LOOPS(u[0], X0, X1, orow[x] += w0[x] * v0[x])
+            LW_BORDER_LOOPS(u[1], X0, X1, orow[x] += w1[x] * v1[x])
+            LW_BORDER_LOOPS(u[2], X0, X1, orow[x] += w2[x] * v2[x])
+            LW_BORDER_LOOPS(u[3], X0, X1, orow[x] += w3[x] * v3[x])
+        }
+        for (; i < n; i++) {
+            const real *wr = wrow + t[i].o * HW, *vr = vc + (y + t[i].dy) * W + t[i].dx;
+            for (long x = t[i].x0; x < t[i].x1; x++) orow[x] += wr[x] * vr[x];
         }
     }
 }
@@ -114,7 +186,18 @@ static void wsum_grad_w_row(const geom *g, long C, const real *restrict gout, co
     if (!accumulate)
         for (long o = 0; o < g->O; o++)
             for (long x = 0; x < W; x++) gwrow[o * HW + x] = 0;
-    for (long c = 0; c < C; c++) {
+    long c = 0;
+    for (; c + 4 <= C; c += 4) { /* four channels per pass over the O rows, as in sim_row */
+        const real *r0 = gout + (b * C + c) * HW + y * W, *r1 = r0 + HW, *r2 = r1 + HW, *r3 = r2 + HW;
+        for (long o = 0; o < g->O; o++) {
+            long dy, dx, x0, x1;
+            if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) continue;
+            const real *v0 = v + (b * C + c) * HW + (y + dy) * W + dx, *v1 = v0 + HW, *v2 = v1 + HW, *v3 = v2 + HW;
+            real *restrict gwr = gwrow + o * HW;
+            for (long x = x0; x < x1; x++) gwr[x] += (r0[x] * v0[x] + r1[x] * v1[x]) + (r2[x] * v2[x] + r3[x] * v3[x]);
+        }
+    }
+    for (; c < C; c++) {
         const real *gr = gout + (b * C + c) * HW + y * W;
         for (long o = 0; o < g->O; o++) {
             long dy, dx, x0, x1;
@@ -130,15 +213,33 @@ static void wsum_grad_w_row(const geom *g, long C, const real *restrict gout, co
 static void wsum_grad_v_row(const geom *g, long C, const real *restrict w, const real *restrict gout,
                             real *restrict gv, long b, long y) {
     const long W = g->W, HW = g->HW;
+    tap t[LW_MAX_O]; /* negated offsets: the source row is y + dy */
+    const int n = row_taps(g, y, -1, t);
+    const real *wb = w + b * g->O * HW;
     for (long c = 0; c < C; c++) {
-        real *gvr = gv + (b * C + c) * HW + y * W;
+        real *restrict gvr = gv + (b * C + c) * HW + y * W;
+        const real *gc = gout + (b * C + c) * HW;
         for (long x = 0; x < W; x++) gvr[x] = 0;
-        for (long o = 0; o < g->O; o++) {
-            long dy, dx, x0, x1;  /* here dy, dx are the negated offset: source row y + dy */
-            if (!window_cols(g, o, y, -1, &dy, &dx, &x0, &x1)) continue;
-            const real *wr = w + (b * g->O + o) * HW + (y + dy) * W + dx;
-            const real *gr = gout + (b * C + c) * HW + (y + dy) * W + dx;
-            for (long x = x0; x < x1; x++) gvr[x] += wr[x] * gr[x];
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            const tap *u = t + i;
+            long X0, X1;
+            common_cols(u, &X0, &X1);
+            const real *w0 = wb + u[0].o * HW + (y + u[0].dy) * W + u[0].dx,
+                       *w1 = wb + u[1].o * HW + (y + u[1].dy) * W + u[1].dx,
+                       *w2 = wb + u[2].o * HW + (y + u[2].dy) * W + u[2].dx,
+                       *w3 = wb + u[3].o * HW + (y + u[3].dy) * W + u[3].dx;
+            const real *g0 = gc + (y + u[0].dy) * W + u[0].dx, *g1 = gc + (y + u[1].dy) * W + u[1].dx,
+                       *g2 = gc + (y + u[2].dy) * W + u[2].dx, *g3 = gc + (y + u[3].dy) * W + u[3].dx;
+            for (long x = X0; x < X1; x++) gvr[x] += (w0[x] * g0[x] + w1[x] * g1[x]) + (w2[x] * g2[x] + w3[x] * g3[x]);
+            LW_BORDER_LOOPS(u[0], X0, X1, gvr[x] += w0[x] * g0[x])
+            LW_BORDER_LOOPS(u[1], X0, X1, gvr[x] += w1[x] * g1[x])
+            LW_BORDER_LOOPS(u[2], X0, X1, gvr[x] += w2[x] * g2[x])
+            LW_BORDER_LOOPS(u[3], X0, X1, gvr[x] += w3[x] * g3[x])
+        }
+        for (; i < n; i++) {
+            const real *wr = wb + t[i].o * HW + (y + t[i].dy) * W + t[i].dx, *gr = gc + (y + t[i].dy) * W + t[i].dx;
+            for (long x = t[i].x0; x < t[i].x1; x++) gvr[x] += wr[x] * gr[x];
         }
     }
 }
@@ -148,16 +249,32 @@ static void sim_grad_q_row(const geom *g, long C, const real *restrict gs, const
                            const real *restrict k, real *restrict gq, real scale, long b, long y) {
     const long W = g->W, HW = g->HW;
     const real *gsrow = gs + b * g->O * HW + y * W;
+    tap t[LW_MAX_O];
+    const int n = row_taps(g, y, 1, t);
     for (long c = 0; c < C; c++) {
-        const real *qr = q + (b * C + c) * HW + y * W;
-        real *gqr = gq + (b * C + c) * HW + y * W;
+        const real *qr = q + (b * C + c) * HW + y * W, *kc = k + (b * C + c) * HW;
+        real *restrict gqr = gq + (b * C + c) * HW + y * W;
         for (long x = 0; x < W; x++) gqr[x] = 0;
-        for (long o = 0; o < g->O; o++) {
-            long dy, dx, x0, x1;
-            if (!window_cols(g, o, y, 1, &dy, &dx, &x0, &x1)) continue;
-            const real *kr = k + (b * C + c) * HW + (y + dy) * W + dx;
-            const real *gr = gsrow + o * HW;
-            for (long x = x0; x < x1; x++) gqr[x] += gr[x] * (qr[x] - kr[x]);
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            const tap *u = t + i;
+            long X0, X1;
+            common_cols(u, &X0, &X1);
+            const real *g0 = gsrow + u[0].o * HW, *g1 = gsrow + u[1].o * HW, *g2 = gsrow + u[2].o * HW,
+                       *g3 = gsrow + u[3].o * HW;
+            const real *k0 = kc + (y + u[0].dy) * W + u[0].dx, *k1 = kc + (y + u[1].dy) * W + u[1].dx,
+                       *k2 = kc + (y + u[2].dy) * W + u[2].dx, *k3 = kc + (y + u[3].dy) * W + u[3].dx;
+            for (long x = X0; x < X1; x++)
+                gqr[x] += (g0[x] * (qr[x] - k0[x]) + g1[x] * (qr[x] - k1[x])) +
+                          (g2[x] * (qr[x] - k2[x]) + g3[x] * (qr[x] - k3[x]));
+            LW_BORDER_LOOPS(u[0], X0, X1, gqr[x] += g0[x] * (qr[x] - k0[x]))
+            LW_BORDER_LOOPS(u[1], X0, X1, gqr[x] += g1[x] * (qr[x] - k1[x]))
+            LW_BORDER_LOOPS(u[2], X0, X1, gqr[x] += g2[x] * (qr[x] - k2[x]))
+            LW_BORDER_LOOPS(u[3], X0, X1, gqr[x] += g3[x] * (qr[x] - k3[x]))
+        }
+        for (; i < n; i++) {
+            const real *gr = gsrow + t[i].o * HW, *kr = kc + (y + t[i].dy) * W + t[i].dx;
+            for (long x = t[i].x0; x < t[i].x1; x++) gqr[x] += gr[x] * (qr[x] - kr[x]);
         }
         for (long x = 0; x < W; x++) gqr[x] *= -2 * scale;
     }
@@ -167,16 +284,35 @@ static void sim_grad_q_row(const geom *g, long C, const real *restrict gs, const
 static void sim_grad_k_row(const geom *g, long C, const real *restrict gs, const real *restrict q,
                            const real *restrict k, real *restrict gk, real scale, long b, long y) {
     const long W = g->W, HW = g->HW;
+    tap t[LW_MAX_O]; /* negated offsets: the source row is y + dy */
+    const int n = row_taps(g, y, -1, t);
+    const real *gsb = gs + b * g->O * HW;
     for (long c = 0; c < C; c++) {
-        const real *kr = k + (b * C + c) * HW + y * W;
-        real *gkr = gk + (b * C + c) * HW + y * W;
+        const real *kr = k + (b * C + c) * HW + y * W, *qc = q + (b * C + c) * HW;
+        real *restrict gkr = gk + (b * C + c) * HW + y * W;
         for (long x = 0; x < W; x++) gkr[x] = 0;
-        for (long o = 0; o < g->O; o++) {
-            long dy, dx, x0, x1;
-            if (!window_cols(g, o, y, -1, &dy, &dx, &x0, &x1)) continue;
-            const real *gr = gs + (b * g->O + o) * HW + (y + dy) * W + dx;
-            const real *qr = q + (b * C + c) * HW + (y + dy) * W + dx;
-            for (long x = x0; x < x1; x++) gkr[x] += gr[x] * (qr[x] - kr[x]);
+        int i = 0;
+        for (; i + 4 <= n; i += 4) {
+            const tap *u = t + i;
+            long X0, X1;
+            common_cols(u, &X0, &X1);
+            const real *g0 = gsb + u[0].o * HW + (y + u[0].dy) * W + u[0].dx,
+                       *g1 = gsb + u[1].o * HW + (y + u[1].dy) * W + u[1].dx,
+                       *g2 = gsb + u[2].o * HW + (y + u[2].dy) * W + u[2].dx,
+                       *g3 = gsb + u[3].o * HW + (y + u[3].dy) * W + u[3].dx;
+            const real *q0 = qc + (y + u[0].dy) * W + u[0].dx, *q1 = qc + (y + u[1].dy) * W + u[1].dx,
+                       *q2 = qc + (y + u[2].dy) * W + u[2].dx, *q3 = qc + (y + u[3].dy) * W + u[3].dx;
+            for (long x = X0; x < X1; x++)
+                gkr[x] += (g0[x] * (q0[x] - kr[x]) + g1[x] * (q1[x] - kr[x])) +
+                          (g2[x] * (q2[x] - kr[x]) + g3[x] * (q3[x] - kr[x]));
+            LW_BORDER_LOOPS(u[0], X0, X1, gkr[x] += g0[x] * (q0[x] - kr[x]))
+            LW_BORDER_LOOPS(u[1], X0, X1, gkr[x] += g1[x] * (q1[x] - kr[x]))
+            LW_BORDER_LOOPS(u[2], X0, X1, gkr[x] += g2[x] * (q2[x] - kr[x]))
+            LW_BORDER_LOOPS(u[3], X0, X1, gkr[x] += g3[x] * (q3[x] - kr[x]))
+        }
+        for (; i < n; i++) {
+            const real *gr = gsb + t[i].o * HW + (y + t[i].dy) * W + t[i].dx, *qr = qc + (y + t[i].dy) * W + t[i].dx;
+            for (long x = t[i].x0; x < t[i].x1; x++) gkr[x] += gr[x] * (qr[x] - kr[x]);
         }
         for (long x = 0; x < W; x++) gkr[x] *= 2 * scale;
     }
@@ -202,7 +338,11 @@ static void softmax_row(const geom *g, const real *restrict s, real *restrict a,
         for (long x = 0; x < W; x++) arow[o * HW + x] *= tmp[x];
 }
 
-#define LW_ROWS_PARALLEL _Pragma("omp parallel for num_threads(nthreads) schedule(static)")
+/* Rows in parallel, but only when there is enough work: forking a team costs far more than a tiny call
+ * (gradcheck makes hundreds of them) and a descheduled worker stalls the join on a busy machine. */
+#define LW_MIN_PARALLEL_WORK (1L << 15)
+#define LW_ROWS_PARALLEL \
+    _Pragma("omp parallel for num_threads(nthreads) schedule(static) if(B * H * W * g.O >= LW_MIN_PARALLEL_WORK)")
 
 void LW_FN(lw_similarity_fwd)(const real *q, const real *k, real *s, long B, long C, long H, long W, long R,
                               long D, double scale, int nthreads) {

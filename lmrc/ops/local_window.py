@@ -80,7 +80,10 @@ def _check(radius: int, dilation: int, *pairs: tuple[str, Tensor]) -> None:
             raise ValueError(f"{name} {tuple(t.shape)} and {ref_name} {tuple(ref.shape)} differ in batch or size")
 
 
-def _native_for(*tensors: Tensor):
+_MAX_NATIVE_RADIUS = 7  # LW_MAX_RADIUS in local_window.c
+
+
+def _native_for(radius: int, *tensors: Tensor):
     """The native library to use for these inputs, or None for the plain PyTorch path.
 
     `LMRC_LOCAL_WINDOW=plain` forces the plain path, `=native` makes an unavailable native path an error,
@@ -89,7 +92,7 @@ def _native_for(*tensors: Tensor):
     mode = os.environ.get("LMRC_LOCAL_WINDOW", "auto").strip().lower() or "auto"
     if mode not in ("auto", "plain", "native"):
         raise ValueError(f"LMRC_LOCAL_WINDOW must be auto, plain or native, got {mode!r}")
-    if mode == "plain" or any(t.numel() == 0 for t in tensors):
+    if mode == "plain" or radius > _MAX_NATIVE_RADIUS or any(t.numel() == 0 for t in tensors):
         return None
     if any(t.device.type != "cpu" or not t.is_floating_point() for t in tensors):
         if mode == "native":
@@ -228,7 +231,7 @@ def local_similarity(query: Tensor, key: Tensor, radius: int, dilation: int = 1,
     _check(radius, dilation, ("query", query), ("key", key))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
-    lib = _native_for(query, key)
+    lib = _native_for(radius, query, key)
     if lib is None:
         return local_similarity_plain(query, key, radius, dilation, scale)
     return _NativeSimilarity.apply(query, key, int(radius), int(dilation), scale, lib)
@@ -239,7 +242,7 @@ def local_weighted_sum(weights: Tensor, value: Tensor, radius: int, dilation: in
     _check(radius, dilation, ("value", value), ("weights", weights))
     if weights.shape[1] != _window_size(radius):
         raise ValueError(f"weights need {_window_size(radius)} channels for radius {radius}, got {weights.shape[1]}")
-    lib = _native_for(weights, value)
+    lib = _native_for(radius, weights, value)
     if lib is None:
         return local_weighted_sum_plain(weights, value, radius, dilation)
     return _NativeWeightedSum.apply(weights, value, int(radius), int(dilation), lib)
@@ -252,7 +255,7 @@ def local_attention(
     _check(radius, dilation, ("query", query), ("key", key), ("value", value))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
-    lib = _native_for(query, key, value)
+    lib = _native_for(radius, query, key, value)
     if lib is None:
         sim = local_similarity_plain(query, key, radius, dilation, scale)
         aff = torch.softmax(sim, dim=1)
