@@ -1,0 +1,197 @@
+"""Benchmark of the local memory read (LMR, eq. 4-5) at 1/4, 1/8 and 1/16 of 480p, d = 2, batch 1.
+
+Methods: `fast` (lmrc.ops.local_window.local_attention, native kernels), `shifted` (the plain PyTorch ops of
+local_window.py: one shifted view per offset), `unfold` (F.unfold of keys and values), `dense` (the literal
+HW x HW reference). "plain" below is the faster of shifted and unfold at each scale.
+
+Time: median of several runs after warm-up, at torch.get_num_threads() threads. forward runs under no_grad
+(inference); forward+backward makes q, k, v leaves and back-propagates a fixed random readout gradient.
+
+Memory: every allocation and free of torch's CPU allocator is recorded by torch.profiler (profile_memory)
+during one run; the running sum gives the peak beyond what was live before the call (the inputs). The native
+kernels allocate nothing themselves, so this covers them completely; scratch space that MKL/oneDNN take
+outside torch's allocator (unfold, dense matmuls) is not counted. Columns:
+  peak     = peak bytes beyond the inputs during the call
+  results  = bytes still live when the call returns (outputs; for fwd+bwd also the input gradients)
+  extra    = peak - results: working memory the op needs beyond what it must hand back
+All three are given relative to the readout tensor's size.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from lmrc.ops import local_window as lw
+from lmrc.ops.reference import local_memory_read_reference
+
+SCALES = {  # name: (H, W, value channels) at 1/4, 1/8, 1/16 of 480 x 864
+    "quarter": (120, 216, 64),
+    "eighth": (60, 108, 128),
+    "sixteenth": (30, 54, 256),
+}
+KEY_CHANNELS, RADIUS = 64, 2
+
+
+def attention_fast(q, k, v, radius, scale):
+    if os.environ.get("LMRC_LOCAL_WINDOW"):
+        raise SystemExit("unset LMRC_LOCAL_WINDOW to benchmark the native kernels")
+    return lw.local_attention(q, k, v, radius, 1, scale)
+
+
+def attention_shifted(q, k, v, radius, scale):
+    sim = lw.local_similarity_plain(q, k, radius, 1, scale)
+    aff = torch.softmax(sim, 1)
+    return lw.local_weighted_sum_plain(aff, v, radius, 1), sim, aff
+
+
+def attention_unfold(q, k, v, radius, scale):
+    """LMR with F.unfold: keys and values unfolded to B x C x (2d+1)^2 x HW."""
+    b, ck, h, w = q.shape
+    n, side = (2 * radius + 1) ** 2, 2 * radius + 1
+    unfold = lambda t: F.unfold(t, side, padding=radius).view(t.shape[0], t.shape[1], n, h * w)  # noqa: E731
+    q_flat = q.reshape(b, ck, 1, h * w)
+    # ||q - k||^2 = |q|^2 - 2 q.k + |k|^2, with |k|^2 unfolded as one map instead of squaring the unfolded keys
+    dot = (q_flat * unfold(k)).sum(1)
+    k_sq = unfold(k.pow(2).sum(1, keepdim=True))[:, 0]
+    sim = -scale * (q_flat.pow(2).sum(1) - 2 * dot + k_sq)
+    inside = unfold(torch.ones(1, 1, h, w, dtype=q.dtype))[:, 0] > 0
+    sim = sim.masked_fill(~inside, float("-inf"))
+    aff = torch.softmax(sim, 1)
+    readout = (aff[:, None] * unfold(v)).sum(2).view(b, v.shape[1], h, w)
+    return readout, sim.view(b, n, h, w), aff.view(b, n, h, w)
+
+
+def attention_dense(q, k, v, radius, scale):
+    return local_memory_read_reference(q, k, v, radius, scale)
+
+
+METHODS = {"fast": attention_fast, "shifted": attention_shifted, "unfold": attention_unfold, "dense": attention_dense}
+
+
+def make_inputs(h, w, cv, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, KEY_CHANNELS, h, w, generator=g)
+    k = q + 0.5 * torch.randn(1, KEY_CHANNELS, h, w, generator=g)
+    v = torch.randn(1, cv, h, w, generator=g)
+    grad = torch.randn(1, cv, h, w, generator=g)
+    return q, k, v, grad
+
+
+def run_once(fn, inputs, backward):
+    """One call; returns what the caller would keep (outputs, and gradients for fwd+bwd)."""
+    q, k, v, grad = inputs
+    if not backward:
+        with torch.no_grad():
+            return fn(q, k, v, RADIUS, KEY_CHANNELS ** -0.5)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    outputs = fn(*leaves, RADIUS, KEY_CHANNELS ** -0.5)
+    outputs[0].backward(grad)
+    return outputs, [t.grad for t in leaves]
+
+
+def time_ms(fn, inputs, backward, repeats):
+    run_once(fn, inputs, backward)  # warm-up (also builds the native library on the first call)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = run_once(fn, inputs, backward)
+        times.append((time.perf_counter() - start) * 1e3)
+        del result
+    return statistics.median(times)
+
+
+def memory_bytes(fn, inputs, backward):
+    """(peak, results) in bytes beyond what was allocated before the call, from the profiler's allocator events."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = run_once(fn, inputs, backward)
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    del result
+    return peak, live
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dense-quarter", action="store_true", help="also run the dense reference at 1/4 (~5 GB)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (median reported)")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={RADIUS}, keys {KEY_CHANNELS} ch, batch 1")
+    rows, summary = [], {}
+    print(
+        f"{'scale':>9} {'HxW':>7} {'Cv':<4} {'method':>7} {'pass':>7} {'ms':>10} {'peak/R':>8} "
+        f"{'result/R':>8} {'extra/R':>8}   {'peak MiB':>9} {'vs fast':>9}"
+    )
+    for scale_name, (h, w, cv) in SCALES.items():
+        inputs = make_inputs(h, w, cv)
+        readout_bytes = inputs[2].numel() * 4
+        reference_readout = None
+        for method, fn in METHODS.items():
+            if method == "dense" and scale_name == "quarter" and not args.dense_quarter:
+                continue
+            repeats = 3 if method == "dense" else args.repeats
+            # the outputs agree across methods (sanity check of what is being timed)
+            readout = run_once(fn, inputs, False)[0]
+            if reference_readout is None:
+                reference_readout = readout
+            err = (readout - reference_readout).abs().max().item()
+            del readout
+            for backward in (False, True):
+                ms = time_ms(fn, inputs, backward, repeats)
+                peak, results = memory_bytes(fn, inputs, backward)
+                pass_name = "fwd+bwd" if backward else "fwd"
+                summary[(scale_name, method, pass_name)] = (ms, peak, results)
+                rows.append(
+                    f"{scale_name:>9} {h:>3}x{w:<3} v{cv:<3} {method:>7} {pass_name:>7} {ms:10.2f} "
+                    f"{peak / readout_bytes:8.2f} {results / readout_bytes:8.2f} {(peak - results) / readout_bytes:8.2f}"
+                    f"   {peak / 2**20:9.1f} {err:9.1e}"
+                )
+                print(rows[-1], flush=True)
+
+    print("\nR = readout size; peak, result and extra as defined in the module docstring.")
+    print("speedups of fast (time ratio) and memory of fast vs plain (plain = faster of shifted and unfold):")
+    for scale_name in SCALES:
+        for pass_name in ("fwd", "fwd+bwd"):
+            fast = summary[(scale_name, "fast", pass_name)]
+            plain_name = min(("shifted", "unfold"), key=lambda m: summary[(scale_name, m, pass_name)][0])
+            plain = summary[(scale_name, plain_name, pass_name)]
+            line = (
+                f"  {scale_name:>9} {pass_name:>7}: plain={plain_name:<7} speedup x{plain[0] / fast[0]:6.2f}, "
+                f"peak memory plain/fast x{plain[1] / max(fast[1], 1):6.2f}"
+            )
+            if (scale_name, "dense", pass_name) in summary:
+                line += f", speedup vs dense x{summary[(scale_name, 'dense', pass_name)][0] / fast[0]:8.1f}"
+            print(line)
+
+    quarter = "quarter", "fwd+bwd"
+    fast = summary[(*quarter[:1], "fast", quarter[1])]
+    plain = min(summary[(quarter[0], m, quarter[1])][0] for m in ("shifted", "unfold"))
+    readout_bytes = SCALES["quarter"][0] * SCALES["quarter"][1] * SCALES["quarter"][2] * 4
+    print(
+        f"(last line: quarter scale, forward+backward; extra_memory_vs_output = (peak - results) / readout; "
+        f"peak beyond inputs alone is {fast[1] / readout_bytes:.2f} x readout)"
+    )
+    print(
+        f"local_read quarter_scale speedup_vs_plain={plain / fast[0]:.2f} "
+        f"extra_memory_vs_output={(fast[1] - fast[2]) / readout_bytes:.2f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
