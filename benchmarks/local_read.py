@@ -132,6 +132,8 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={RADIUS}, keys {KEY_CHANNELS} ch, batch 1")
+    # wall-clock medians are only comparable on an idle machine: show how busy it was
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     rows, summary = [], {}
     print(
         f"{'scale':>9} {'HxW':>7} {'Cv':<4} {'method':>7} {'pass':>7} {'ms':>10} {'peak/R':>8} "
