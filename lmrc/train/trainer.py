@@ -370,42 +370,27 @@ def validate_videos(model: nn.Module, sequences, cfg: TrainConfig, device: torch
         return None
     from lmrc.data.datasets import load_image
     from lmrc.data.masks import read_mask
+    from lmrc.inference.segmenter import output_prob_to_mask
 
     v = cfg.data.validation
     js = []
     for seq in sequences:
-        frames = list(range(min(len(seq.frames), v.video_frames)))
-        if not frames or 0 not in seq.masks:
+        frames = range(min(len(seq.frames), v.video_frames))
+        if 0 not in seq.masks:
             continue
-        segmenter = Segmenter(model)
-        first_ids = None
+        segmenter = Segmenter(model, size=v.short_side, device=device)
+        first = read_mask(seq.masks[0])
+        objects = [int(i) for i in np.unique(first) if i != 0]
         for t in frames:
-            image = torch.from_numpy(load_image(seq.frames[t])).permute(2, 0, 1).float() / 255
-            image = _resize_short(image[None], v.short_side)[0]
-            gt = torch.from_numpy(read_mask(seq.masks[t]).astype(np.int64)) if t in seq.masks else None
-            if gt is not None:
-                gt = torch.nn.functional.interpolate(gt[None, None].float(), size=image.shape[-2:], mode="nearest")[0, 0].long()
-            if t == 0:
-                first_ids = gt
-                probs = segmenter.step(image.to(device), gt.to(device))
-                continue
-            probs = segmenter.step(image.to(device))
-            if gt is None:
-                continue
-            pred = probs.argmax(0).cpu() if probs.dim() == 3 else probs.cpu()
-            objects = [int(i) for i in torch.unique(first_ids) if int(i) != 0]
+            probs = segmenter.step(load_image(seq.frames[t]), first if t == 0 else None)
+            if t == 0 or t not in seq.masks:
+                continue  # the first frame is given, not predicted
+            pred, gt = output_prob_to_mask(probs, segmenter.object_ids), read_mask(seq.masks[t])
             for k in objects:
                 p, g = pred == k, gt == k
                 union = int((p | g).sum())
                 js.append(1.0 if union == 0 else int((p & g).sum()) / union)
     return float(np.mean(js)) if js else None
-
-
-def _resize_short(images: Tensor, short: int) -> Tensor:
-    h, w = images.shape[-2:]
-    scale = short / min(h, w)
-    size = (max(16, int(round(h * scale / 16)) * 16), max(16, int(round(w * scale / 16)) * 16))
-    return torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -440,6 +425,7 @@ class RunResult:
     stopped_by: int | None = None  # signal number when interrupted
     final_hash: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    model: nn.Module | None = field(default=None, repr=False)  # the trained (unwrapped) model, every rank
 
     @property
     def exit_code(self) -> int:
@@ -517,7 +503,7 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str
 
     stop = _StopFlag()
     stop.install()
-    result = RunResult(step)
+    result = RunResult(step, model=model)
     loader = make_loader(dataset, total_iters * B, step * B, per_process, d, cfg.data.workers)
     show_bar = cfg.logging.progress_bar if cfg.logging.progress_bar is not None else sys.stderr.isatty()
     from tqdm import tqdm
