@@ -119,6 +119,14 @@ def resolve_device(name: str, precision: str = "fp32") -> str:
                             "use --device cpu (or auto)")
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise LmrcError("--precision bf16: this GPU has no bfloat16 support; use --precision fp16 or fp32")
+    elif precision != "fp32":
+        capability = torch.backends.cpu.get_cpu_capability()
+        if "AVX512" not in capability.upper():
+            # Without native 16-bit float units the CPU converts every operand: measured several times slower.
+            from lmrc.data.video import LmrcWarning
+
+            warnings.warn(f"--precision {precision} on this CPU ({capability}, no native 16-bit float math) is "
+                          "slower than fp32; use fp32 here", LmrcWarning, stacklevel=2)
     return name
 
 
