@@ -187,7 +187,7 @@ def test_loss_decreases_when_overfitting_one_sample(tiny_data):
     cfg = config_from_dict(tiny_config(tiny_data, loss={"scale_loss_iterations": 0}))
     opt = torch.optim.Adam(model.parameters(), 1e-3)
     losses = []
-    for step in range(25):
+    for step in range(20):
         loss, parts = training_loss(model(images, masks[:, 0], valid), masks, step, cfg)
         opt.zero_grad()
         loss.backward()
@@ -213,7 +213,7 @@ def _final_hash(run: Path) -> str:
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(
-        tiny_data, optim={"iterations": 10, "batch_size": 1},
+        tiny_data, optim={"iterations": 8, "batch_size": 1},
         logging={"every": 1, "checkpoint_every": 2, "val_every": 0, "tensorboard": False, "progress_bar": False}))
     reference = _lmrc_train("--config", cfg, "--out", tmp_path / "ref")
     killed = _lmrc_train("--config", cfg, "--out", tmp_path / "run")

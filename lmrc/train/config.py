@@ -79,7 +79,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
     iterations: int = 200_000
     batch_size: int = 8  # EFFECTIVE batch: summed over every process
-    precision: str = "auto"  # fp32 | bf16 | fp16 (CUDA only) | auto (bf16 on CPU, bf16/fp16 on CUDA)
+    precision: str = "auto"  # fp32 | bf16 | fp16 (CUDA only) | auto (fp32 on CPU, bf16/fp16 on CUDA)
 
 
 @dataclass

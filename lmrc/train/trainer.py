@@ -80,7 +80,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16
+        # CPUs without native bf16 (AVX512-BF16/AMX) emulate it: measured slower than fp32 on AVX2 machines.
+        return None
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -337,7 +338,8 @@ def validate(model: nn.Module, val: Validation, cfg: TrainConfig, device: torch.
                 valid = sample["valid_objects"][None].to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     out = model(images, masks[:, 0], valid)
-                loss, _ = training_loss(out, masks, cfg.loss.scale_loss_iterations, cfg)
+                # The loss as it stands after the warm-ups: no scale term, the configured CE kind.
+                loss, _ = training_loss(out, masks, max(cfg.loss.scale_loss_iterations, cfg.loss.plain_ce_iterations), cfg)
                 losses.append(float(loss))
                 js += _mean_j(out.query_frame.probs.argmax(1)[0].cpu(), ids_from_masks(masks[:, 2])[0].cpu(),
                               sample["valid_objects"])
