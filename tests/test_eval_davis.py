@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from lmrc.cli import main as cli_main
-from lmrc.data.masks import write_mask
+from lmrc.data.masks import read_mask, write_mask
 from lmrc.errors import LmrcError
 from lmrc.eval.davis import GLOBAL_COLUMNS, csv_paths, evaluate, split_sequences, write_csvs
 
@@ -207,17 +207,35 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert "no split file for 'test'" in capsys.readouterr().err
 
 
-def test_cli_run_without_engine_says_so(tmp_path, capsys):
-    try:
-        import lmrc.inference.run  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("the segmentation engine exists; --run is covered by its own tests")
+def test_cli_run_segments_then_scores(tmp_path, capsys):
+    import torch
+
+    from lmrc.config import model_config
+    from lmrc.model.network import LMRC
+    from lmrc.model.weights import save_weights
+
     gt = make_2017(tmp_path / "davis")
-    args = ["eval", "--run", "--model", "lmrc-lite", "--results", str(tmp_path / "r"), "--gt", str(gt)]
-    assert cli_main(args) == 2
-    assert "segmentation engine" in capsys.readouterr().err
+    rng = np.random.default_rng(0)
+    for seq in ("one", "two"):
+        for mask in sorted((gt / "Annotations" / "480p" / seq).glob("*.png")):
+            frame = gt / "JPEGImages" / "480p" / seq / f"{mask.stem}.jpg"
+            frame.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (*read_mask(mask).shape, 3), dtype=np.uint8)).save(frame)
+    torch.manual_seed(0)
+    weights = tmp_path / "lite.safetensors"
+    save_weights(LMRC(model_config("lmrc-lite"), pretrained_backbone=False), weights)
+    results = tmp_path / "r"
+    args = ["eval", "--run", "--model", "lmrc-lite", "--weights", str(weights), "--results", str(results),
+            "--gt", str(gt), "--size", "32", "--workers", "1"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "frames/s" in out and "peak memory" in out
+    for seq in ("one", "two"):
+        frames = sorted(p.name for p in (gt / "Annotations" / "480p" / seq).glob("*.png"))
+        assert sorted(p.name for p in (results / seq).glob("*.png")) == frames
+        assert read_mask(results / seq / frames[0]).max() >= 1  # the first frame is the given mask
+    header, row = read_csv(results / "global_results-val.csv")
+    assert header[0] == "J&F-Mean" and 0 <= float(row[0]) <= 1
 
 
 @pytest.fixture

@@ -174,7 +174,7 @@ def test_new_object_mid_video_reads_only_its_own_frames(model):
         assert set(np.unique(ids)) <= ({0, 1} if i < 3 else {0, 1, 2})
         if i == 3:
             assert (ids[second == 2] == 2).all()  # the given mask wins over the prediction of object 1
-            assert (ids[FIRST == 1] == 1).all()  # old object kept where the new mask is not
+            assert (probs[1][second == 2] == 0).all() and (probs[2][second != 2] == 0).all()
     assert channels == [2, 2, 2, 3, 3, 3, 3, 3]  # object 2 has a probability only from frame 3 on
     assert seg.object_ids == [1, 2]
     assert seg.memory_frames == [0, 2, 3, 4, 6]

@@ -28,6 +28,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--run", action="store_true", help="segment every sequence with --model, then score")
     run.add_argument("--model", choices=MODELS, help="model preset for --run")
     run.add_argument("--weights", help="weights file for --run (default: the preset's)")
+    run.add_argument("--size", type=int, default=480, help="with --run: shorter side the model sees (default 480)")
+    run.add_argument("--mem-every", type=int, default=5, help="with --run: global memory every N frames (default 5)")
+    run.add_argument("--max-memory-frames", type=int, help="with --run: cap on global memory frames")
+    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="with --run (default fp32)")
     ytvos = parser.add_argument_group("YouTube-VOS submission")
     ytvos.add_argument("--youtube-vos", action="store_true", help="pack --results into a submission zip instead")
     ytvos.add_argument("--out", help="with --youtube-vos: folder for Annotations/ and submission.zip")
@@ -126,6 +130,7 @@ def _segment_split(args: argparse.Namespace, sequences: list[str], out_dir: Path
         # --run writes --results afresh (overwrite): results of an older run must not mix with this one.
         frames += segment_sequence(
             model, root / "JPEGImages" / RESOLUTION / seq, gt_frames(root, seq)[0], out_dir / seq, overwrite=True,
+            size=args.size, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames, precision=args.precision,
         ).frames
     return frames
 
