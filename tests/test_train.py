@@ -300,3 +300,25 @@ def test_resume_with_another_config_is_refused(tiny_data, tmp_path):
     assert code == 2 and "optim.lr" in err and "another config" in err
     code, err = _run_cli("--config", tmp_path / "a.yaml", "--out", tmp_path / "run")
     assert code == 2 and "--resume" in err
+
+
+def test_frozen_parameters_stay_fixed_and_typos_are_refused(tiny_data):
+    from lmrc.train.trainer import freeze_parameters
+
+    model = _tiny_model()
+    set_train_mode(model)
+    count = freeze_parameters(model, ["key_encoder.trunk.stem", "key_encoder.trunk.blocks.0"])
+    assert count == sum(p.numel() for n, p in model.named_parameters() if n.startswith(("key_encoder.trunk.stem.", "key_encoder.trunk.blocks.0.")))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert "key_encoder.trunk.blocks.0._depthwise_conv.weight" in frozen and "key_encoder.trunk.blocks.1._depthwise_conv.weight" not in frozen
+    learned = model.key_encoder.trunk.blocks[1]._depthwise_conv.weight.detach().clone()
+    images, masks, valid = _one_sample(tiny_data)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], 1e-3)
+    cfg = config_from_dict(tiny_config(tiny_data))
+    loss, _ = training_loss(model(images, masks[:, 0], valid), masks, 0, cfg)
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert not torch.equal(learned, model.key_encoder.trunk.blocks[1]._depthwise_conv.weight)
+    with pytest.raises(LmrcError, match="names no parameter"):
+        freeze_parameters(model, ["key_encoder.trunk.stemm"])

@@ -80,6 +80,7 @@ class OptimConfig:
     iterations: int = 200_000
     batch_size: int = 8  # EFFECTIVE batch: summed over every process
     precision: str = "auto"  # fp32 | bf16 | fp16 (CUDA only) | auto (fp32 on CPU, bf16/fp16 on CUDA)
+    frozen: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed, e.g. key_encoder.trunk.stem
 
 
 @dataclass

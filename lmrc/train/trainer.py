@@ -154,7 +154,27 @@ def build_model(cfg: TrainConfig, log) -> nn.Module:
 
         load_weights(model, cfg.init.weights)
         log(f"init from lmrc weights {cfg.init.weights}")
+    freeze_parameters(model, cfg.optim.frozen, log)
     return model
+
+
+def freeze_parameters(model: nn.Module, prefixes: list[str], log=lambda msg: None) -> int:
+    """Keep parameters whose names start with one of `prefixes` (at a '.' boundary) fixed; returns how many.
+
+    A prefix that names no parameter is an error: a typo must not silently train everything.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    frozen = 0
+    for prefix in prefixes:
+        matched = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not matched:
+            raise LmrcError(f"optim.frozen: {prefix!r} names no parameter of the model (e.g. key_encoder.trunk.stem)")
+        for name in matched:
+            model.get_parameter(name).requires_grad_(False)
+        frozen += sum(model.get_parameter(n).numel() for n in matched)
+    if prefixes:
+        log(f"frozen: {frozen / 1e6:.2f}M parameters under {', '.join(prefixes)}")
+    return frozen
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -470,7 +490,8 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str
     model = build_model(cfg, log).to(device)
     amp = autocast_dtype(cfg.optim.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
 
     step, best = 0, None
