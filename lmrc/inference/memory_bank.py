@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from lmrc.model.memory_reads import memory_key_sq
 from lmrc.model.network import MemoryInput
 
 
@@ -51,6 +52,7 @@ class MemoryBank:
         self.max_frames = max_frames
         self.initial_capacity = initial_capacity
         self.keys: Tensor | None = None  # B x Ck x T_cap x P
+        self.key_sq: Tensor | None = None  # B x T_cap x P: ||key||^2, computed once per memory frame
         self.values: Tensor | None = None  # B x N_cap x Cv4 x T_cap x P
         self.slot_frame: list[int] = []  # frame index held by each used slot
         self.pinned: set[int] = set()  # frame indices that are never evicted
@@ -105,6 +107,7 @@ class MemoryBank:
             self.pinned.add(frame)
         slot = self._free_slot(key, value)
         self.keys[:, :, slot] = key.flatten(2)
+        self.key_sq[:, slot] = memory_key_sq(self.keys[:, :, slot])
         self.values[:, : value.shape[1], :, slot] = value.flatten(3)
         self.values[:, value.shape[1]:, :, slot] = 0
         if slot == len(self.slot_frame):
@@ -119,6 +122,7 @@ class MemoryBank:
             p = key.shape[-2] * key.shape[-1]
             cap = self.initial_capacity if self.max_frames is None else min(self.initial_capacity, self.max_frames)
             self.keys = key.new_zeros(b, ck, cap, p)
+            self.key_sq = key.new_zeros(b, cap, p)
             self.values = value.new_zeros(b, max(value.shape[1], 1), value.shape[2], cap, p)
             return 0
         limit = self.max_frames
@@ -143,6 +147,9 @@ class MemoryBank:
         values = self.values.new_zeros(self.values.shape[0], n, self.values.shape[2], t, self.values.shape[4])
         used = len(self.slot_frame)
         keys[:, :, :used] = self.keys[:, :, :used]
+        key_sq = self.key_sq.new_zeros(self.key_sq.shape[0], t, self.key_sq.shape[2])
+        key_sq[:, :used] = self.key_sq[:, :used]
+        self.key_sq = key_sq
         values[:, : self.values.shape[1], :, :used] = self.values[:, :, :, :used]
         self.keys, self.values = keys, values
 
@@ -170,14 +177,17 @@ class MemoryBank:
             # Consecutive slots: views of the buffers (flatten merges T and P without copying).
             window = slice(slots[0], slots[-1] + 1)
             keys = self.keys[:, :, window]
+            key_sq = self.key_sq[:, window]
             values = self.values[:, objects, :, window]
         else:
             index = torch.tensor(slots, device=self.keys.device)
             keys = self.keys.index_select(2, index)
+            key_sq = self.key_sq.index_select(1, index)
             values = self.values[:, objects].index_select(3, index)
         local_values = {r: v[:, objects] for r, v in self.local_values.items()}
-        return MemoryInput(keys.flatten(2), values.flatten(3), self.local_keys, local_values)
+        return MemoryInput(keys.flatten(2), values.flatten(3), self.local_keys, local_values,
+                           global_key_sq=key_sq.flatten(1))
 
     def nbytes(self) -> int:
         """Bytes held by the global buffers (not counting the local memory, which is one frame)."""
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.key_sq, self.values) if t is not None)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmrc.inference.memory_bank import MemoryBank
+from lmrc.inference.timing import stage
 from lmrc.model.aggregate import soft_aggregate
 from lmrc.model.network import crop_padding, pad_to_multiple
 
@@ -36,12 +37,15 @@ class Segmenter:
     model: an `LMRC` (e.g. from `lmrc.model.weights.load_model`); mem_every: global-memory interval;
     max_memory_frames: None keeps every memory frame, else the prompt frames plus the most recent ones, that many in
     all (>= 2); size: shorter side during processing (None: the input's own); precision: "fp32", "bf16" or "fp16"
-    (autocast); device: where to run (default: the model's device; the model is moved there).
+    (autocast); device: where to run (default: the model's device; the model is moved there); optimize: run an
+    inference copy of the model with BatchNorm folded into the convolutions (same results up to float rounding, see
+    `lmrc.model.inference`); compile: also torch.compile its encoders and decoder (slow first frames).
     `object_ids` lists the ids in channel order (order of first appearance; ids given together are sorted).
     """
 
     def __init__(self, model: torch.nn.Module, *, mem_every: int = 5, max_memory_frames: int | None = None,
-                 size: int | None = 480, precision: str = "fp32", device: str | torch.device | None = None) -> None:
+                 size: int | None = 480, precision: str = "fp32", device: str | torch.device | None = None,
+                 optimize: bool = True, compile: bool = False) -> None:
         if mem_every < 1:
             raise ValueError("mem_every must be >= 1")
         if max_memory_frames is not None and max_memory_frames < 2:
@@ -52,6 +56,11 @@ class Segmenter:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device).eval()
+        if optimize or compile:
+            from lmrc.model.inference import prepare_for_inference
+
+            # A copy: the caller's model (e.g. one being trained) keeps its modules and state-dict keys.
+            self.model = prepare_for_inference(self.model, fold=optimize, compile=compile)
         self.mem_every = mem_every
         self.max_memory_frames = max_memory_frames
         self.size = size
@@ -96,7 +105,8 @@ class Segmenter:
             # Resizing stays in fp32 outside autocast; only the network runs in reduced precision.
             x, pads = pad_to_multiple(self._resize(image, self.process_size))
             with self._autocast():
-                query = self.model.encode_key(x)
+                with stage("key_encoding"):
+                    query = self.model.encode_key(x)
                 probs = self._predict(query) if self.object_ids else None  # 1 x (N_old+1) x h x w, fp32
             if given is not None:
                 listed, hard = given
@@ -109,11 +119,12 @@ class Segmenter:
             to_global = given is not None or (index - self.start) % self.mem_every == 0
             stages = set(self.model.config.local_read_stages) | ({4} if to_global else set())
             if stages:
-                with self._autocast():
+                with self._autocast(), stage("value_encoding"):
                     values = self.model.encode_value(x, query, probs[:, 1:], stages=tuple(sorted(stages)))
-                if to_global:
-                    self.memory.add_global(index, query.keys[4], values[4], pinned=given is not None)
-                self.memory.set_local(index, query.keys, values)
+                with stage("memory"):
+                    if to_global:
+                        self.memory.add_global(index, query.keys[4], values[4], pinned=given is not None)
+                    self.memory.set_local(index, query.keys, values)
 
             out = self._resize(crop_padding(probs, pads), self.input_size)
             if given is not None:  # the given mask itself, exact at the input's resolution
@@ -124,7 +135,9 @@ class Segmenter:
         """Each object group reads its own memory; logits are then softly aggregated over all objects."""
         logits = []
         for group in self.memory.groups:
-            result = self.model.read_and_decode(query, self.memory.memory_for(group))
+            with stage("memory"):
+                memory = self.memory.memory_for(group)
+            result = self.model.read_and_decode(query, memory)
             if len(self.memory.groups) == 1:
                 return result.probs.float()
             logits.append(result.logits)

@@ -177,7 +177,8 @@ class KeyEncoder(nn.Module):
 
     def forward(self, image: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         features = self.trunk(image)
-        keys = {r: self.key_proj[f"r{r}"](features[r]) for r in STAGES}
+        # contiguous: a no-op unless the encoder runs channels-last (inference), the memory reads want NCHW
+        keys = {r: self.key_proj[f"r{r}"](features[r]).contiguous() for r in STAGES}
         return keys, features
 
 
@@ -211,7 +212,6 @@ class ValueEncoder(nn.Module):
         for r in stages:
             own = self.fuse_mask[f"r{r}"](encoded[r])
             shared = self.fuse_frame[f"r{r}"](frame_features[r])
-            v = own.view(b, n, *own.shape[1:]) + shared.unsqueeze(1)
-            values[r] = v
+            values[r] = (own.view(b, n, *own.shape[1:]) + shared.unsqueeze(1)).contiguous()
         return values
 

@@ -25,11 +25,15 @@ class ReadResult:
 
 def global_similarity(query_key: Tensor, memory_key: Tensor, scale: float) -> Tensor:
     """Eq. (1): S_ij = -scale * ||k^Q_i - k^G_j||^2. query_key B x C x HW, memory_key B x C x M -> B x M x HW."""
-    # ||q||^2 is constant along the softmax axis but not for the comparator, which compares absolute similarities.
     dot = torch.einsum("bcm,bcn->bmn", memory_key, query_key)
     m_sq = memory_key.pow(2).sum(1).unsqueeze(2)
     q_sq = query_key.pow(2).sum(1).unsqueeze(1)
     return (2 * dot - m_sq - q_sq) * scale
+
+
+def memory_key_sq(memory_key: Tensor) -> Tensor:
+    """||k^G_j||^2 per memory position: B x C x M -> B x M (the memory bank keeps it per memory frame)."""
+    return memory_key.pow(2).sum(1)
 
 
 def global_memory_read(
@@ -41,6 +45,7 @@ def global_memory_read(
     read_top_k: int | None = None,
     comparator_top_k: int = 0,
     chunk_size: int | None = None,
+    memory_sq: Tensor | None = None,
 ) -> ReadResult:
     """GMR, eq. (1)-(3): softmax over all T*H*W memory positions, readout R^G = W^G x V^G.
 
@@ -48,23 +53,36 @@ def global_memory_read(
     read_top_k keeps only the k largest similarities per query in the softmax (STCN's inference trick).
     comparator_top_k > 0 also returns the k largest similarities per query (B x k x H x W) for eq. (9).
     chunk_size bounds memory: query positions are processed in chunks of that many.
+    memory_sq: ||k^G_j||^2 (B x M) if already known, e.g. kept by the memory bank.
+
+    Layout: the similarity of a chunk is B x n x M, one contiguous row per query, so that the softmax, top-k
+    and max run along contiguous memory; -scale*||q_i||^2 is the same along a row, so it is left out of the
+    softmax (which it does not change) and only subtracted from the k similarities the comparator gets.
+    sim_ij = scale * (2 q_i.k_j - ||k_j||^2) comes from one baddbmm.
     """
     b, c, h, w = query_key.shape
     q = query_key.reshape(b, c, h * w)
     n = h * w
+    m_sq = memory_key_sq(memory_key) if memory_sq is None else memory_sq
+    bias = (m_sq * -scale).unsqueeze(1).to(q.dtype)  # B x 1 x M
+    q_rows = q.transpose(1, 2)  # B x n x C
     step = n if chunk_size is None else max(1, chunk_size)
     readouts, tops = [], []
     for start in range(0, n, step):
-        sim = global_similarity(q[:, :, start: start + step], memory_key, scale)  # B x M x n
+        rows = q_rows[:, start: start + step]
+        sim = torch.baddbmm(bias, rows, memory_key.to(rows.dtype), alpha=2 * scale)  # B x n x M, eq. (1) + const
         if comparator_top_k:
-            tops.append(top_k_similarities(sim, comparator_top_k))
-        if read_top_k is not None and read_top_k < sim.shape[1]:
-            values, indices = sim.topk(read_top_k, dim=1)
-            sim = torch.full_like(sim, float("-inf")).scatter_(1, indices, values)
-        affinity = torch.softmax(sim, dim=1)  # eq. (2)
-        readouts.append(torch.bmm(memory_value, affinity.to(memory_value.dtype)))  # eq. (3)
-    readout = torch.cat(readouts, 2).view(b, -1, h, w)
-    top = torch.cat(tops, 2).view(b, -1, h, w) if comparator_top_k else None
+            q_sq = rows.pow(2).sum(2, keepdim=True) * scale
+            tops.append((top_k_similarities(sim, comparator_top_k, dim=2) - q_sq).transpose(1, 2))
+        if read_top_k is not None and read_top_k < sim.shape[2]:
+            values, indices = sim.topk(read_top_k, dim=2)
+            sim = torch.full_like(sim, float("-inf")).scatter_(2, indices, values)
+        affinity = torch.softmax(sim, dim=2)  # eq. (2)
+        readouts.append(torch.bmm(memory_value, affinity.to(memory_value.dtype).transpose(1, 2)))  # eq. (3)
+    readout = (readouts[0] if len(readouts) == 1 else torch.cat(readouts, 2)).view(b, -1, h, w)
+    top = None
+    if comparator_top_k:
+        top = (tops[0] if len(tops) == 1 else torch.cat(tops, 2)).reshape(b, -1, h, w)
     return ReadResult(readout, top)
 
 
@@ -101,13 +119,16 @@ def sequential_local_memory_read(
     return local_memory_read(query_key, sequential_key, sequential_value, radius, scale, comparator_top_k=comparator_top_k)  # eq. (8)
 
 
-def top_k_similarities(similarity: Tensor, k: int) -> Tensor:
-    """The k largest similarities along dim 1 (Section III-C-1), B x S x ... -> B x k x ....
+def top_k_similarities(similarity: Tensor, k: int, dim: int = 1) -> Tensor:
+    """The k largest similarities along `dim` (Section III-C-1), e.g. B x S x ... -> B x k x ....
 
     With fewer than k candidates (a tiny memory or window) the smallest one is repeated, so the comparator's
     1x1 conv always sees k channels.
     """
-    top = similarity.topk(min(k, similarity.shape[1]), dim=1).values
-    if top.shape[1] < k:
-        top = torch.cat([top, top[:, -1:].expand(-1, k - top.shape[1], *top.shape[2:])], 1)
+    top = similarity.topk(min(k, similarity.shape[dim]), dim=dim).values
+    if top.shape[dim] < k:
+        last = top.narrow(dim, top.shape[dim] - 1, 1)
+        shape = list(top.shape)
+        shape[dim] = k - top.shape[dim]
+        top = torch.cat([top, last.expand(shape)], dim)
     return top

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmrc.config import ModelConfig
+from lmrc.inference.timing import stage
 from lmrc.model.aggregate import soft_aggregate
 from lmrc.model.comparator import MemoryComparator, upsample_global_top_k
 from lmrc.model.decoder import Decoder
@@ -33,13 +34,15 @@ class FrameEncoding:
 class MemoryInput:
     """What a query reads. global_keys B x Ck x M and global_values B x N x Cv4 x M (M = T*H4*W4 positions);
     local_keys {r: B x Ck x Hr x Wr} and local_values {r: B x N x Cv_r x Hr x Wr} of the previous frame;
-    valid_objects B x N (False for padding objects)."""
+    valid_objects B x N (False for padding objects); global_key_sq B x M: ||global key||^2 per position when the
+    caller keeps it (the memory bank computes it once per memory frame), else computed per read."""
 
     global_keys: Tensor
     global_values: Tensor
     local_keys: dict[int, Tensor]
     local_values: dict[int, Tensor]
     valid_objects: Tensor | None = None
+    global_key_sq: Tensor | None = None
 
 
 @dataclass
@@ -106,37 +109,45 @@ class LMRC(nn.Module):
         cfg = self.config
         b, n = memory.global_values.shape[:2]
         k = cfg.comparator_top_k if self.comparator is not None else 0
-        glob = global_memory_read(
-            query.keys[4],
-            memory.global_keys,
-            memory.global_values.flatten(1, 2),
-            cfg.scale,
-            read_top_k=None if self.training else cfg.global_read_top_k,
-            comparator_top_k=k,
-            chunk_size=None if self.training else 4096,
-        )
-        global_top_k = upsample_global_top_k(glob.similarity_top_k) if k else {}
+        with stage("global_read"):
+            glob = global_memory_read(
+                query.keys[4],
+                memory.global_keys,
+                memory.global_values.flatten(1, 2),
+                cfg.scale,
+                read_top_k=None if self.training else cfg.global_read_top_k,
+                comparator_top_k=k,
+                chunk_size=None if self.training else 4096,
+                memory_sq=memory.global_key_sq,
+            )
+        with stage("comparator"):
+            global_top_k = upsample_global_top_k(glob.similarity_top_k) if k else {}
 
         readouts: dict[int, list[Tensor]] = {r: [] for r in STAGES}
         readouts[4].append(glob.readout)
         reliability: dict[str, Tensor] = {}
         local: dict[int, ReadResult] = {}
         for r in sorted(cfg.local_read_stages, reverse=True):
-            local[r] = local_memory_read(
-                query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), cfg.window_radius, cfg.scale,
-                comparator_top_k=k,
-            )
-            readouts[r].append(self._weigh(f"L{r}", local[r], global_top_k, reliability))
+            with stage("local_reads"):
+                local[r] = local_memory_read(
+                    query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), cfg.window_radius,
+                    cfg.scale, comparator_top_k=k,
+                )
+            with stage("comparator"):
+                readouts[r].append(self._weigh(f"L{r}", local[r], global_top_k, reliability))
         for r in (3, 2) if cfg.sequential_local_read else ():
-            result = sequential_local_memory_read(
-                query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), local[r + 1].affinity,
-                cfg.window_radius, cfg.scale, comparator_top_k=k,
-            )
-            readouts[r].append(self._weigh(f"S{r}", result, global_top_k, reliability))
+            with stage("sequential_local_reads"):
+                result = sequential_local_memory_read(
+                    query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), local[r + 1].affinity,
+                    cfg.window_radius, cfg.scale, comparator_top_k=k,
+                )
+            with stage("comparator"):
+                readouts[r].append(self._weigh(f"S{r}", result, global_top_k, reliability))
 
-        per_object = {r: _fold_objects(readouts[r], n) for r in STAGES}
-        logits = self.decoder(query.features, per_object, n)
-        agg_logits, probs = soft_aggregate(logits, memory.valid_objects)
+        with stage("decoder"):
+            per_object = {r: _fold_objects(readouts[r], n) for r in STAGES}
+            logits = self.decoder(query.features, per_object, n)
+            agg_logits, probs = soft_aggregate(logits, memory.valid_objects)
         return SegmentOutput(logits, agg_logits, probs, reliability)
 
     def _weigh(self, name: str, result: ReadResult, global_top_k: dict[int, Tensor], reliability: dict[str, Tensor]) -> Tensor:

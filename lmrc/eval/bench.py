@@ -1,0 +1,311 @@
+"""`lmrc bench`: time every stage of the streaming `Segmenter` (the real inference path) frame by frame.
+
+    lmrc bench --model lmrc-lite --setting F --size 480 --frames 40
+    lmrc bench --model lmrc-r50 --compare A F --json
+    lmrc bench --max-memory-frames 10 --frames 2000 --size 240     # time and memory stay flat
+
+The video is synthetic (moving textured shapes generated in memory, 854 x 480 like DAVIS) unless `--input` names
+one. Without `--weights` the model is randomly initialised: speed does not depend on the weights' values.
+Times are wall-clock medians over the frames after `--warmup`; each frame's stages are timed by
+`lmrc.inference.timing` (no-op unless recording), `other` is the rest of the frame (resizing, aggregation, glue).
+Per-stage figures are medians over frames, so a stage that runs on some frames only (value encoding in setting A,
+every `--mem-every`-th frame) can show 0; `ms_per_frame_mean` / `fps` include it.
+With `--compare A F` both settings run in one process on the same frames, alternating which goes first, so a
+load change on a shared machine hits both alike; `ratio` is the second setting's mean frame time over the first's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from lmrc.config import ABLATION_SETTINGS, MODEL_PRESETS, model_config
+from lmrc.errors import LmrcError
+from lmrc.inference import timing
+
+CHECKPOINTS = (200, 500, 1000, 2000, 5000, 10000)
+DEFAULT_SIZE = (480, 854)  # H x W of the synthetic video (DAVIS 480p)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="lmrc-lite", help="model size (default: lmrc-lite)")
+    parser.add_argument("--setting", choices=sorted(ABLATION_SETTINGS), default="F",
+                        help="ablation setting of Table 4 (default: F, the full model)")
+    parser.add_argument("--size", type=int, default=480, metavar="PIXELS", help="shorter side during processing (default: 480)")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
+    parser.add_argument("--frames", type=int, default=40, metavar="N", help="frames to segment (default: 40)")
+    parser.add_argument("--warmup", type=int, default=5, metavar="N", help="first frames left out of the medians (default: 5)")
+    parser.add_argument("--objects", type=int, default=2, metavar="N", help="objects in the synthetic video (default: 2)")
+    parser.add_argument("--weights", metavar="FILE", help="weights file (default: random initialisation)")
+    parser.add_argument("--input", metavar="VIDEO_OR_FOLDER", help="segment this video instead of the synthetic one")
+    parser.add_argument("--mask", metavar="PNG", help="first-frame mask for --input (default: an ellipse in the middle)")
+    parser.add_argument("--mem-every", type=int, default=5, metavar="N", help="global-memory interval (default: 5)")
+    parser.add_argument("--max-memory-frames", type=int, metavar="N", help="bound the global memory to N frames")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "F"), choices=sorted(ABLATION_SETTINGS),
+                        help="run two settings side by side (alternating per frame) and print the cost ratio")
+    parser.add_argument("--checkpoints", metavar="N,N,...",
+                        help="frames at which to print time per frame and memory (default: 200,500,1000,2000,... up to --frames)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's own choice)")
+    parser.add_argument("--no-optimize", action="store_true",
+                        help="run the model as trained (no BatchNorm folding / inference preparation), for comparison")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the encoders and decoder (slow first frames; see docs/PERFORMANCE.md)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+
+
+# --- inputs --------------------------------------------------------------------------------------------------------
+
+def synthetic_video(frames: int, size: tuple[int, int] = DEFAULT_SIZE, objects: int = 2,
+                    seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """(rgb H x W x 3 uint8, mask H x W uint8 ids or None) per frame: textured ellipses drifting over a textured
+    background; the mask is given on the first frame only. Generated lazily (long videos take no memory)."""
+    h, w = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    background = (rng.integers(0, 256, (h // 8 + 1, w // 8 + 1, 3), dtype=np.uint8)
+                  .repeat(8, 0).repeat(8, 1)[:h, :w] // 2 + 64).astype(np.uint8)
+    colours = rng.integers(64, 256, (objects, 3))
+    radius = np.stack([rng.uniform(0.08, 0.18, objects) * h, rng.uniform(0.08, 0.18, objects) * w], 1)
+    centre = np.stack([rng.uniform(0.3, 0.7, objects) * h, rng.uniform(0.3, 0.7, objects) * w], 1)
+    phase = rng.uniform(0, 2 * np.pi, objects)
+    for t in range(frames):
+        rgb = background.copy()
+        ids = np.zeros((h, w), np.uint8)
+        for k in range(objects):
+            cy = centre[k, 0] + 0.2 * h * np.sin(0.05 * t + phase[k])
+            cx = centre[k, 1] + 0.25 * w * np.cos(0.03 * t + phase[k])
+            inside = ((yy - cy) / radius[k, 0]) ** 2 + ((xx - cx) / radius[k, 1]) ** 2 <= 1
+            rgb[inside] = colours[k]
+            ids[inside] = k + 1
+        yield rgb, (ids if t == 0 else None)
+
+
+def video_frames(path: str, mask_path: str | None, frames: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Frames of a real video (at most `frames`), the mask on the first frame: `mask_path` or a central ellipse."""
+    from lmrc.data.masks import read_mask
+    from lmrc.data.video import open_frames
+
+    source = open_frames(path)
+    for count, frame in enumerate(source):
+        if count >= frames:
+            return
+        mask = None
+        if count == 0:
+            h, w = frame.rgb.shape[:2]
+            if mask_path is not None:
+                mask = read_mask(mask_path)
+                if mask.shape != (h, w):
+                    raise LmrcError(f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]}, the video is {w}x{h}")
+            else:
+                yy, xx = np.mgrid[0:h, 0:w]
+                mask = ((((yy - h / 2) / (h / 4)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2) <= 1).astype(np.uint8)
+        yield frame.rgb, mask
+
+
+# --- models --------------------------------------------------------------------------------------------------------
+
+def build_model(name: str, setting: str, weights: str | None = None) -> torch.nn.Module:
+    """`name` in `setting` with random weights (speed does not depend on them), or loaded from `weights`."""
+    from lmrc.model.network import LMRC
+    from lmrc.model.weights import load_model
+
+    if weights is not None:
+        model = load_model(name, weights)
+        if model.config.setting != setting:
+            raise LmrcError(f"weights {weights} are setting {model.config.setting}, not {setting}; "
+                            f"pass --setting {model.config.setting}")
+        return model
+    torch.manual_seed(0)
+    return LMRC(model_config(name, setting=setting), pretrained_backbone=False).eval()
+
+
+# --- measurement ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """Per-frame measurements of one segmenter."""
+
+    label: str
+    totals: list[float] = field(default_factory=list)  # seconds per frame
+    stages: list[dict[str, float]] = field(default_factory=list)
+    checkpoints: list[dict] = field(default_factory=list)
+
+    def summary(self, warmup: int, frames: slice | None = None) -> dict:
+        totals = self.totals[warmup:] if frames is None else self.totals[frames]
+        stages = self.stages[warmup:] if frames is None else self.stages[frames]
+        if not totals:
+            raise LmrcError(f"no frame measured after {warmup} warm-up frames; pass more --frames or fewer --warmup")
+        names = [s for s in timing.STAGES if any(s in d for d in stages)]
+        per_stage = {s: 1000 * statistics.median(d.get(s, 0.0) for d in stages) for s in names}
+        per_stage["other"] = 1000 * statistics.median(t - sum(d.values()) for t, d in zip(totals, stages))
+        ms = 1000 * statistics.median(totals)
+        return {
+            "frames_measured": len(totals),
+            "ms_per_frame": round(ms, 2),
+            "ms_per_frame_mean": round(1000 * statistics.fmean(totals), 2),
+            "fps": round(len(totals) / sum(totals), 3),
+            "stages_ms": {k: round(v, 2) for k, v in per_stage.items()},
+        }
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return peak_rss_mb()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure(segmenters: dict[str, "Segmenter"], frames: Iterator[tuple[np.ndarray, np.ndarray | None]],  # noqa: F821
+            warmup: int, checkpoints: tuple[int, ...] = ()) -> dict[str, Run]:
+    """Step every segmenter through the same frames; with several, the order alternates every frame."""
+    runs = {label: Run(label) for label in segmenters}
+    order = list(segmenters)
+    last = {label: warmup for label in segmenters}
+    for index, (rgb, mask) in enumerate(frames):
+        for label in order if index % 2 == 0 else order[::-1]:
+            with timing.record() as times:
+                start = time.perf_counter()
+                segmenters[label].step(rgb, mask)
+                total = time.perf_counter() - start
+            run = runs[label]
+            run.totals.append(total)
+            run.stages.append(times)
+            if index + 1 in checkpoints:
+                window = slice(min(last[label], index), index + 1)
+                run.checkpoints.append({
+                    "frame": index + 1,
+                    "ms_per_frame": round(1000 * statistics.median(run.totals[window]), 2),
+                    "rss_mb": round(rss_mb(), 1),
+                    "memory_bank_mb": round(segmenters[label].memory.nbytes() / 2**20, 2),
+                    "memory_frames": len(segmenters[label].memory_frames),
+                })
+                last[label] = index + 1
+    return runs
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def main(args) -> int:
+    from lmrc.inference.segmenter import Segmenter
+
+    if args.frames < 1 or args.warmup < 0 or args.frames <= args.warmup:
+        raise LmrcError(f"--frames ({args.frames}) must exceed --warmup ({args.warmup})")
+    if args.objects < 1:
+        raise LmrcError("--objects must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise LmrcError("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    settings = list(args.compare) if args.compare else [args.setting]
+    if args.compare and args.weights:
+        raise LmrcError("--compare builds both settings with random weights; drop --weights")
+    if args.compare and args.compare[0] == args.compare[1]:
+        raise LmrcError("--compare needs two different settings")
+
+    segmenters = {}
+    for setting in settings:
+        model = build_model(args.model, setting, args.weights)
+        segmenters[setting] = Segmenter(model, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
+                                        size=args.size, precision=args.precision, optimize=not args.no_optimize,
+                                        compile=args.compile)
+    if args.input is not None:
+        frames = video_frames(args.input, args.mask, args.frames)
+    else:
+        frames = synthetic_video(args.frames, objects=args.objects)
+    load_before = _loadavg()
+    start = time.perf_counter()
+    if args.checkpoints:
+        try:
+            checkpoints = tuple(sorted({int(c) for c in args.checkpoints.split(",") if c.strip()}))
+        except ValueError:
+            raise LmrcError(f"--checkpoints takes frame numbers separated by commas, got {args.checkpoints!r}") from None
+    else:
+        checkpoints = tuple(c for c in CHECKPOINTS if c <= args.frames)
+    runs = measure(segmenters, frames, args.warmup, checkpoints)
+    wall = time.perf_counter() - start
+    first = next(iter(segmenters.values()))
+
+    results = {label: {**runs[label].summary(args.warmup), "checkpoints": runs[label].checkpoints} for label in runs}
+    main_label = settings[-1]
+    report = {
+        "model": args.model,
+        "setting": main_label,
+        "weights": args.weights or "random (speed does not depend on the weights)",
+        "precision": args.precision,
+        "size": args.size,
+        "process_size": list(first.process_size or ()),
+        "input": args.input or f"synthetic {DEFAULT_SIZE[1]}x{DEFAULT_SIZE[0]}, {args.objects} objects",
+        "frames": len(runs[main_label].totals),
+        "warmup": args.warmup,
+        "max_memory_frames": args.max_memory_frames,
+        "threads": torch.get_num_threads(),
+        "optimized": not args.no_optimize,
+        "compiled": bool(args.compile),
+        "load_average": {"before": load_before, "after": _loadavg()},
+        "wall_seconds": round(wall, 1),
+        **{k: v for k, v in results[main_label].items()},
+        "peak_memory_mb": round(peak_rss_mb(), 1),
+        "torch": torch.__version__,
+    }
+    if args.compare:
+        a, f = settings
+        report["runs"] = results
+        # Mean frame time (= 1/throughput): setting A encodes values only on memory frames (every mem_every-th),
+        # a cost a median frame does not show; the ratio of medians is given too.
+        report["ratio"] = round(results[f]["ms_per_frame_mean"] / results[a]["ms_per_frame_mean"], 3)
+        report["ratio_of_medians"] = round(results[f]["ms_per_frame"] / results[a]["ms_per_frame"], 3)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_table(report, results)
+    return 0
+
+
+def _print_table(report: dict, results: dict[str, dict]) -> None:
+    out = sys.stdout
+    load = report["load_average"]
+    print(f"lmrc bench: {report['model']}, {report['precision']}, processed at "
+          f"{'x'.join(map(str, report['process_size'][::-1]))} (padded to 16), {report['threads']} thread(s), "
+          f"{'optimized' if report['optimized'] else 'unoptimized'}{', compiled' if report['compiled'] else ''}", file=out)
+    print(f"  weights: {report['weights']}; input: {report['input']}", file=out)
+    print(f"  {report['frames']} frames, medians over the last {report['frames'] - report['warmup']}; "
+          f"load average {load['before']} -> {load['after']}", file=out)
+    labels = list(results)
+    present = {s for r in results.values() for s in r["stages_ms"]}
+    stages = [s for s in (*timing.STAGES, "other") if s in present]
+    width = max(len(s) for s in stages + ["ms per frame"]) + 2
+    print("  " + "stage (ms)".ljust(width) + "".join(f"{'setting ' + l:>12}" for l in labels), file=out)
+    for s in stages:
+        print("  " + s.ljust(width) + "".join(f"{results[l]['stages_ms'].get(s, 0.0):12.1f}" for l in labels), file=out)
+    print("  " + "ms per frame".ljust(width) + "".join(f"{results[l]['ms_per_frame']:12.1f}" for l in labels), file=out)
+    print("  " + "  (mean)".ljust(width) + "".join(f"{results[l]['ms_per_frame_mean']:12.1f}" for l in labels), file=out)
+    print("  " + "frames/s".ljust(width) + "".join(f"{results[l]['fps']:12.2f}" for l in labels), file=out)
+    print(f"  peak memory (process RSS): {report['peak_memory_mb']:.0f} MB", file=out)
+    if "ratio" in report:
+        a, f = labels
+        print(f"  cost ratio {f}/{a}: {report['ratio']:.3f} (mean frame times; ratio of medians {report['ratio_of_medians']:.3f})",
+              file=out)
+    for label in labels:
+        for c in results[label]["checkpoints"]:
+            print(f"  [{label}] frame {c['frame']:>6}: {c['ms_per_frame']:8.1f} ms/frame, RSS {c['rss_mb']:8.1f} MB, "
+                  f"memory bank {c['memory_bank_mb']:7.2f} MB ({c['memory_frames']} frames)", file=out)

@@ -1,0 +1,158 @@
+"""`lmrc bench` and the inference optimisations it measures: JSON keys, stage timing, --compare, flat memory with a
+cap, and optimised models giving the unoptimised model's outputs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lmrc.cli import main as cli_main
+from lmrc.config import model_config
+from lmrc.eval.bench import build_model, measure, synthetic_video
+from lmrc.inference import timing
+from lmrc.inference.segmenter import Segmenter
+from lmrc.model.inference import fold_batch_norms, prepare_for_inference
+from lmrc.model.memory_reads import global_memory_read, memory_key_sq
+from lmrc.model.network import LMRC, MemoryInput
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert cli_main(["bench", "--threads", "1", "--json", *argv]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_has_the_keys_and_says_weights_are_random(capsys):
+    report = run_json(capsys, "--size", "32", "--frames", "6", "--warmup", "2")
+    for key in ("fps", "ms_per_frame", "peak_memory_mb", "stages_ms", "load_average", "process_size"):
+        assert key in report
+    assert report["fps"] > 0 and report["ms_per_frame"] > 0 and report["peak_memory_mb"] > 0
+    assert report["weights"].startswith("random")
+    for stage in ("key_encoding", "value_encoding", "global_read", "local_reads", "sequential_local_reads",
+                  "comparator", "decoder", "other"):
+        assert stage in report["stages_ms"]
+
+
+def test_table_output(capsys):
+    assert cli_main(["bench", "--threads", "1", "--size", "32", "--frames", "4", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "random" in out and "ms per frame" in out and "load average" in out
+
+
+def test_stages_sum_to_the_frame_time():
+    torch.manual_seed(0)
+    seg = Segmenter(build_model("lmrc-lite", "F"), size=64)
+    run = measure({"F": seg}, synthetic_video(6, (64, 96)), warmup=1)["F"]
+    for total, stages in zip(run.totals[1:], run.stages[1:]):
+        covered = sum(stages.values())
+        assert covered <= total
+        assert covered >= 0.6 * total  # the rest: resizing, aggregation, Python glue
+    summary = run.summary(1)
+    assert sum(summary["stages_ms"].values()) == pytest.approx(summary["ms_per_frame"], rel=0.3)
+
+
+def test_timing_is_a_no_op_unless_recording():
+    assert not timing.enabled()
+    with timing.stage("decoder"):
+        pass
+    with timing.record() as times:
+        assert timing.enabled()
+        with timing.stage("decoder"):
+            pass
+        with timing.stage("decoder"):
+            pass
+    assert set(times) == {"decoder"} and times["decoder"] >= 0
+    assert not timing.enabled()
+
+
+def test_compare_gives_a_ratio(capsys):
+    report = run_json(capsys, "--size", "32", "--frames", "6", "--warmup", "2", "--compare", "A", "F")
+    assert set(report["runs"]) == {"A", "F"}
+    assert report["ratio"] > 0 and report["ratio_of_medians"] > 0
+    assert report["runs"]["A"]["stages_ms"].get("local_reads", 0.0) == 0.0
+    assert report["runs"]["F"]["stages_ms"]["local_reads"] > 0
+
+
+def test_memory_stays_flat_with_a_cap(capsys):
+    report = run_json(capsys, "--size", "32", "--frames", "100", "--warmup", "2", "--mem-every", "1",
+                      "--max-memory-frames", "4", "--checkpoints", "25,50,75,100")
+    points = report["checkpoints"]
+    assert [p["frame"] for p in points] == [25, 50, 75, 100]
+    assert {p["memory_frames"] for p in points} == {4}
+    assert len({p["memory_bank_mb"] for p in points}) == 1
+    assert points[-1]["rss_mb"] < points[0]["rss_mb"] + 50  # no growth beyond allocator noise
+
+
+def test_bad_arguments_are_reported(capsys):
+    assert cli_main(["bench", "--frames", "3", "--warmup", "5"]) == 2
+    assert "--frames" in capsys.readouterr().err
+
+
+def _randomise_batch_norms(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2, generator=g)
+            m.running_var.uniform_(0.5, 1.5, generator=g)
+            m.weight.data.uniform_(0.5, 1.5, generator=g)
+            m.bias.data.uniform_(-0.2, 0.2, generator=g)
+
+
+@pytest.mark.parametrize("name", ["lmrc-lite", "lmrc-r50"])
+def test_prepared_model_gives_the_same_outputs(name):
+    # float64: the comparison sees the optimisations' own error, not fp32 rounding amplified by random weights.
+    torch.manual_seed(0)
+    model = LMRC(model_config(name, setting="F"), pretrained_backbone=False).eval()
+    _randomise_batch_norms(model)
+    model = model.double()  # folded in float64 too
+    keys_before = list(model.state_dict())
+    fast = prepare_for_inference(model)
+    assert list(model.state_dict()) == keys_before  # the original is untouched: saved weights keep their keys
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    image = torch.rand(1, 3, 64, 96, dtype=torch.float64)
+    masks = torch.rand(1, 2, 64, 96, dtype=torch.float64)
+    with torch.inference_mode():
+        outs = []
+        for m in (model, fast):
+            frame = m.encode_key(image)
+            values = m.encode_value(image, frame, masks)
+            memory = MemoryInput(frame.keys[4].flatten(2), values[4].flatten(3), frame.keys, values)
+            outs.append((frame, values, m.read_and_decode(frame, memory)))
+    (f0, v0, o0), (f1, v1, o1) = outs
+    for r in (2, 3, 4):
+        torch.testing.assert_close(f1.keys[r], f0.keys[r], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(f1.features[r], f0.features[r], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v1[r], v0[r], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(o1.probs, o0.probs, atol=1e-4, rtol=0)
+
+
+def test_fold_batch_norms_counts_every_trunk_bn():
+    model = LMRC(model_config("lmrc-r50"), pretrained_backbone=False).eval()
+    bns = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert fold_batch_norms(model) == bns
+
+
+def test_optimised_segmenter_matches_unoptimised():
+    torch.manual_seed(0)
+    model = build_model("lmrc-lite", "F")
+    _randomise_batch_norms(model)
+    plain, fast = Segmenter(model, size=64, optimize=False), Segmenter(model, size=64)
+    for rgb, mask in synthetic_video(6, (64, 96)):
+        torch.testing.assert_close(fast.step(rgb, mask), plain.step(rgb, mask), atol=1e-4, rtol=0)
+
+
+def test_global_read_with_kept_key_norms_and_chunks_matches():
+    torch.manual_seed(0)
+    q, mk, mv = torch.randn(1, 8, 6, 5), torch.randn(1, 8, 90), torch.randn(1, 4, 90)
+    ref = global_memory_read(q, mk, mv, 0.3, comparator_top_k=5)
+    kept = global_memory_read(q, mk, mv, 0.3, comparator_top_k=5, memory_sq=memory_key_sq(mk), chunk_size=7)
+    torch.testing.assert_close(kept.readout, ref.readout)
+    torch.testing.assert_close(kept.similarity_top_k, ref.similarity_top_k)
