@@ -114,3 +114,25 @@ def test_cli_packs_a_submission(tmp_path, capsys):
     assert (tmp_path / "out" / "submission.zip").is_file()
     assert cli_main(args[:-2]) == 2
     assert "--youtube-vos needs --out" in capsys.readouterr().err
+
+
+def test_run_segments_every_video_from_its_objects_first_frames_and_packs(tmp_path, capsys):
+    import torch
+
+    from lmrc.config import model_config
+    from lmrc.model.network import LMRC
+    from lmrc.model.weights import save_weights
+
+    valid = make_valid(tmp_path / "valid")
+    torch.manual_seed(0)
+    weights = tmp_path / "lite.safetensors"
+    save_weights(LMRC(model_config("lmrc-lite"), pretrained_backbone=False), weights)
+    args = ["eval", "--youtube-vos", "--run", "--model", "lmrc-lite", "--weights", str(weights), "--size", "32",
+            "--results", str(tmp_path / "pred"), "--gt", str(valid), "--out", str(tmp_path / "sub")]
+    assert cli_main(args) == 0
+    assert "frames/s" in capsys.readouterr().out
+    with zipfile.ZipFile(tmp_path / "sub" / "submission.zip") as archive:
+        assert sorted(archive.namelist()) == sorted(f"Annotations/{v}/{f}.png" for v in ("a", "b") for f in SCORED)
+    b = [read_mask(tmp_path / "sub" / "Annotations" / "b" / f"{f}.png") for f in SCORED]
+    assert b[0].max() <= 1  # object 2 does not exist before its first frame
+    assert (b[1][10:16, 10:16] == 2).all()  # its given mask at 00005

@@ -33,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-memory-frames", type=int, help="with --run: cap on global memory frames")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="with --run (default fp32)")
     ytvos = parser.add_argument_group("YouTube-VOS submission")
-    ytvos.add_argument("--youtube-vos", action="store_true", help="pack --results into a submission zip instead")
+    ytvos.add_argument("--youtube-vos", action="store_true",
+                       help="pack --results into a submission zip instead (with --run: segment every video first)")
     ytvos.add_argument("--out", help="with --youtube-vos: folder for Annotations/ and submission.zip")
     ytvos.add_argument("--all", action="store_true", help="with --youtube-vos: keep every predicted frame")
 
@@ -104,26 +105,14 @@ def _peak_memory_mib() -> str:
     return text
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# INTEGRATION POINT with the segmentation engine (lmrc.inference). The engine is being written separately; this
-# is the only place `lmrc eval --run` touches it (paper schedule: mem_every 5, shorter side 480).
-# ---------------------------------------------------------------------------------------------------------------
 def _segment_split(args: argparse.Namespace, sequences: list[str], out_dir: Path) -> int:
     """Segment every sequence from its first annotated frame into `out_dir/<seq>/<frame>.png`; returns frames done."""
-    try:
-        from lmrc.inference.run import segment_sequence
-    except ImportError as exc:
-        raise LmrcError(
-            f"the segmentation engine (lmrc.inference.run.segment_sequence) is unavailable ({exc}); "
-            "score existing results without --run, e.g. lmrc eval --results DIR --gt DAVIS_ROOT"
-        ) from None
-    import torch
-
     from lmrc.eval.davis import RESOLUTION, gt_frames
+    from lmrc.inference.run import segment_sequence
     from lmrc.model.weights import load_model
 
     root = Path(args.gt)
-    model = load_model(args.model, args.weights, "cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(args.model, args.weights, _device())
     frames = 0
     for i, seq in enumerate(sequences, 1):
         print(f"segmenting {i}/{len(sequences)}: {seq}", file=sys.stderr, flush=True)
@@ -136,12 +125,30 @@ def _segment_split(args: argparse.Namespace, sequences: list[str], out_dir: Path
 
 
 def _youtube_vos(args: argparse.Namespace) -> int:
-    from lmrc.eval.youtube_vos import prepare_submission
+    from lmrc.eval.youtube_vos import prepare_submission, segment_videos
 
     if not args.out:
         raise LmrcError("--youtube-vos needs --out DIR (where Annotations/ and submission.zip are written)")
-    if args.run or args.sequences:
-        raise LmrcError("--youtube-vos packs existing predictions; drop --run/--sequences")
+    if args.sequences:
+        raise LmrcError("--youtube-vos works on every video of meta.json; drop --sequences")
+    if args.run:
+        if not args.model:
+            raise LmrcError("--run needs --model (lmrc-lite or lmrc-r50)")
+        from lmrc.model.weights import load_model
+
+        model = load_model(args.model, args.weights, _device())
+        start = time.perf_counter()
+        frames = segment_videos(model, args.gt, args.results, size=args.size, mem_every=args.mem_every,
+                                max_memory_frames=args.max_memory_frames, precision=args.precision)
+        seconds = time.perf_counter() - start
+        print(f"segmentation: {frames} frames in {seconds:.1f} s = {frames / max(seconds, 1e-9):.2f} frames/s; "
+              f"peak memory {_peak_memory_mib()}")
     zip_path = prepare_submission(args.results, args.gt, args.out, all_frames=args.all)
     print(f"wrote {Path(args.out) / 'Annotations'} and {zip_path}")
     return 0
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

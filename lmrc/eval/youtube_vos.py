@@ -77,6 +77,24 @@ def first_frames(valid_root: str | Path) -> dict[str, dict[int, str]]:
     return starts
 
 
+def segment_videos(model, valid_root: str | Path, predictions: str | Path, **segmenter_options) -> int:
+    """Segment every video of meta.json into `predictions/<video>/<frame>.png`; returns the frames written.
+
+    Each video's `Annotations/<video>/` holds sparse masks: an object's memory starts at the frame where its
+    mask is given, as the benchmark asks. Every frame present in `JPEGImages/<video>` is segmented.
+    """
+    from lmrc.inference.run import segment_sequence
+
+    root, predictions = Path(valid_root), Path(predictions)
+    frames = 0
+    for video in read_meta(root):
+        frames += segment_sequence(
+            model, root / "JPEGImages" / video, root / "Annotations" / video, predictions / video,
+            overwrite=True, **segmenter_options,
+        ).frames
+    return frames
+
+
 def prepare_submission(
     predictions: str | Path, valid_root: str | Path, out_dir: str | Path, *, all_frames: bool = False
 ) -> Path:
