@@ -212,6 +212,10 @@ class ValueEncoder(nn.Module):
         for r in stages:
             own = self.fuse_mask[f"r{r}"](encoded[r])
             shared = self.fuse_frame[f"r{r}"](frame_features[r])
-            values[r] = (own.view(b, n, *own.shape[1:]) + shared.unsqueeze(1)).contiguous()
+            own, shared = own.view(b, n, *own.shape[1:]), shared.unsqueeze(1)
+            if own.is_contiguous():
+                values[r] = own + shared
+            else:  # channels-last inference copy: add straight into the NCHW layout the memory reads use
+                values[r] = torch.add(own, shared, out=own.new_empty(own.shape, dtype=torch.promote_types(own.dtype, shared.dtype)))
         return values
 

@@ -58,21 +58,23 @@ def global_memory_read(
     Layout: the similarity of a chunk is B x n x M, one contiguous row per query, so that the softmax, top-k
     and max run along contiguous memory; -scale*||q_i||^2 is the same along a row, so it is left out of the
     softmax (which it does not change) and only subtracted from the k similarities the comparator gets.
-    sim_ij = scale * (2 q_i.k_j - ||k_j||^2) comes from one baddbmm.
+    sim_ij = scale * (2 q_i.k_j - ||k_j||^2) comes from one matrix product: the query gets a constant 1 as an extra
+    channel and the memory key the matching -scale*||k_j||^2, so no separate pass adds the bias.
     """
     b, c, h, w = query_key.shape
     q = query_key.reshape(b, c, h * w)
     n = h * w
     m_sq = memory_key_sq(memory_key) if memory_sq is None else memory_sq
-    bias = (m_sq * -scale).unsqueeze(1).to(q.dtype)  # B x 1 x M
-    q_rows = q.transpose(1, 2)  # B x n x C
+    keys = torch.cat([memory_key * (2 * scale), (m_sq * -scale).unsqueeze(1).to(memory_key.dtype)], 1)  # B x C+1 x M
+    q_rows = torch.cat([q, q.new_ones(b, 1, n)], 1).transpose(1, 2)  # B x n x C+1
+    keys = keys.to(q_rows.dtype)
     step = n if chunk_size is None else max(1, chunk_size)
     readouts, tops = [], []
     for start in range(0, n, step):
         rows = q_rows[:, start: start + step]
-        sim = torch.baddbmm(bias, rows, memory_key.to(rows.dtype), alpha=2 * scale)  # B x n x M, eq. (1) + const
+        sim = torch.bmm(rows, keys)  # B x n x M: eq. (1) up to -scale*||q_i||^2, constant along a row
         if comparator_top_k:
-            q_sq = rows.pow(2).sum(2, keepdim=True) * scale
+            q_sq = rows[..., :c].pow(2).sum(2, keepdim=True) * scale
             tops.append((top_k_similarities(sim, comparator_top_k, dim=2) - q_sq).transpose(1, 2))
         if read_top_k is not None and read_top_k < sim.shape[2]:
             values, indices = sim.topk(read_top_k, dim=2)
