@@ -21,13 +21,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 H, W, COUNT = 40, 56, 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory) -> Path:

@@ -19,14 +19,6 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 H, W = 37, 53  # odd sizes: resizing and padding both have work to do
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The machine is shared: several threads per test only fight over the cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def model():

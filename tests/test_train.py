@@ -15,7 +15,7 @@ import yaml
 
 from lmrc.errors import LmrcError
 from lmrc.train.config import config_from_dict, load_config
-from lmrc.train.trainer import freeze_batchnorm, ids_from_masks, lr_factor, set_train_mode, training_loss
+from lmrc.train.trainer import ids_from_masks, lr_factor, set_train_mode, training_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import make_tiny_davis2016, tiny_config, write_config  # noqa: E402
@@ -23,14 +23,6 @@ from train_helpers import make_tiny_davis2016, tiny_config, write_config  # noqa
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CPU is shared: one thread avoids OpenMP threads spinning against each other (10x faster when busy).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Losses of Section III-E-1: pixel-wise cross-entropy (eq. 11) plus beta * the scale loss (eq. 12)."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
