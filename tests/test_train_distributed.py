@@ -3,7 +3,6 @@ with the same effective batch."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
