@@ -197,16 +197,17 @@ def _lmrc_train(*args, cwd=None, **popen):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def _final_hash(run: Path) -> str:
+def _final_hash(run: Path, name: str = "final.safetensors") -> str:
     from lmrc.model.weights import read_weights_metadata
 
-    return read_weights_metadata(run / "final.safetensors")["sha256"]
+    return read_weights_metadata(run / name)["sha256"]
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(
         tiny_data, optim={"iterations": 8, "batch_size": 1},
-        logging={"every": 1, "checkpoint_every": 2, "val_every": 0, "tensorboard": False, "progress_bar": False}))
+        logging={"every": 1, "checkpoint_every": 2, "weights_every": 4, "val_every": 0, "tensorboard": False,
+                 "progress_bar": False}))
     reference = _lmrc_train("--config", cfg, "--out", tmp_path / "ref")
     killed = _lmrc_train("--config", cfg, "--out", tmp_path / "run")
     checkpoint = tmp_path / "run" / "checkpoint.pt"
@@ -223,6 +224,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     ref_out, ref_err = reference.communicate(timeout=120)
     assert reference.returncode == 0, ref_err
     assert _final_hash(tmp_path / "run") == _final_hash(tmp_path / "ref")
+    kept = sorted(p.name for p in (tmp_path / "ref" / "weights").iterdir())
+    assert kept == ["step-000004.safetensors", "step-000008.safetensors"]
+    assert _final_hash(tmp_path / "ref", f"weights/{kept[-1]}") == _final_hash(tmp_path / "ref")
 
 
 def test_sigterm_finishes_the_step_saves_and_exits(tiny_data, tmp_path):

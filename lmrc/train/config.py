@@ -95,6 +95,7 @@ class LossConfig:
 class LoggingConfig:
     every: int = 20  # print / TensorBoard every N iterations
     checkpoint_every: int = 500
+    weights_every: int = 0  # also keep weights/step-NNNNNN.safetensors every N iterations (ablations compare equal steps)
     val_every: int = 2000  # 0 disables validation during training (it still runs at the end)
     tensorboard: bool = True
     progress_bar: bool | None = None  # None: only when stderr is a terminal

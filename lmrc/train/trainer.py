@@ -597,6 +597,10 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str
                 best = _validate_and_keep(model, val, cfg, device, amp, log, writer, step, out, best, result)
                 window_start = time.perf_counter()  # validation time is not training speed
 
+            if d.is_main and cfg.logging.weights_every and step % cfg.logging.weights_every == 0:
+                from lmrc.model.weights import save_weights
+
+                save_weights(model, out / "weights" / f"step-{step:06d}.safetensors", extra={"step": step})
             stopping = _agree_stop(stop.signal, d, device)
             if d.is_main and (step % cfg.logging.checkpoint_every == 0 or stopping):
                 save_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
