@@ -229,18 +229,19 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     assert _final_hash(tmp_path / "ref", f"weights/{kept[-1]}") == _final_hash(tmp_path / "ref")
 
 
-def test_sigterm_finishes_the_step_saves_and_exits(tiny_data, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_sigterm_finishes_the_step_saves_and_exits(tiny_data, tmp_path, workers):
     cfg = write_config(tmp_path / "c.yaml", tiny_config(
-        tiny_data, optim={"iterations": 200, "batch_size": 1},
+        tiny_data, optim={"iterations": 200, "batch_size": 1}, data={"workers": workers},
         logging={"every": 1, "checkpoint_every": 1000, "val_every": 0, "tensorboard": False, "progress_bar": False}))
-    proc = _lmrc_train("--config", cfg, "--out", tmp_path / "run")
+    proc = _lmrc_train("--config", cfg, "--out", tmp_path / "run", start_new_session=True)
     for line in proc.stdout:
         if "step 1/" in line:
             break
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: the whole group, data workers included
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert "stopped by signal" in out
+    assert "stopped by signal" in out and "Traceback" not in err
     payload = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert 1 <= payload["step"] < 200 and payload["data_position"] == payload["step"]
 

@@ -223,9 +223,10 @@ def build_training_data(cfg: TrainConfig, sequences: list[list], total: int):
 
 def _worker_init(_: int) -> None:
     torch.set_num_threads(1)  # decoding/augmenting in a worker must not fight the training threads
-    # Ctrl-C reaches the whole process group: the worker must live on so the main process can finish its step
-    # and checkpoint (it ends the workers itself).
+    # Ctrl-C, and schedulers' SIGTERM, reach the whole process group: the worker must live on so the main
+    # process can finish its step and checkpoint (it ends the workers itself).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def make_loader(dataset, total: int, start: int, per_process: int, d: Dist, workers: int):
