@@ -171,8 +171,10 @@ def peak_rss_mb() -> float:
 
 
 def measure(segmenters: dict[str, "Segmenter"], frames: Iterator[tuple[np.ndarray, np.ndarray | None]],  # noqa: F821
-            warmup: int, checkpoints: tuple[int, ...] = ()) -> dict[str, Run]:
-    """Step every segmenter through the same frames; with several, the order alternates every frame."""
+            warmup: int, checkpoints: tuple[int, ...] = (), on_checkpoint=None) -> dict[str, Run]:
+    """Step every segmenter through the same frames; with several, the order alternates every frame.
+    At each frame number in `checkpoints`: median time per frame since the previous checkpoint and memory in use,
+    also handed to `on_checkpoint(label, point)` as they happen (long runs show progress)."""
     runs = {label: Run(label) for label in segmenters}
     order = list(segmenters)
     last = {label: warmup for label in segmenters}
@@ -195,6 +197,8 @@ def measure(segmenters: dict[str, "Segmenter"], frames: Iterator[tuple[np.ndarra
                     "memory_frames": len(segmenters[label].memory_frames),
                 })
                 last[label] = index + 1
+                if on_checkpoint is not None:
+                    on_checkpoint(label, run.checkpoints[-1])
     return runs
 
 
@@ -241,7 +245,7 @@ def main(args) -> int:
             raise LmrcError(f"--checkpoints takes frame numbers separated by commas, got {args.checkpoints!r}") from None
     else:
         checkpoints = tuple(c for c in CHECKPOINTS if c <= args.frames)
-    runs = measure(segmenters, frames, args.warmup, checkpoints)
+    runs = measure(segmenters, frames, args.warmup, checkpoints, on_checkpoint=_print_checkpoint)
     wall = time.perf_counter() - start
     first = next(iter(segmenters.values()))
 
@@ -279,6 +283,12 @@ def main(args) -> int:
     else:
         _print_table(report, results)
     return 0
+
+
+def _print_checkpoint(label: str, c: dict) -> None:
+    print(f"  [{label}] frame {c['frame']:>6}: {c['ms_per_frame']:8.1f} ms/frame, RSS {c['rss_mb']:8.1f} MB, "
+          f"memory bank {c['memory_bank_mb']:7.2f} MB ({c['memory_frames']} frames), load {_loadavg()}",
+          file=sys.stderr, flush=True)
 
 
 def _print_table(report: dict, results: dict[str, dict]) -> None:

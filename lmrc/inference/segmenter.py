@@ -60,7 +60,7 @@ class Segmenter:
             from lmrc.model.inference import prepare_for_inference
 
             # A copy: the caller's model (e.g. one being trained) keeps its modules and state-dict keys.
-            self.model = prepare_for_inference(self.model, fold=optimize, compile=compile)
+            self.model = prepare_for_inference(self.model, fold=optimize, channels_last=optimize, compile=compile)
         self.mem_every = mem_every
         self.max_memory_frames = max_memory_frames
         self.size = size
