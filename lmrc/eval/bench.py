@@ -144,7 +144,7 @@ class Run:
         stages = self.stages[warmup:] if frames is None else self.stages[frames]
         if not totals:
             raise LmrcError(f"no frame measured after {warmup} warm-up frames; pass more --frames or fewer --warmup")
-        names = [s for s in timing.STAGES if any(s in d for d in stages)]
+        names = list(timing.STAGES)  # every stage, 0 where a setting does not run it
         per_stage = {s: 1000 * statistics.median(d.get(s, 0.0) for d in stages) for s in names}
         per_stage["other"] = 1000 * statistics.median(t - sum(d.values()) for t, d in zip(totals, stages))
         ms = 1000 * statistics.median(totals)
