@@ -33,7 +33,7 @@ class ModelConfig:
     setting: str = "F"  # ablation setting of Table 4, A..F
     key_dim: int = 64  # C^k_r, equal at every stage
     value_dims: tuple[int, int, int] = (64, 128, 256)  # C^v_r at stages 2, 3, 4
-    decoder_dims: tuple[int, int, int] = (64, 96, 128)  # decoder widths at stages 2, 3, 4 (paper leaves them open)
+    decoder_dims: tuple[int, int, int] = (32, 64, 128)  # decoder widths at stages 2, 3, 4 (paper leaves them open)
     window_radius: int = 2  # d: the local window is (2d+1) x (2d+1)
     comparator_top_k: int = 5  # k of the memory comparator
     scb_alpha: float = 3.0  # alpha of eq. (9)

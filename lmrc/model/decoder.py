@@ -16,17 +16,19 @@ class ResidualBlock(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """conv(F^Q_r) + conv(readouts_r) + conv(upsampled coarser output), then a residual block.
+    """1x1 projections of F^Q_r, of this stage's readouts and of the coarser output, summed, then a residual block.
 
-    The sum of convolutions equals one convolution over their concatenation; the frame term is computed once
-    per frame and shared by all objects.
+    The sum of projections equals one projection of their concatenation; the frame term is computed once per
+    frame and shared by all objects, and the coarser output is projected before its x2 upsampling (both are
+    linear, so the order does not change the result; it is 4x fewer operations). 1x1 projections and one
+    residual block per stage keep the decoder light: its 3x3 convolutions at 1/4 scale dominated the frame time.
     """
 
     def __init__(self, frame_channels: int, readout_channels: int, coarser_channels: int, out_channels: int) -> None:
         super().__init__()
-        self.frame_conv = nn.Conv2d(frame_channels, out_channels, 3, padding=1)
-        self.readout_conv = nn.Conv2d(readout_channels, out_channels, 3, padding=1, bias=False) if readout_channels else None
-        self.coarser_conv = nn.Conv2d(coarser_channels, out_channels, 3, padding=1, bias=False) if coarser_channels else None
+        self.frame_conv = nn.Conv2d(frame_channels, out_channels, 1)
+        self.readout_conv = nn.Conv2d(readout_channels, out_channels, 1, bias=False) if readout_channels else None
+        self.coarser_conv = nn.Conv2d(coarser_channels, out_channels, 1, bias=False) if coarser_channels else None
         self.block = ResidualBlock(out_channels)
 
     def forward(self, frame: Tensor, readouts: Tensor | None, coarser: Tensor | None, objects: int) -> Tensor:
@@ -35,7 +37,7 @@ class DecoderStage(nn.Module):
         if self.readout_conv is not None:
             x = x + self.readout_conv(readouts)
         if self.coarser_conv is not None:
-            x = x + self.coarser_conv(F.interpolate(coarser, size=frame.shape[-2:], mode="bilinear", align_corners=False))
+            x = x + F.interpolate(self.coarser_conv(coarser), size=frame.shape[-2:], mode="bilinear", align_corners=False)
         return self.block(x)
 
 

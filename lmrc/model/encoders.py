@@ -131,7 +131,7 @@ class LightValueTrunk(nn.Module):
     per object per frame.
     """
 
-    channels = {2: 32, 3: 64, 4: 128}
+    channels = {2: 16, 3: 32, 4: 64}
 
     def __init__(self) -> None:
         super().__init__()
