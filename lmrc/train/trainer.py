@@ -489,10 +489,6 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str
     val = build_validation(cfg) if d.is_main else Validation()
 
     model = build_model(cfg, log).to(device)
-    if device.type == "cpu":
-        from lmrc.inference.allocator import keep_freed_memory
-
-        keep_freed_memory()  # every step allocates the same large activations again (see allocator.py)
     amp = autocast_dtype(cfg.optim.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
