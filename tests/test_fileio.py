@@ -7,16 +7,18 @@ from lmrc.fileio import atomic_path
 
 
 def test_atomic_path_renames_on_success_with_umask_permissions(tmp_path):
-    target = tmp_path / "out" / "result.txt"
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    target = tmp_path / "out" / "weights.safetensors"
     with atomic_path(target) as tmp:
-        tmp.unlink()  # a writer that recreates the file (as safetensors does)
-        tmp.write_text("done")
+        save_file({"a": torch.ones(2)}, str(tmp))  # safetensors replaces the file with a 0600 one of its own
         assert not target.exists()
     umask = os.umask(0)
     os.umask(umask)
-    assert target.read_text() == "done"
+    assert torch.equal(load_file(str(target))["a"], torch.ones(2))
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
-    assert [p.name for p in target.parent.iterdir()] == ["result.txt"]
+    assert [p.name for p in target.parent.iterdir()] == ["weights.safetensors"]
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
