@@ -17,13 +17,6 @@ from lmrc.model.memory_reads import global_memory_read, memory_key_sq
 from lmrc.model.network import LMRC, MemoryInput
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def run_json(capsys, *argv: str) -> dict:
     assert cli_main(["bench", "--threads", "1", "--json", *argv]) == 0
