@@ -224,6 +224,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tiny_data, tmp_path):
     ref_out, ref_err = reference.communicate(timeout=120)
     assert reference.returncode == 0, ref_err
     assert _final_hash(tmp_path / "run") == _final_hash(tmp_path / "ref")
+    exported = _lmrc_train("--config", cfg, "--out", tmp_path / "ref", "--export-weights", tmp_path / "export.safetensors")
+    assert exported.communicate(timeout=120)[0].startswith(f"wrote {tmp_path / 'export.safetensors'}: the model at step 8")
+    assert _final_hash(tmp_path, "export.safetensors") == _final_hash(tmp_path / "ref")
     kept = sorted(p.name for p in (tmp_path / "ref" / "weights").iterdir())
     assert kept == ["step-000004.safetensors", "step-000008.safetensors"]
     assert _final_hash(tmp_path / "ref", f"weights/{kept[-1]}") == _final_hash(tmp_path / "ref")

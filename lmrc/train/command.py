@@ -1,4 +1,4 @@
-"""`lmrc train --config FILE [--out DIR] [--resume] [--iterations N] [--device D]`."""
+"""`lmrc train --config FILE [--out DIR] [--resume] [--iterations N] [--device D] [--export-weights FILE]`."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's choice); on a busy shared CPU 1 is often "
                         "much faster than 2, because idle-spinning threads wait for each other")
+    parser.add_argument("--export-weights", metavar="FILE", default=None,
+                        help="do not train: write the model of the checkpoint in --out as a .safetensors weights file "
+                        "(usable with lmrc segment --weights) and exit")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,5 +39,11 @@ def main(args: argparse.Namespace) -> int:
             raise LmrcError("--iterations must be >= 1")
         cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, iterations=args.iterations))
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    if args.export_weights:
+        from lmrc.train.trainer import export_checkpoint_weights
+
+        step, digest = export_checkpoint_weights(cfg, out, Path(args.export_weights))
+        print(f"wrote {args.export_weights}: the model at step {step} of {out} (sha256 {digest[:12]})")
+        return 0
     result = train(cfg, out, resume=args.resume, device_name=args.device)
     return result.exit_code

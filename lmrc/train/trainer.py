@@ -282,9 +282,21 @@ def save_checkpoint(path: Path, *, model, optimizer, scheduler, scaler, step: in
         torch.save(payload, tmp)
 
 
+def export_checkpoint_weights(cfg: TrainConfig, out: Path, path: Path) -> tuple[int, str]:
+    """Write the model of run `out`'s checkpoint as lmrc weights (safetensors); returns (step, sha256)."""
+    from lmrc.model.network import LMRC
+    from lmrc.model.weights import save_weights
+
+    payload = load_checkpoint(out / CHECKPOINT_NAME, cfg)
+    model = LMRC(cfg.model, pretrained_backbone=False)
+    model.load_state_dict(payload["model"])
+    step = int(payload["step"])
+    return step, save_weights(model, path, extra={"step": step, "run": str(out)})
+
+
 def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     if not path.is_file():
-        raise LmrcError(f"--resume: no checkpoint {path}; start without --resume or point --out at the run folder")
+        raise LmrcError(f"no checkpoint {path}; start without --resume or point --out at the run folder")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: torch raises many types
