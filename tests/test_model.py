@@ -220,3 +220,12 @@ def test_comparator_works_when_memory_or_window_is_smaller_than_k():
     with torch.no_grad():
         out = model.read_and_decode(frame, MemoryInput(frame.keys[4].flatten(2), values[4].flatten(3), frame.keys, values))
     assert out.reliability["L4"].shape == (1, 1, 2, 2)
+
+
+def test_inference_top_k_is_free_to_differ_from_the_weights(tmp_path):
+    path = tmp_path / "lite.safetensors"
+    save_weights(_model("lmrc-lite", "F"), path)
+    model = load_model("lmrc-lite", path, global_read_top_k=20)
+    assert model.config.global_read_top_k == 20
+    with pytest.raises(LmrcError, match=">= 1"):
+        load_model("lmrc-lite", path, global_read_top_k=0)

@@ -115,7 +115,7 @@ def test_mp4_with_overlay_and_soft_maps(weights, tmp_path, capsys):
     mask = palette_png(tmp_path / "00000.png", first_mask())
     overlay = tmp_path / "overlay.mp4"
     code, stdout, _ = run([clip, "--mask", mask, "--weights", weights, "--size", 32, "--overlay", overlay,
-                           "--save-probs", "--precision", "bf16", "--device", "cpu"], capsys)  # default --out
+                           "--save-probs", "--precision", "bf16", "--device", "cpu", "--top-k", 3], capsys)  # default --out
     assert code == 0, stdout
     out = Path.cwd() / "clip_lmrc"
     try:

@@ -43,6 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-memory-frames", type=int, metavar="N",
                         help="keep at most N global-memory frames: the frames with masks plus the most recent "
                              "ones, so memory stays flat on long videos (default: keep all)")
+    parser.add_argument("--top-k", type=int, metavar="K",
+                        help="global read: keep only the K best memory matches per pixel (STCN uses 20; "
+                             "default: the model's setting, all)")
     parser.add_argument("--size", type=int, default=480, metavar="PIXELS",
                         help="process frames with their shorter side resized to this (default: 480; 0 = the "
                              "input's own size); results are always at the input's size")
@@ -80,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else default_out_dir(source)
     if args.overlay:
         check_overlay_path(args.overlay, args.overwrite or args.resume)
-    model = load_model(args.model, args.weights, device)  # no weights -> LmrcError, before any output exists
+    model = load_model(args.model, args.weights, device, global_read_top_k=args.top_k)  # no weights -> LmrcError, before any output exists
 
     stats = segment_sequence(
         model, source, prompts, out_dir,

@@ -1,6 +1,7 @@
 """Weights: safetensors files that carry their config and a hash; STCN checkpoints for the encoders of lmrc-r50."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from lmrc.errors import LmrcError
 from lmrc.fileio import atomic_path
 
 FORMAT = "lmrc-weights-1"
+INFERENCE_ONLY = {"global_read_top_k"}  # config fields that do not change the weights: free to differ
 _REPO_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
 
@@ -86,8 +88,9 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
 
     meta = read_weights_metadata(path)
     stored = from_dict(ModelConfig, json.loads(meta["config"]), where=f"config stored in {path}")
-    if to_dict(stored) != to_dict(model.config):
-        differ = {k: (v, to_dict(model.config)[k]) for k, v in to_dict(stored).items() if to_dict(model.config)[k] != v}
+    mine = to_dict(model.config)
+    differ = {k: (v, mine[k]) for k, v in to_dict(stored).items() if mine[k] != v and k not in INFERENCE_ONLY}
+    if differ:
         detail = ", ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in differ.items())
         raise LmrcError(
             f"weights file {path} belongs to {meta.get('model')} setting {stored.setting}, not to this "
@@ -110,11 +113,16 @@ def default_weights_path(name: str) -> Path | None:
 
 
 def load_model(
-    name: str = "lmrc-lite", weights: str | Path | None = None, device: str | torch.device = "cpu"
+    name: str = "lmrc-lite",
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    global_read_top_k: int | None = None,
 ) -> torch.nn.Module:
     """A ready-to-run model in eval mode: `name`'s shipped weights, or the given weights file.
 
-    The config (including the ablation setting) comes from the weights file, so it always matches them.
+    The config (including the ablation setting) comes from the weights file, so it always matches them;
+    `global_read_top_k` keeps only the k best global similarities per query (STCN uses 20 at inference).
     Never returns a model with random weights.
     """
     from lmrc.model.network import LMRC
@@ -133,6 +141,10 @@ def load_model(
     if config.backbone != MODEL_PRESETS[name].backbone:
         stored = model_name_of(config)
         raise LmrcError(f"weights file {path} is for {stored}, not {name}; use --model {stored}")
+    if global_read_top_k is not None:
+        if global_read_top_k < 1:
+            raise LmrcError("the global read's top-k must be >= 1")
+        config = dataclasses.replace(config, global_read_top_k=global_read_top_k)
     model = LMRC(config, pretrained_backbone=False)
     load_weights(model, path)
     return model.to(device).eval()
