@@ -1,4 +1,6 @@
 """Shared test setup."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,3 +13,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+SHARED_DAVIS2016 = Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2016"
+
+
+@pytest.fixture
+def davis2016() -> Path:
+    """The real DAVIS 2016 sequences beside the repository (../shared), or a clean skip where they are absent."""
+    if not (SHARED_DAVIS2016 / "JPEGImages" / "480p").is_dir() or not (SHARED_DAVIS2016 / "Annotations" / "480p").is_dir():
+        pytest.skip(f"real DAVIS 2016 data not found at {SHARED_DAVIS2016}")
+    return SHARED_DAVIS2016

@@ -12,7 +12,6 @@ from lmrc.eval.baselines import run_video, warp_backward
 from lmrc.eval.davis import evaluate
 from lmrc.eval.metrics import region_similarity
 
-DAVIS2016 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "davis2016"
 H, W, FRAMES, STEP = 96, 128, 10, 3
 
 
@@ -102,13 +101,6 @@ def test_dataset_mode_then_eval(tmp_path, capsys):
     assert cli_main(["baseline", "flow", "--gt", str(root), "--out", str(out), "--workers", "1"]) == 0
     scores = evaluate(out, root, split="val", workers=1).global_scores()
     assert scores["J-Mean"] > 0.5
-
-
-@pytest.fixture
-def davis2016():
-    if not (DAVIS2016 / "JPEGImages" / "480p").is_dir():
-        pytest.skip(f"real DAVIS 2016 data not found at {DAVIS2016.resolve()}")
-    return DAVIS2016.resolve()
 
 
 def test_copy_baseline_on_real_davis(davis2016, tmp_path):

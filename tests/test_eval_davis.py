@@ -12,7 +12,6 @@ from lmrc.data.masks import read_mask, write_mask
 from lmrc.errors import LmrcError
 from lmrc.eval.davis import GLOBAL_COLUMNS, csv_paths, evaluate, split_sequences, write_csvs
 
-DAVIS2016 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "davis2016"
 H, W, T = 48, 64, 6
 
 
@@ -236,13 +235,6 @@ def test_cli_run_segments_then_scores(tmp_path, capsys):
         assert read_mask(results / seq / frames[0]).max() >= 1  # the first frame is the given mask
     header, row = read_csv(results / "global_results-val.csv")
     assert header[0] == "J&F-Mean" and 0 <= float(row[0]) <= 1
-
-
-@pytest.fixture
-def davis2016():
-    if not (DAVIS2016 / "Annotations" / "480p").is_dir():
-        pytest.skip(f"real DAVIS 2016 data not found at {DAVIS2016.resolve()}")
-    return DAVIS2016.resolve()
 
 
 def test_real_ground_truth_against_itself(davis2016, tmp_path):
