@@ -32,6 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--mem-every", type=int, default=5, help="with --run: global memory every N frames (default 5)")
     run.add_argument("--max-memory-frames", type=int, help="with --run: cap on global memory frames")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="with --run (default fp32)")
+    run.add_argument("--top-k", type=int, metavar="K",
+                     help="with --run: global read keeps the K best memory matches per pixel (default: all)")
     ytvos = parser.add_argument_group("YouTube-VOS submission")
     ytvos.add_argument("--youtube-vos", action="store_true",
                        help="pack --results into a submission zip instead (with --run: segment every video first)")
@@ -58,8 +60,8 @@ def main(args: argparse.Namespace) -> int:
         frames = _segment_split(args, subset or names, Path(args.results))
         seconds = time.perf_counter() - start
         run_report = (frames, seconds, _peak_memory_mib())
-    elif args.model or args.weights:
-        raise LmrcError("--model and --weights only apply with --run")
+    elif args.model or args.weights or args.top_k is not None:
+        raise LmrcError("--model, --weights and --top-k only apply with --run")
 
     interactive = sys.stderr.isatty()  # a progress line only where someone watches it, not in logs
     evaluation = evaluate(
@@ -112,7 +114,7 @@ def _segment_split(args: argparse.Namespace, sequences: list[str], out_dir: Path
     from lmrc.model.weights import load_model
 
     root = Path(args.gt)
-    model = load_model(args.model, args.weights, _device())
+    model = load_model(args.model, args.weights, _device(), global_read_top_k=args.top_k)
     frames = 0
     for i, seq in enumerate(sequences, 1):
         print(f"segmenting {i}/{len(sequences)}: {seq}", file=sys.stderr, flush=True)
@@ -136,7 +138,7 @@ def _youtube_vos(args: argparse.Namespace) -> int:
             raise LmrcError("--run needs --model (lmrc-lite or lmrc-r50)")
         from lmrc.model.weights import load_model
 
-        model = load_model(args.model, args.weights, _device())
+        model = load_model(args.model, args.weights, _device(), global_read_top_k=args.top_k)
         start = time.perf_counter()
         frames = segment_videos(model, args.gt, args.results, size=args.size, mem_every=args.mem_every,
                                 max_memory_frames=args.max_memory_frames, precision=args.precision)
