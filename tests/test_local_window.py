@@ -244,3 +244,92 @@ def test_bad_arguments_raise():
         lw.local_similarity(q, k, -1)
     with pytest.raises(ValueError, match="differ"):
         lw.local_attention(q, k[..., :5], v, 1)
+
+
+# --- inference kernels (no autograd) --------------------------------------------------------------------------------
+
+# widths below, at and above the vector width (8 floats, 4 doubles), so both the per-pixel path and the vector
+# blocks with their border shuffles and overlapping last block are exercised
+INFERENCE_SIZES = [(1, 13), (13, 1), (2, 3), (7, 9), (5, 17), (6, 30), (9, 4)]
+
+
+@pytest.mark.parametrize("size,radius,dilation", list(itertools.product(INFERENCE_SIZES, [0, 1, 2, 3], [1, 2])))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_attention_matches_dense_reference_and_topk(native, size, radius, dilation, dtype):
+    h, w = size
+    q, k, v = _inputs(2, 7, 11, h, w, dtype=dtype, seed=h * 100 + w)  # 11 value channels: 8 + a remainder of 3
+    scale = 0.7
+    with torch.no_grad():
+        read, aff, top = lw.local_attention_inference(q, k, v, radius, dilation, scale, top_k=5, affinity=True)
+        read_ref, sim_ref, aff_ref = local_memory_read_reference(q.double(), k.double(), v.double(), radius, scale, dilation)
+        assert read.dtype == aff.dtype == top.dtype == dtype
+        assert _max_diff(read, read_ref) <= TOL
+        assert _max_diff(window_to_4d(aff, radius, dilation).reshape(2, h * w, h * w), aff_ref) <= TOL
+        # top-k: the k largest of the window's similarities, descending, -inf where fewer are inside the image
+        sim = lw.local_similarity_plain(q.double(), k.double(), radius, dilation, scale)
+        expected = sim.topk(min(5, sim.shape[1]), dim=1).values
+        assert top.shape == expected.shape
+        assert _max_diff(top, expected) <= TOL
+        # without the optional outputs, the same readout
+        alone, no_aff, no_top = lw.local_attention_inference(q, k, v, radius, dilation, scale)
+        assert no_aff is None and no_top is None and torch.equal(alone, read)
+
+
+@pytest.mark.parametrize("size,radius,dilation", list(itertools.product(INFERENCE_SIZES, [1, 2], [1, 2])))
+def test_inference_weighted_sums_match_the_autograd_op(native, size, radius, dilation):
+    h, w = size
+    g = torch.Generator().manual_seed(h * 10 + w)
+    # arbitrary (not softmax) weights: entries pointing outside the image must be ignored
+    weights = torch.rand(2, (2 * radius + 1) ** 2, h, w, generator=g)
+    a, b = torch.randn(2, 9, h, w, generator=g), torch.randn(2, 3, h, w, generator=g)
+    with torch.no_grad():
+        out_a, out_b = lw.local_weighted_sums_inference(weights, [a, b], radius, dilation)
+        assert _max_diff(out_a, lw.local_weighted_sum_plain(weights, a, radius, dilation)) <= TOL
+        assert _max_diff(out_b, lw.local_weighted_sum_plain(weights, b, radius, dilation)) <= TOL
+
+
+@pytest.mark.parametrize("coarse,radius", [((3, 4), 1), ((4, 4), 2), ((2, 5), 2), ((3, 9), 2), ((5, 16), 1)])
+def test_inference_slmr_reorganisation_reads_coarse_weights_as_eq6_7(native, coarse, radius):
+    h, w = coarse
+    g = torch.Generator().manual_seed(4)
+    weights = torch.rand(2, (2 * radius + 1) ** 2, h, w, generator=g)
+    key, value = torch.randn(2, 5, 2 * h, 2 * w, generator=g), torch.randn(2, 6, 2 * h, 2 * w, generator=g)
+    with torch.no_grad():
+        sk, sv = lw.local_weighted_sums_inference(weights, [key, value], radius, dilation=2, upsample=2)
+    coarse_4d = window_to_4d(weights.double(), radius)
+    assert _max_diff(sk, sequential_reorganise_reference(coarse_4d, key.double(), radius)) <= TOL
+    assert _max_diff(sv, sequential_reorganise_reference(coarse_4d, value.double(), radius)) <= TOL
+    with pytest.raises(ValueError, match="do not fit"):
+        lw.local_weighted_sums_inference(weights, [key[..., :-1]], radius, dilation=2, upsample=2)
+
+
+def test_inference_ops_take_the_autograd_path_when_gradients_are_needed(native):
+    q, k, v = _inputs(1, 4, 3, 6, 10)
+    q.requires_grad_()
+    read, aff, top = lw.local_attention_inference(q, k, v, 2, 1, 0.5, top_k=3, affinity=True)
+    assert _is_native(read)  # the autograd Function, so training still differentiates through it
+    read.sum().backward()
+    assert q.grad is not None
+    weights = torch.rand(1, 25, 3, 5, requires_grad=True)
+    (sv,) = lw.local_weighted_sums_inference(weights, [v], 2, 2, upsample=2)
+    assert sv.grad_fn is not None
+    with torch.no_grad():
+        fast = lw.local_attention_inference(q, k, v, 2, 1, 0.5, top_k=3, affinity=True)
+    for a, b in zip(fast, (read, aff, top)):
+        assert _max_diff(a, b.detach()) <= TOL
+
+
+def test_inference_results_do_not_depend_on_the_thread_count(native):
+    q, k, v = _inputs(2, 16, 20, 37, 29)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                results.append(lw.local_attention_inference(q, k, v, 2, 1, 0.5, top_k=5, affinity=True))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)  # rows are independent: bitwise equal whatever the split into bands

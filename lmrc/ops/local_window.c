@@ -8,7 +8,8 @@
  *
  * Work is split over output rows (b, y): every row is written by exactly one thread, so the backward
  * passes are written as gathers (no atomics). Inner loops run over x on contiguous memory so the compiler
- * vectorises them. No kernel allocates memory: scratch space is a row of an output that is written later.
+ * vectorises them. The autograd kernels allocate no memory: scratch space is a row of an output that is written
+ * later. The inference kernels at the end allocate small per-thread scratch (a band of weight rows).
  */
 #include <math.h>
 
@@ -427,4 +428,470 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
         if (gk) sim_grad_k_row(&g, Ck, ds, q, k, gk, (real)scale, i / H, i % H);
         if (gv) wsum_grad_v_row(&g, Cv, a, gr, gv, i / H, i % H);
     }
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * Inference-only kernels (no autograd): LMR with the comparator's top-k fused in, and the SLMR reorganisation
+ * (eq. 6-7) of several tensors in one pass over the weights.
+ *
+ * Register-blocked over x: a block is VL adjacent pixels of one row held in a vector register. The similarity
+ * of one block keeps one accumulator per tap of a window row over all key channels; the readout keeps one
+ * accumulator per value channel (eight channels at a time) over all taps, so every output vector is stored
+ * once instead of being re-loaded for every four taps. Blocks start at 0, VL, ..., and the last one at W - VL
+ * (it may overlap its neighbour: results are stored, not accumulated). A block whose window crosses the left
+ * or right image border loads each neighbour vector from the nearest in-row position and moves the lanes into
+ * place with a shuffle; lanes outside the image are zeroed (value) or get similarity -inf. Rows narrower than
+ * VL take a plain per-pixel path.
+ * --------------------------------------------------------------------------------------------------------------- */
+#include <stdlib.h>
+#include <string.h>
+
+#define LW_VBYTES 32
+typedef real vreal __attribute__((vector_size(LW_VBYTES)));
+typedef __typeof__((vreal){0} < (vreal){0}) vmask; /* signed integer lanes of the same width */
+#define VL ((long)(LW_VBYTES / sizeof(real)))
+#define LW_MAX_TOPK 16 /* largest k of the fused top-k (the Python wrapper checks it) */
+#define LW_CB 8        /* value channels per readout pass */
+
+static inline vreal vload(const real *p) {
+    vreal v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
+static inline vreal vsplat(real s) { return (vreal){0} + s; }
+static inline vreal vsel(vmask m, vreal a, vreal b) { return (vreal)((m & (vmask)a) | (~m & (vmask)b)); }
+static inline vreal vmax(vreal a, vreal b) { return vsel(a > b, a, b); }
+static inline vreal vmin(vreal a, vreal b) { return vsel(a < b, a, b); }
+#if defined(__clang__)
+static inline vreal vshuf(vreal v, vmask i) {
+    vreal r;
+    for (int l = 0; l < VL; l++) r[l] = v[i[l] & (VL - 1)];
+    return r;
+}
+#else
+#define vshuf(v, i) __builtin_shuffle(v, i)
+#endif
+
+/* exp of x <= 0 (-inf gives 0). float: Cephes expf polynomial (within 2 ulp); double: libm per lane. */
+static inline vreal vexp(vreal x) {
+    if (sizeof(real) == sizeof(float)) {
+        vmask keep = x > vsplat((real)-87.0);
+        x = vsel(keep, x, vsplat((real)-87.0));
+        vreal t = x * (real)1.44269504088896341 + (real)12582912.0; /* round to nearest: 1.5 * 2^23 */
+        vreal n = t - (real)12582912.0;
+        vreal r = x - n * (real)0.693359375;
+        r = r - n * (real)-2.12194440e-4;
+        vreal p = vsplat((real)1.9875691500e-4);
+        p = p * r + (real)1.3981999507e-3;
+        p = p * r + (real)8.3334519073e-3;
+        p = p * r + (real)4.1665795894e-2;
+        p = p * r + (real)1.6666665459e-1;
+        p = p * r + (real)5.0000001201e-1;
+        p = p * (r * r) + r + (real)1;
+        vmask e = (__builtin_convertvector(n, vmask) + 127) << 23;
+        return (vreal)((vmask)(p * (vreal)e) & keep);
+    }
+    vreal y;
+    for (int l = 0; l < VL; l++) y[l] = exp(x[l]);
+    return y;
+}
+
+/* Where block xs reads the neighbour row for shift dx: the load start (in-row) and, for border blocks, the lane
+ * shuffle and validity mask. Returns 1 for a border block. W >= VL. */
+static inline int block_src(long xs, long dx, long W, long *start, vmask *idx, vmask *valid) {
+    long s = xs + dx;
+    if (s >= 0 && s + VL <= W) {
+        *start = s;
+        return 0;
+    }
+    long cs = s < 0 ? 0 : W - VL, sh = s - cs;
+    *start = cs;
+    for (int l = 0; l < VL; l++) {
+        (*idx)[l] = (l + sh) & (VL - 1);
+        (*valid)[l] = (l + sh >= 0 && l + sh < VL) ? -1 : 0;
+    }
+    return 1;
+}
+
+typedef struct {
+    long o, dy, dx;
+} itap;
+
+/* Taps of row y whose neighbour row is inside the image (row-major order, so whole window rows). */
+static int inf_taps(const geom *g, long y, itap *t) {
+    int n = 0;
+    for (long o = 0; o < g->O; o++) {
+        long dy = g->oy[o];
+        if (y + dy < 0 || y + dy >= g->H) continue;
+        t[n].o = o;
+        t[n].dy = dy;
+        t[n].dx = g->ox[o];
+        n++;
+    }
+    return n;
+}
+
+/* Sum over channels of (q - k)^2 for n (<= 5, a compile-time constant) taps of one block. */
+static inline __attribute__((always_inline)) void sim_chunk(const int n, long C, long HW, const real *qp,
+                                                            const real *const *kp, const int *border,
+                                                            const vmask *idx, const vmask *valid, real scale,
+                                                            vreal *out) {
+    vreal a[5] = {0};
+    int any = 0;
+    for (int j = 0; j < n; j++) any |= border[j];
+    if (!any) {
+        for (long c = 0; c < C; c++) {
+            vreal qv = vload(qp + c * HW);
+            for (int j = 0; j < n; j++) {
+                vreal d = qv - vload(kp[j] + c * HW);
+                a[j] += d * d;
+            }
+        }
+    } else {
+        for (long c = 0; c < C; c++) {
+            vreal qv = vload(qp + c * HW);
+            for (int j = 0; j < n; j++) {
+                vreal kv = vload(kp[j] + c * HW);
+                if (border[j]) kv = vshuf(kv, idx[j]);
+                vreal d = qv - kv;
+                a[j] += d * d;
+            }
+        }
+    }
+    for (int j = 0; j < n; j++) {
+        vreal s = a[j] * -scale;
+        out[j] = border[j] ? vsel(valid[j], s, vsplat((real)-INFINITY)) : s;
+    }
+}
+
+/* Where block bi of a row reads the neighbour row of each offset o (border tables, the same for every row). */
+typedef struct {
+    long rel;          /* load start minus block start */
+    int border;        /* the window of this offset crosses the left or right border in this block */
+    vmask idx, valid;  /* border only: lane shuffle and the lanes inside the image */
+} blocktap;
+
+static long block_start(long i, long W) { /* block i of a row; the last block ends at W */
+    long xs = i * VL;
+    return xs + VL > W ? W - VL : xs;
+}
+
+/* n table entries, aligned for their vector members (malloc only guarantees 16 bytes) */
+static blocktap *alloc_tables(long n) {
+    void *p = NULL;
+    return posix_memalign(&p, 64, sizeof(blocktap) * n) == 0 ? p : NULL;
+}
+
+/* Tables of all blocks (nb x O, row-major) and each block's "any offset crosses the border" flag. W >= VL. */
+static void block_tables(const geom *g, blocktap *tab, int *any) {
+    const long W = g->W, nb = (W + VL - 1) / VL;
+    for (long bi = 0; bi < nb; bi++) {
+        long xs = block_start(bi, W);
+        any[bi] = 0;
+        for (long o = 0; o < g->O; o++) {
+            blocktap *e = tab + bi * g->O + o;
+            long st;
+            e->border = block_src(xs, g->ox[o], W, &st, &e->idx, &e->valid);
+            e->rel = st - xs;
+            any[bi] |= e->border;
+        }
+    }
+}
+
+/* Rows of a band: the valid taps of each row and their weight rows (W reals each, index x). */
+typedef struct {
+    int n;
+    itap t[LW_MAX_O];
+    const real *wr[LW_MAX_O];
+} rowtaps;
+
+/* out[c, y, block] = sum over taps of w[tap, block] * v(c, y + dy, block + dx) for n (<= LW_CB, compile-time
+ * constant) channels starting at channel plane vc. Interior blocks (no tap crosses the border) have a loop of
+ * their own: it needs no shuffle registers, so the n accumulators stay in registers. */
+static inline __attribute__((always_inline)) void read_chunk(const int n, long HW, long W, long y, long xs,
+                                                             const rowtaps *rt, const blocktap *tab, int any,
+                                                             const real *vc, real *oc) {
+    vreal acc[LW_CB] = {0};
+    const real *vy = vc + y * W + xs;
+    if (!any) {
+        for (int i = 0; i < rt->n; i++) {
+            vreal wv = vload(rt->wr[i] + xs);
+            const real *src = vy + rt->t[i].dy * W + rt->t[i].dx;
+            for (int j = 0; j < n; j++) acc[j] += wv * vload(src + j * HW);
+        }
+    } else {
+        for (int i = 0; i < rt->n; i++) {
+            vreal wv = vload(rt->wr[i] + xs);
+            const blocktap *e = tab + rt->t[i].o;
+            const real *src = vy + rt->t[i].dy * W + e->rel;
+            if (!e->border) {
+                for (int j = 0; j < n; j++) acc[j] += wv * vload(src + j * HW);
+            } else {
+                vmask ix = e->idx, ok = e->valid;
+                for (int j = 0; j < n; j++) acc[j] += wv * (vreal)((vmask)vshuf(vload(src + j * HW), ix) & ok);
+            }
+        }
+    }
+    for (int j = 0; j < n; j++) vstore(oc + j * HW + y * W + xs, acc[j]);
+}
+
+/* Readout of rows y0 .. y0 + nr - 1 (W >= VL). Channel blocks outside the rows: the value rows of a block of
+ * channels are reused from cache by the next rows of the band instead of being fetched again for every row. */
+static void read_band(const geom *g, long C, long y0, long nr, const rowtaps *rt, const blocktap *tab,
+                      const int *any, const real *v, real *out, long b) {
+    const long W = g->W, HW = g->HW, O = g->O, nb = (W + VL - 1) / VL;
+    for (long c = 0; c < C; c += LW_CB) {
+        const real *vc = v + (b * C + c) * HW;
+        real *oc = out + (b * C + c) * HW;
+        const long m = C - c < LW_CB ? C - c : LW_CB;
+        for (long r = 0; r < nr; r++) {
+            for (long bi = 0; bi < nb; bi++) {
+                long xs = block_start(bi, W), y = y0 + r;
+                const blocktap *tb = tab + bi * O;
+                switch (m) {
+                case 8: read_chunk(8, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
+                case 7: read_chunk(7, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
+                case 6: read_chunk(6, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
+                case 5: read_chunk(5, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
+                case 4: read_chunk(4, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
+                case 3: read_chunk(3, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
+                case 2: read_chunk(2, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
+                default: read_chunk(1, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
+                }
+            }
+        }
+    }
+}
+
+/* Readout of rows y0 .. y0 + nr - 1, plain per pixel (rows narrower than VL). */
+static void read_band_plain(const geom *g, long C, long y0, long nr, const rowtaps *rt, const real *v,
+                            real *out, long b) {
+    const long W = g->W, HW = g->HW;
+    for (long r = 0; r < nr; r++) {
+        long y = y0 + r;
+        for (long c = 0; c < C; c++) {
+            const real *vc = v + (b * C + c) * HW;
+            real *orow = out + (b * C + c) * HW + y * W;
+            for (long x = 0; x < W; x++) {
+                real acc = 0;
+                for (int i = 0; i < rt[r].n; i++) {
+                    long xx = x + rt[r].t[i].dx;
+                    if (xx >= 0 && xx < W) acc += rt[r].wr[i][x] * vc[(y + rt[r].t[i].dy) * W + xx];
+                }
+                orow[x] = acc;
+            }
+        }
+    }
+}
+
+/* Rows per band: the band's weight rows (O x W each) stay within ~128 KB, at most 16 rows, and every thread
+ * gets a band. */
+static long band_rows(const geom *g, long B, int nthreads) {
+    long rows = (128L * 1024) / (g->O * g->W * (long)sizeof(real));
+    if (rows > 16) rows = 16;
+    long per_thread = (B * g->H + nthreads - 1) / (nthreads > 0 ? nthreads : 1);
+    if (rows > per_thread) rows = per_thread;
+    return rows < 1 ? 1 : rows;
+}
+
+/* Top-k (descending) of the O similarity vectors s of one block, stored to topk rows. */
+static void topk_block(long O, long K, const vreal *s, real *tk, long HW) {
+    vreal top[LW_MAX_TOPK];
+    for (long j = 0; j < K; j++) top[j] = vsplat((real)-INFINITY);
+    for (long o = 0; o < O; o++) {
+        vreal x = s[o];
+        for (long j = 0; j < K; j++) {
+            vreal hi = vmax(top[j], x);
+            x = vmin(top[j], x);
+            top[j] = hi;
+        }
+    }
+    for (long j = 0; j < K; j++) vstore(tk + j * HW, top[j]);
+}
+
+/* Similarity rows of row y into s (O rows of W, -inf outside), W >= VL. */
+static void sim_row_inf(const geom *g, long C, const real *q, const real *k, real scale, real *s, long b,
+                        long y) {
+    const long W = g->W, HW = g->HW, O = g->O, K = g->K, nb = (W + VL - 1) / VL;
+    const real *qb = q + b * C * HW + y * W, *kb = k + b * C * HW;
+    for (long o = 0; o < O; o++) {
+        long dy = g->oy[o];
+        if (y + dy < 0 || y + dy >= g->H)
+            for (long x = 0; x < W; x++) s[o * W + x] = (real)-INFINITY;
+    }
+    for (long bi = 0; bi < nb; bi++) {
+        long xs = block_start(bi, W);
+        for (long r0 = 0; r0 < O; r0 += K) { /* one window row (same dy) at a time */
+            long dy = g->oy[r0];
+            if (y + dy < 0 || y + dy >= g->H) continue;
+            for (long j0 = 0; j0 < K; j0 += 5) {
+                const int n = K - j0 < 5 ? (int)(K - j0) : 5;
+                const real *kp[5];
+                int border[5];
+                vmask idx[5], valid[5];
+                vreal out[5];
+                for (int j = 0; j < n; j++) {
+                    long st;
+                    border[j] = block_src(xs, g->ox[r0 + j0 + j], W, &st, &idx[j], &valid[j]);
+                    kp[j] = kb + (y + dy) * W + st;
+                }
+                switch (n) {
+                case 5: sim_chunk(5, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
+                case 4: sim_chunk(4, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
+                case 3: sim_chunk(3, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
+                case 2: sim_chunk(2, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
+                default: sim_chunk(1, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
+                }
+                for (int j = 0; j < n; j++) vstore(s + (r0 + j0 + j) * W + xs, out[j]);
+            }
+        }
+    }
+}
+
+/* Similarity rows, plain per pixel (rows narrower than VL). */
+static void sim_row_inf_plain(const geom *g, long C, const real *q, const real *k, real scale, real *s, long b,
+                              long y) {
+    const long W = g->W, HW = g->HW;
+    for (long o = 0; o < g->O; o++) {
+        long dy = g->oy[o], dx = g->ox[o];
+        for (long x = 0; x < W; x++) {
+            if (y + dy < 0 || y + dy >= g->H || x + dx < 0 || x + dx >= W) {
+                s[o * W + x] = (real)-INFINITY;
+                continue;
+            }
+            real acc = 0;
+            for (long c = 0; c < C; c++) {
+                real d = q[(b * C + c) * HW + y * W + x] - k[(b * C + c) * HW + (y + dy) * W + x + dx];
+                acc += d * d;
+            }
+            s[o * W + x] = acc * -scale;
+        }
+    }
+}
+
+/* LMR (eq. 4-5) for inference. out: B x Cv x H x W readout. aff (B x O x H x W) and topk (B x K x H x W, the K
+ * largest similarities per pixel, descending) may be NULL. No similarity tensor is written. */
+void LW_FN(lw_attention_inf)(const real *q, const real *k, const real *v, real *out, real *aff, real *topk,
+                             long K, long B, long Ck, long Cv, long H, long W, long R, long D, double scale,
+                             int nthreads) {
+    geom g = make_geom(H, W, R, D);
+    const long O = g.O, HW = g.HW, nb = (W + VL - 1) / VL, Y = band_rows(&g, B, nthreads);
+    const long bands = (H + Y - 1) / Y;
+    if (K > LW_MAX_TOPK) K = LW_MAX_TOPK; /* never reached through the Python wrapper */
+    blocktap *tab = W >= VL ? alloc_tables(nb * O) : NULL;
+    int *any = W >= VL ? malloc(sizeof(int) * nb) : NULL;
+    if (tab) block_tables(&g, tab, any);
+#pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
+    {
+        /* per thread: the similarity rows of one image row, the affinity rows of a band (unless written to aff) */
+        real *s = malloc(sizeof(real) * (1 + Y) * O * W);
+        real *abuf = s + O * W;
+        rowtaps *rt = malloc(sizeof(rowtaps) * Y);
+#pragma omp for schedule(static)
+        for (long i = 0; i < B * bands; i++) {
+            const long b = i / bands, y0 = (i % bands) * Y, nr = H - y0 < Y ? H - y0 : Y;
+            for (long r = 0; r < nr; r++) {
+                const long y = y0 + r;
+                if (W >= VL)
+                    sim_row_inf(&g, Ck, q, k, (real)scale, s, b, y);
+                else
+                    sim_row_inf_plain(&g, Ck, q, k, (real)scale, s, b, y);
+                real *arow = aff ? aff + b * O * HW + y * W : abuf + r * O * W;
+                const long ast = aff ? HW : W;
+                /* softmax over taps and top-k, VL pixels at a time (a narrow row pads a block) */
+                for (long xs = 0; xs < W; xs += VL) {
+                    long x0 = xs + VL > W ? (W >= VL ? W - VL : 0) : xs, m = W - x0 < VL ? W - x0 : VL;
+                    vreal sv[LW_MAX_O], mx = vsplat((real)-INFINITY), sum = vsplat(0);
+                    for (long o = 0; o < O; o++) {
+                        if (m == VL)
+                            sv[o] = vload(s + o * W + x0);
+                        else
+                            for (long l = 0; l < VL; l++) sv[o][l] = l < m ? s[o * W + x0 + l] : 0;
+                        mx = vmax(mx, sv[o]);
+                    }
+                    if (topk) {
+                        if (m == VL) {
+                            topk_block(O, K, sv, topk + b * K * HW + y * W + x0, HW);
+                        } else {
+                            real tmp[LW_MAX_TOPK * VL];
+                            topk_block(O, K, sv, tmp, VL);
+                            for (long j = 0; j < K; j++)
+                                for (long l = 0; l < m; l++) topk[b * K * HW + j * HW + y * W + x0 + l] = tmp[j * VL + l];
+                        }
+                    }
+                    for (long o = 0; o < O; o++) {
+                        sv[o] = vexp(sv[o] - mx);
+                        sum += sv[o];
+                    }
+                    vreal inv = (real)1 / sum;
+                    for (long o = 0; o < O; o++) {
+                        vreal e = sv[o] * inv;
+                        if (m == VL)
+                            vstore(arow + o * ast + x0, e);
+                        else
+                            for (long l = 0; l < m; l++) arow[o * ast + x0 + l] = e[l];
+                    }
+                }
+                rt[r].n = inf_taps(&g, y, rt[r].t);
+                for (int j = 0; j < rt[r].n; j++) rt[r].wr[j] = arow + rt[r].t[j].o * ast;
+            }
+            if (tab && any)
+                read_band(&g, Cv, y0, nr, rt, tab, any, v, out, b);
+            else
+                read_band_plain(&g, Cv, y0, nr, rt, v, out, b);
+        }
+        free(rt);
+        free(s);
+    }
+    free(any);
+    free(tab);
+}
+
+/* Eq. (6)-(7) for inference: out_i[b, c, y, x] = sum_o w(o, y, x) v_i(c, y + dy, x + dx) for up to two (value,
+ * output, channels) triples in one pass over the weights (v2 may be NULL). up = 2: w is B x O x H/2 x W/2 and
+ * pixel (y, x) uses weight (y/2, x/2), i.e. nearest upsampling by 2 without an upsampled copy; up = 1: w is
+ * B x O x H x W. Weights of neighbours outside the image are ignored (they must be finite). */
+void LW_FN(lw_wsum_inf)(const real *w, const real *v1, real *out1, long C1, const real *v2, real *out2, long C2,
+                        long B, long H, long W, long R, long D, long up, int nthreads) {
+    geom g = make_geom(H, W, R, D);
+    const long O = g.O, Hw = H / up, Ww = W / up, HWw = Hw * Ww, nb = (W + VL - 1) / VL;
+    const long Y = band_rows(&g, B, nthreads), bands = (H + Y - 1) / Y;
+    blocktap *tab = W >= VL ? alloc_tables(nb * O) : NULL;
+    int *any = W >= VL ? malloc(sizeof(int) * nb) : NULL;
+    if (tab) block_tables(&g, tab, any);
+#pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
+    {
+        real *scratch = up == 1 ? NULL : malloc(sizeof(real) * Y * O * W);
+        rowtaps *rt = malloc(sizeof(rowtaps) * Y);
+#pragma omp for schedule(static)
+        for (long i = 0; i < B * bands; i++) {
+            const long b = i / bands, y0 = (i % bands) * Y, nr = H - y0 < Y ? H - y0 : Y;
+            for (long r = 0; r < nr; r++) {
+                const long y = y0 + r;
+                rt[r].n = inf_taps(&g, y, rt[r].t);
+                for (int j = 0; j < rt[r].n; j++) {
+                    const real *src = w + b * O * HWw + rt[r].t[j].o * HWw + (y / up) * Ww;
+                    if (up == 1) {
+                        rt[r].wr[j] = src;
+                    } else {
+                        real *row = scratch + (r * O + rt[r].t[j].o) * W;
+                        for (long x = 0; x < W; x++) row[x] = src[x / up];
+                        rt[r].wr[j] = row;
+                    }
+                }
+            }
+            if (tab && any) {
+                read_band(&g, C1, y0, nr, rt, tab, any, v1, out1, b);
+                if (v2) read_band(&g, C2, y0, nr, rt, tab, any, v2, out2, b);
+            } else {
+                read_band_plain(&g, C1, y0, nr, rt, v1, out1, b);
+                if (v2) read_band_plain(&g, C2, y0, nr, rt, v2, out2, b);
+            }
+        }
+        free(rt);
+        free(scratch);
+    }
+    free(any);
+    free(tab);
 }

@@ -262,3 +262,83 @@ def local_attention(
         return local_weighted_sum_plain(aff, value, radius, dilation), sim, aff
     readout, sim, aff = _NativeAttention.apply(query, key, value, int(radius), int(dilation), scale, lib)
     return readout, sim, aff
+
+
+# --- inference (no autograd) ---------------------------------------------------------------------------------------
+
+_MAX_NATIVE_TOP_K = 16  # LW_MAX_TOPK in local_window.c
+
+
+def needs_grad(*tensors: Tensor) -> bool:
+    """True when autograd would record an op on these tensors (the inference functions then take the autograd path)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def local_attention_inference(
+    query: Tensor, key: Tensor, value: Tensor, radius: int, dilation: int = 1, scale: float = 1.0, *,
+    top_k: int = 0, affinity: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """LMR (eq. 4-5) for inference: (readout B x Cv x H x W, affinity or None, top-k similarities or None).
+
+    The same results as `local_attention` (up to float rounding), from one native kernel that writes neither the
+    similarity nor, unless `affinity`, the affinity: top_k > 0 returns the min(top_k, (2d+1)^2) largest
+    similarities of each pixel in descending order (B x k x H x W, as `torch.topk` along the window), computed in
+    the same pass. Inputs that need gradients (or no native kernels) take `local_attention`'s path instead.
+    """
+    _check(radius, dilation, ("query", query), ("key", key), ("value", value))
+    if query.shape[1] != key.shape[1]:
+        raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
+    k = min(int(top_k), _window_size(radius))
+    lib = None
+    if not needs_grad(query, key, value) and k <= _MAX_NATIVE_TOP_K:
+        lib = _native_for(radius, query, key, value)
+    if lib is None:
+        readout, sim, aff = local_attention(query, key, value, radius, dilation, scale)
+        top = sim.topk(k, dim=1).values if k > 0 else None
+        return readout, aff if affinity else None, top
+    dtype = _compute_dtype(query, key, value)
+    q, kk, v = _prep(query, dtype), _prep(key, dtype), _prep(value, dtype)
+    b, ck, h, w = q.shape
+    cv = v.shape[1]
+    readout = torch.empty_like(v)
+    aff = torch.empty(b, _window_size(radius), h, w, dtype=dtype) if affinity else None
+    top = torch.empty(b, k, h, w, dtype=dtype) if k > 0 else None
+    lib("lw_attention_inf", _ptr(q), _ptr(kk), _ptr(v), _ptr(readout), _ptr(aff), _ptr(top),
+        k, b, ck, cv, h, w, int(radius), int(dilation), float(scale))
+    out_dtype = _result_dtype(query, key, value)
+    return (readout.to(out_dtype), None if aff is None else aff.to(out_dtype),
+            None if top is None else top.to(out_dtype))
+
+
+def local_weighted_sums_inference(
+    weights: Tensor, values: list[Tensor], radius: int, dilation: int = 1, *, upsample: int = 1
+) -> list[Tensor]:
+    """`local_weighted_sum(weights, v)` for each v of `values` (one or two, same size) in one pass over the weights.
+
+    upsample=2: `weights` is at half the size of the values (B x (2d+1)^2 x H/2 x W/2, H and W even) and is
+    upsampled to them by nearest neighbour (as SLMR, eq. 6-7) inside the kernel, without an upsampled copy.
+    Weights pointing outside the image are ignored as long as they are finite. Inputs that need gradients (or no
+    native kernels) take the autograd path.
+    """
+    if not 1 <= len(values) <= 2:
+        raise ValueError(f"one or two value tensors, got {len(values)}")
+    if upsample not in (1, 2):
+        raise ValueError(f"upsample must be 1 or 2, got {upsample!r}")
+    _check(radius, dilation, *((f"values[{i}]", v) for i, v in enumerate(values)))
+    b, h, w = values[0].shape[0], *values[0].shape[-2:]
+    if weights.dim() != 4 or (weights.shape[0], weights.shape[2] * upsample, weights.shape[3] * upsample) != (b, h, w):
+        raise ValueError(f"weights {tuple(weights.shape)} do not fit values of batch {b} and size {h}x{w} "
+                         f"(upsample={upsample})")
+    if weights.shape[1] != _window_size(radius):
+        raise ValueError(f"weights need {_window_size(radius)} channels for radius {radius}, got {weights.shape[1]}")
+    lib = None if needs_grad(weights, *values) else _native_for(radius, weights, *values)
+    if lib is None:
+        full = F.interpolate(weights, size=(h, w), mode="nearest") if upsample == 2 else weights
+        return [local_weighted_sum(full, v, radius, dilation) for v in values]
+    dtype = _compute_dtype(weights, *values)
+    wt, vs = _prep(weights, dtype), [_prep(v, dtype) for v in values]
+    outs = [torch.empty_like(v) for v in vs]
+    second = (vs[1], outs[1], vs[1].shape[1]) if len(vs) == 2 else (None, None, 0)
+    lib("lw_wsum_inf", _ptr(wt), _ptr(vs[0]), _ptr(outs[0]), vs[0].shape[1], _ptr(second[0]), _ptr(second[1]),
+        second[2], vs[0].shape[0], h, w, int(radius), int(dilation), int(upsample))
+    return [o.to(_result_dtype(weights, v)) for o, v in zip(outs, values)]
