@@ -11,7 +11,7 @@ from lmrc.config import ABLATION_SETTINGS, ModelConfig, model_config
 from lmrc.errors import LmrcError
 from lmrc.model.aggregate import soft_aggregate
 from lmrc.model.comparator import similarity_comparison_block
-from lmrc.model.memory_reads import global_memory_read
+from lmrc.model.memory_reads import global_memory_read, local_memory_read, sequential_local_memory_read
 from lmrc.model.network import LMRC, MemoryInput, crop_padding, pad_to_multiple
 from lmrc.model.weights import load_model, load_stcn_checkpoint, load_weights, save_weights
 from lmrc.train.losses import cross_entropy, scale_loss
@@ -229,3 +229,23 @@ def test_inference_top_k_is_free_to_differ_from_the_weights(tmp_path):
     assert model.config.global_read_top_k == 20
     with pytest.raises(LmrcError, match=">= 1"):
         load_model("lmrc-lite", path, global_read_top_k=0)
+
+
+@pytest.mark.parametrize("k", [5, 30])  # 30 > 25 window positions: the smallest is repeated, as in training
+def test_local_reads_without_autograd_equal_the_training_path(k):
+    g = torch.Generator().manual_seed(0)
+    q, key, value = (torch.randn(1, c, 12, 18, generator=g) for c in (16, 16, 10))
+    coarse = torch.softmax(torch.randn(1, 25, 6, 9, generator=g), 1)
+    leaves = [t.clone().requires_grad_() for t in (q, key, value)]
+    train_l = local_memory_read(*leaves, 2, 0.25, comparator_top_k=k)
+    train_s = sequential_local_memory_read(*leaves, coarse, 2, 0.25, comparator_top_k=k)
+    with torch.no_grad():
+        inf_l = local_memory_read(q, key, value, 2, 0.25, comparator_top_k=k)
+        inf_s = sequential_local_memory_read(q, key, value, coarse, 2, 0.25, comparator_top_k=k, keep_affinity=False)
+        no_aff = local_memory_read(q, key, value, 2, 0.25, keep_affinity=False)
+    assert train_l.readout.grad_fn is not None and inf_l.readout.grad_fn is None
+    for train, inf in ((train_l, inf_l), (train_s, inf_s)):
+        torch.testing.assert_close(inf.readout, train.readout.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(inf.similarity_top_k, train.similarity_top_k.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(inf_l.affinity, train_l.affinity.detach(), atol=1e-5, rtol=1e-5)
+    assert inf_s.affinity is None and no_aff.affinity is None and no_aff.similarity_top_k is None

@@ -89,12 +89,21 @@ def global_memory_read(
 
 
 def local_memory_read(
-    query_key: Tensor, local_key: Tensor, local_value: Tensor, radius: int, scale: float, *, comparator_top_k: int = 0
+    query_key: Tensor, local_key: Tensor, local_value: Tensor, radius: int, scale: float, *, comparator_top_k: int = 0,
+    keep_affinity: bool = True,
 ) -> ReadResult:
     """LMR, eq. (4)-(5): the read restricted to a (2d+1)^2 window around each query position.
 
     query_key, local_key: B x Ck x H x W; local_value: B x Cv x H x W. O(HW (2d+1)^2) memory (Section III-E-4).
+    Without autograd (inference) one native kernel computes the readout and the comparator's top-k; the affinity
+    is then only written when `keep_affinity` (SLMR reads it at the next finer stage), else ReadResult.affinity is None.
     """
+    if not local_window.needs_grad(query_key, local_key, local_value):
+        readout, affinity, top = local_window.local_attention_inference(
+            query_key, local_key, local_value, radius, scale=scale, top_k=comparator_top_k, affinity=keep_affinity
+        )
+        top = _pad_top_k(top, comparator_top_k, 1) if comparator_top_k else None
+        return ReadResult(readout, top, affinity)
     readout, similarity, affinity = local_window.local_attention(query_key, local_key, local_value, radius, scale=scale)
     top = top_k_similarities(similarity, comparator_top_k) if comparator_top_k else None
     return ReadResult(readout, top, affinity)
@@ -109,16 +118,27 @@ def sequential_local_memory_read(
     scale: float,
     *,
     comparator_top_k: int = 0,
+    keep_affinity: bool = True,
 ) -> ReadResult:
     """SLMR, eq. (6)-(8): reorganise stage-r local key/value with the stage r+1 local affinity, then read locally.
 
     coarse_affinity: B x (2d+1)^2 x H/2 x W/2, the LMR affinity W^{L_{r+1}}. Query position x uses the weights of
     its parent floor(x/2) for the offsets 2u, 2v: a dilation-2 window sum with the weights upsampled (nearest).
+    Without autograd, eq. (6) and (7) are one kernel pass that reads the coarse weights directly.
     """
-    weights = F.interpolate(coarse_affinity, size=query_key.shape[-2:], mode="nearest")
-    sequential_key = local_window.local_weighted_sum(weights, local_key, radius, dilation=2)  # eq. (6)
-    sequential_value = local_window.local_weighted_sum(weights, local_value, radius, dilation=2)  # eq. (7)
-    return local_memory_read(query_key, sequential_key, sequential_value, radius, scale, comparator_top_k=comparator_top_k)  # eq. (8)
+    if not local_window.needs_grad(query_key, local_key, local_value, coarse_affinity):
+        h, w = query_key.shape[-2:]
+        upsample = 2 if (coarse_affinity.shape[-2] * 2, coarse_affinity.shape[-1] * 2) == (h, w) else 1
+        weights = coarse_affinity if upsample == 2 else F.interpolate(coarse_affinity, size=(h, w), mode="nearest")
+        sequential_key, sequential_value = local_window.local_weighted_sums_inference(
+            weights, [local_key, local_value], radius, dilation=2, upsample=upsample
+        )  # eq. (6), (7)
+    else:
+        weights = F.interpolate(coarse_affinity, size=query_key.shape[-2:], mode="nearest")
+        sequential_key = local_window.local_weighted_sum(weights, local_key, radius, dilation=2)  # eq. (6)
+        sequential_value = local_window.local_weighted_sum(weights, local_value, radius, dilation=2)  # eq. (7)
+    return local_memory_read(query_key, sequential_key, sequential_value, radius, scale,
+                             comparator_top_k=comparator_top_k, keep_affinity=keep_affinity)  # eq. (8)
 
 
 def top_k_similarities(similarity: Tensor, k: int, dim: int = 1) -> Tensor:
@@ -134,6 +154,11 @@ def top_k_similarities(similarity: Tensor, k: int, dim: int = 1) -> Tensor:
         top = moved.topk(min(k, similarity.shape[dim]), dim=-1).values.movedim(-1, dim).contiguous()
     else:
         top = similarity.topk(min(k, similarity.shape[dim]), dim=dim).values
+    return _pad_top_k(top, k, dim)
+
+
+def _pad_top_k(top: Tensor, k: int, dim: int) -> Tensor:
+    """Repeat the smallest of fewer than k values along `dim` up to k (see top_k_similarities)."""
     if top.shape[dim] < k:
         last = top.narrow(dim, top.shape[dim] - 1, 1)
         shape = list(top.shape)

@@ -134,6 +134,8 @@ class LMRC(nn.Module):
                 local[r] = local_memory_read(
                     query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), cfg.window_radius,
                     cfg.scale, comparator_top_k=k,
+                    # only SLMR at stage r - 1 reads this affinity (inference skips writing it otherwise)
+                    keep_affinity=cfg.sequential_local_read and r - 1 in (2, 3),
                 )
             with stage("comparator"):
                 readouts[r].append(self._weigh(f"L{r}", local[r], global_top_k, reliability))
@@ -141,7 +143,7 @@ class LMRC(nn.Module):
             with stage("sequential_local_reads"):
                 result = sequential_local_memory_read(
                     query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), local[r + 1].affinity,
-                    cfg.window_radius, cfg.scale, comparator_top_k=k,
+                    cfg.window_radius, cfg.scale, comparator_top_k=k, keep_affinity=False,
                 )
             with stage("comparator"):
                 readouts[r].append(self._weigh(f"S{r}", result, global_top_k, reliability))
