@@ -333,3 +333,18 @@ def test_inference_results_do_not_depend_on_the_thread_count(native):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)  # rows are independent: bitwise equal whatever the split into bands
+
+
+def test_scratch_buffers_are_reused_per_name_shape_and_dtype():
+    lw.clear_scratch()
+    a = lw.scratch("x", (2, 3), torch.float32)
+    assert lw.scratch("x", (2, 3), torch.float32) is a
+    assert lw.scratch("x", (2, 4), torch.float32) is not a and lw.scratch("y", (2, 3), torch.float32) is not a
+    assert lw.scratch("x", (2, 3), torch.float64).dtype == torch.float64
+    with torch.inference_mode():
+        b = lw.scratch("z", (4,), torch.float32)
+    assert not b.is_inference()  # usable as an output outside inference mode too
+    for i in range(20):  # a bounded number of buffers is kept
+        lw.scratch(f"n{i}", (1,), torch.float32)
+    assert lw.scratch("x", (2, 3), torch.float32) is not a
+    lw.clear_scratch()

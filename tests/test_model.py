@@ -249,3 +249,32 @@ def test_local_reads_without_autograd_equal_the_training_path(k):
         torch.testing.assert_close(inf.similarity_top_k, train.similarity_top_k.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(inf_l.affinity, train_l.affinity.detach(), atol=1e-5, rtol=1e-5)
     assert inf_s.affinity is None and no_aff.affinity is None and no_aff.similarity_top_k is None
+
+
+def test_read_and_decode_without_autograd_equals_the_autograd_path():
+    # no_grad: inference kernels, weighed readouts written straight into the decoder's input; with grad: the
+    # autograd kernels, the comparator's weighed copies and one concatenation per stage
+    model = _model("lmrc-lite", "F").eval()
+    g = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 64, 96, generator=g)
+    frame = model.encode_key(image)
+    masks = torch.rand(1, 2, 64, 96, generator=g)
+    values = model.encode_value(image, frame, masks)
+    memory = MemoryInput(frame.keys[4].flatten(2), values[4].flatten(3), frame.keys, values)
+    with torch.no_grad():
+        fast = model.read_and_decode(frame, memory)
+    slow = model.read_and_decode(frame, memory)
+    assert slow.logits.grad_fn is not None
+    torch.testing.assert_close(fast.logits, slow.logits.detach(), atol=1e-4, rtol=1e-4)
+    assert fast.reliability.keys() == slow.reliability.keys() == {"L2", "L3", "L4", "S2", "S3"}
+    for name in fast.reliability:
+        torch.testing.assert_close(fast.reliability[name], slow.reliability[name].detach(), atol=1e-5, rtol=1e-5)
+
+    # the reused scratch buffers work under inference_mode and no_grad alike, and do not leak between calls
+    with torch.inference_mode():
+        again = model.read_and_decode(frame, memory)
+    with torch.no_grad():
+        other = model.read_and_decode(frame, MemoryInput(memory.global_keys, memory.global_values, frame.keys,
+                                                         {r: v.flip(1) for r, v in values.items()}))
+    torch.testing.assert_close(again.logits, fast.logits, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(other.logits, fast.logits)

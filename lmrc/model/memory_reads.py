@@ -90,17 +90,20 @@ def global_memory_read(
 
 def local_memory_read(
     query_key: Tensor, local_key: Tensor, local_value: Tensor, radius: int, scale: float, *, comparator_top_k: int = 0,
-    keep_affinity: bool = True,
+    keep_affinity: bool = True, readout_buffer: Tensor | None = None,
 ) -> ReadResult:
     """LMR, eq. (4)-(5): the read restricted to a (2d+1)^2 window around each query position.
 
     query_key, local_key: B x Ck x H x W; local_value: B x Cv x H x W. O(HW (2d+1)^2) memory (Section III-E-4).
     Without autograd (inference) one native kernel computes the readout and the comparator's top-k; the affinity
     is then only written when `keep_affinity` (SLMR reads it at the next finer stage), else ReadResult.affinity is None.
+    readout_buffer: where the inference kernel may write the readout (e.g. a `local_window.scratch` buffer the
+    caller consumes before the next read); ReadResult.readout then is that buffer.
     """
     if not local_window.needs_grad(query_key, local_key, local_value):
         readout, affinity, top = local_window.local_attention_inference(
-            query_key, local_key, local_value, radius, scale=scale, top_k=comparator_top_k, affinity=keep_affinity
+            query_key, local_key, local_value, radius, scale=scale, top_k=comparator_top_k, affinity=keep_affinity,
+            out=readout_buffer,
         )
         top = _pad_top_k(top, comparator_top_k, 1) if comparator_top_k else None
         return ReadResult(readout, top, affinity)
@@ -119,26 +122,31 @@ def sequential_local_memory_read(
     *,
     comparator_top_k: int = 0,
     keep_affinity: bool = True,
+    readout_buffer: Tensor | None = None,
 ) -> ReadResult:
     """SLMR, eq. (6)-(8): reorganise stage-r local key/value with the stage r+1 local affinity, then read locally.
 
     coarse_affinity: B x (2d+1)^2 x H/2 x W/2, the LMR affinity W^{L_{r+1}}. Query position x uses the weights of
     its parent floor(x/2) for the offsets 2u, 2v: a dilation-2 window sum with the weights upsampled (nearest).
-    Without autograd, eq. (6) and (7) are one kernel pass that reads the coarse weights directly.
+    Without autograd, eq. (6) and (7) are one kernel pass that reads the coarse weights directly, into reused
+    scratch buffers (the reorganised key and value live only during this call). readout_buffer as in LMR.
     """
     if not local_window.needs_grad(query_key, local_key, local_value, coarse_affinity):
         h, w = query_key.shape[-2:]
         upsample = 2 if (coarse_affinity.shape[-2] * 2, coarse_affinity.shape[-1] * 2) == (h, w) else 1
         weights = coarse_affinity if upsample == 2 else F.interpolate(coarse_affinity, size=(h, w), mode="nearest")
+        buffers = [local_window.scratch(f"slmr{i}", t.shape, torch.float64 if t.dtype == torch.float64 else torch.float32)
+                   for i, t in enumerate((local_key, local_value))]
         sequential_key, sequential_value = local_window.local_weighted_sums_inference(
-            weights, [local_key, local_value], radius, dilation=2, upsample=upsample
+            weights, [local_key, local_value], radius, dilation=2, upsample=upsample, out=buffers
         )  # eq. (6), (7)
     else:
         weights = F.interpolate(coarse_affinity, size=query_key.shape[-2:], mode="nearest")
         sequential_key = local_window.local_weighted_sum(weights, local_key, radius, dilation=2)  # eq. (6)
         sequential_value = local_window.local_weighted_sum(weights, local_value, radius, dilation=2)  # eq. (7)
     return local_memory_read(query_key, sequential_key, sequential_value, radius, scale,
-                             comparator_top_k=comparator_top_k, keep_affinity=keep_affinity)  # eq. (8)
+                             comparator_top_k=comparator_top_k, keep_affinity=keep_affinity,
+                             readout_buffer=readout_buffer)  # eq. (8)
 
 
 def top_k_similarities(similarity: Tensor, k: int, dim: int = 1) -> Tensor:

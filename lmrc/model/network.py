@@ -18,6 +18,7 @@ from lmrc.model.comparator import MemoryComparator, upsample_global_top_k
 from lmrc.model.decoder import Decoder
 from lmrc.model.encoders import STAGES, KeyEncoder, ValueEncoder, build_trunks
 from lmrc.model.memory_reads import ReadResult, global_memory_read, local_memory_read, sequential_local_memory_read
+from lmrc.ops import local_window
 
 STRIDE = 16  # input sides must be multiples of the coarsest stage's stride
 
@@ -90,6 +91,7 @@ class LMRC(nn.Module):
         readout_channels[4] += value_dims[4]  # GMR
         for name in self.local_names + self.sequential_names:
             readout_channels[int(name[1])] += value_dims[int(name[1])]
+        self.readout_channels = readout_channels  # per object and stage, in the order the readouts are made
         self.decoder = Decoder(frame_channels, readout_channels, dict(zip(STAGES, config.decoder_dims)))
 
     # --- the three steps shared by training and inference -------------------------------------------------
@@ -125,8 +127,8 @@ class LMRC(nn.Module):
         with stage("comparator"):
             global_top_k = upsample_global_top_k(glob.similarity_top_k) if k else {}
 
-        readouts: dict[int, list[Tensor]] = {r: [] for r in STAGES}
-        readouts[4].append(glob.readout)
+        readouts = _StageReadouts(self.readout_channels, n, direct=not torch.is_grad_enabled())
+        readouts.add(4, glob.readout)
         reliability: dict[str, Tensor] = {}
         local: dict[int, ReadResult] = {}
         for r in sorted(cfg.local_read_stages, reverse=True):
@@ -136,30 +138,38 @@ class LMRC(nn.Module):
                     cfg.scale, comparator_top_k=k,
                     # only SLMR at stage r - 1 reads this affinity (inference skips writing it otherwise)
                     keep_affinity=cfg.sequential_local_read and r - 1 in (2, 3),
+                    readout_buffer=readouts.scratch_for(memory.local_values[r]),
                 )
             with stage("comparator"):
-                readouts[r].append(self._weigh(f"L{r}", local[r], global_top_k, reliability))
+                self._weigh(readouts, f"L{r}", local[r], global_top_k, reliability)
         for r in (3, 2) if cfg.sequential_local_read else ():
             with stage("sequential_local_reads"):
                 result = sequential_local_memory_read(
                     query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), local[r + 1].affinity,
                     cfg.window_radius, cfg.scale, comparator_top_k=k, keep_affinity=False,
+                    readout_buffer=readouts.scratch_for(memory.local_values[r]),
                 )
             with stage("comparator"):
-                readouts[r].append(self._weigh(f"S{r}", result, global_top_k, reliability))
+                self._weigh(readouts, f"S{r}", result, global_top_k, reliability)
 
         with stage("decoder"):
-            per_object = {r: _fold_objects(readouts[r], n) for r in STAGES}
+            per_object = {r: readouts.folded(r) for r in STAGES}
             logits = self.decoder(query.features, per_object, n)
             agg_logits, probs = soft_aggregate(logits, memory.valid_objects)
         return SegmentOutput(logits, agg_logits, probs, reliability)
 
-    def _weigh(self, name: str, result: ReadResult, global_top_k: dict[int, Tensor], reliability: dict[str, Tensor]) -> Tensor:
-        if self.comparator is None:
-            return result.readout
+    def _weigh(self, readouts: "_StageReadouts", name: str, result: ReadResult, global_top_k: dict[int, Tensor],
+               reliability: dict[str, Tensor]) -> None:
         r = int(name[1])
+        if self.comparator is None:
+            readouts.add(r, result.readout)
+            return
+        if readouts.direct:  # eq. (10) written straight into the decoder's input: no weighed copy
+            reliability[name] = self.comparator.weights[name](result.similarity_top_k, global_top_k[r])
+            readouts.add(r, result.readout, reliability[name])
+            return
         weighed, reliability[name] = self.comparator(name, result.readout, result.similarity_top_k, global_top_k[r])
-        return weighed
+        readouts.add(r, weighed)
 
     # --- training pass ------------------------------------------------------------------------------------
 
@@ -184,6 +194,61 @@ class LMRC(nn.Module):
         q_memory = MemoryInput(g_memory.global_keys, g_memory.global_values, enc[1].keys, l_values, valid_objects)
         query_out = self.read_and_decode(enc[2], q_memory)
         return TrainingOutput(local_out, query_out, enc[2].keys)
+
+
+class _StageReadouts:
+    """The readouts of each stage, folded for the decoder as B*N x sum(C_i) x h x w (objects into the batch).
+
+    With autograd the parts are kept and concatenated at the end. Without (direct=True), each part is written into
+    its channel slice of one buffer per stage as it arrives, with the comparator's reliability weight applied on
+    the way (eq. 10): no weighed copy of a readout and no concatenation pass. On CPU the buffers are scratch
+    buffers reused from frame to frame (`local_window.scratch`): the decoder consumes them within the call."""
+
+    def __init__(self, channels: dict[int, int], objects: int, direct: bool) -> None:
+        self.channels, self.objects, self.direct = channels, objects, direct
+        self.parts: dict[int, list[Tensor]] = {r: [] for r in channels}
+        self.buffers: dict[int, Tensor] = {}
+        self.filled = {r: 0 for r in channels}
+
+    def add(self, r: int, readout: Tensor, weight: Tensor | None = None) -> None:
+        """readout B x N*C x h x w; weight B x 1 x h x w (direct only) multiplies it."""
+        if not self.direct:
+            self.parts[r].append(readout)
+            return
+        b, h, w = readout.shape[0], *readout.shape[-2:]
+        per_object = readout.view(b, self.objects, -1, h, w)
+        c = per_object.shape[2]
+        if r not in self.buffers:
+            dtype = readout.dtype if weight is None else torch.promote_types(readout.dtype, weight.dtype)
+            shape = (b, self.objects, self.channels[r], h, w)
+            self.buffers[r] = (local_window.scratch(f"stage{r}", shape, dtype) if readout.device.type == "cpu"
+                               else readout.new_empty(shape, dtype=dtype))
+        start = self.filled[r]
+        if start + c > self.channels[r]:
+            raise ValueError(f"stage {r} readouts exceed the {self.channels[r]} channels the decoder takes")
+        dest = self.buffers[r][:, :, start: start + c]
+        if weight is None:
+            dest.copy_(per_object)
+        else:
+            torch.mul(per_object, weight.unsqueeze(1), out=dest)
+        self.filled[r] = start + c
+
+    def scratch_for(self, values: Tensor) -> Tensor | None:
+        """Without autograd on CPU: a reused buffer for a readout of these values (B x N x C x h x w), consumed
+        by `add` before the next read. Large fresh tensors page-fault on every frame (glibc returns them to the OS)."""
+        if not self.direct or values.device.type != "cpu":
+            return None
+        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+        return local_window.scratch("readout", (values.shape[0], values.shape[1] * values.shape[2], *values.shape[3:]), dtype)
+
+    def folded(self, r: int) -> Tensor | None:
+        if not self.direct:
+            return _fold_objects(self.parts[r], self.objects)
+        if r not in self.buffers:
+            return None
+        if self.filled[r] != self.channels[r]:
+            raise ValueError(f"stage {r} readouts fill {self.filled[r]} of the {self.channels[r]} channels the decoder takes")
+        return self.buffers[r].flatten(0, 1)
 
 
 def _fold_objects(parts: list[Tensor], objects: int) -> Tensor | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -268,6 +269,42 @@ def local_attention(
 
 _MAX_NATIVE_TOP_K = 16  # LW_MAX_TOPK in local_window.c
 
+_scratch = threading.local()
+_SCRATCH_SLOTS = 16
+
+
+def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A reusable uninitialised CPU buffer for an inference temporary, one per (name, shape, dtype) and thread.
+
+    Large fresh tensors are returned to the OS when freed (glibc mmaps them) and every page faults again on the
+    next frame; that cost more than the reads themselves. Only for temporaries that no caller keeps: the buffer is
+    handed out again at the next request with the same name. The 16 most recent buffers per thread are kept.
+    """
+    cache = getattr(_scratch, "buffers", None)
+    if cache is None:
+        cache = _scratch.buffers = {}
+    key = (name, tuple(shape), dtype)
+    t = cache.pop(key, None)
+    if t is None:
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            t = torch.empty(shape, dtype=dtype)
+        while len(cache) >= _SCRATCH_SLOTS:
+            cache.pop(next(iter(cache)))
+    cache[key] = t  # most recent last
+    return t
+
+
+def clear_scratch() -> None:
+    """Free this thread's scratch buffers."""
+    _scratch.buffers = {}
+
+
+def _output(out: Tensor | None, like_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    # the caller's buffer when the kernel can write it directly, else a new tensor
+    if out is not None and tuple(out.shape) == tuple(like_shape) and out.dtype == dtype and out.is_contiguous():
+        return out
+    return torch.empty(like_shape, dtype=dtype)
+
 
 def needs_grad(*tensors: Tensor) -> bool:
     """True when autograd would record an op on these tensors (the inference functions then take the autograd path)."""
@@ -276,7 +313,7 @@ def needs_grad(*tensors: Tensor) -> bool:
 
 def local_attention_inference(
     query: Tensor, key: Tensor, value: Tensor, radius: int, dilation: int = 1, scale: float = 1.0, *,
-    top_k: int = 0, affinity: bool = False,
+    top_k: int = 0, affinity: bool = False, out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """LMR (eq. 4-5) for inference: (readout B x Cv x H x W, affinity or None, top-k similarities or None).
 
@@ -284,6 +321,7 @@ def local_attention_inference(
     similarity nor, unless `affinity`, the affinity: top_k > 0 returns the min(top_k, (2d+1)^2) largest
     similarities of each pixel in descending order (B x k x H x W, as `torch.topk` along the window), computed in
     the same pass. Inputs that need gradients (or no native kernels) take `local_attention`'s path instead.
+    out: a contiguous buffer for the readout (used when its shape and dtype fit, e.g. a `scratch` buffer).
     """
     _check(radius, dilation, ("query", query), ("key", key), ("value", value))
     if query.shape[1] != key.shape[1]:
@@ -300,7 +338,7 @@ def local_attention_inference(
     q, kk, v = _prep(query, dtype), _prep(key, dtype), _prep(value, dtype)
     b, ck, h, w = q.shape
     cv = v.shape[1]
-    readout = torch.empty_like(v)
+    readout = _output(out, v.shape, dtype)
     aff = torch.empty(b, _window_size(radius), h, w, dtype=dtype) if affinity else None
     top = torch.empty(b, k, h, w, dtype=dtype) if k > 0 else None
     lib("lw_attention_inf", _ptr(q), _ptr(kk), _ptr(v), _ptr(readout), _ptr(aff), _ptr(top),
@@ -311,14 +349,15 @@ def local_attention_inference(
 
 
 def local_weighted_sums_inference(
-    weights: Tensor, values: list[Tensor], radius: int, dilation: int = 1, *, upsample: int = 1
+    weights: Tensor, values: list[Tensor], radius: int, dilation: int = 1, *, upsample: int = 1,
+    out: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """`local_weighted_sum(weights, v)` for each v of `values` (one or two, same size) in one pass over the weights.
 
     upsample=2: `weights` is at half the size of the values (B x (2d+1)^2 x H/2 x W/2, H and W even) and is
     upsampled to them by nearest neighbour (as SLMR, eq. 6-7) inside the kernel, without an upsampled copy.
     Weights pointing outside the image are ignored as long as they are finite. Inputs that need gradients (or no
-    native kernels) take the autograd path.
+    native kernels) take the autograd path. out: buffers for the results (used where shape and dtype fit).
     """
     if not 1 <= len(values) <= 2:
         raise ValueError(f"one or two value tensors, got {len(values)}")
@@ -337,7 +376,7 @@ def local_weighted_sums_inference(
         return [local_weighted_sum(full, v, radius, dilation) for v in values]
     dtype = _compute_dtype(weights, *values)
     wt, vs = _prep(weights, dtype), [_prep(v, dtype) for v in values]
-    outs = [torch.empty_like(v) for v in vs]
+    outs = [_output(None if out is None else o, v.shape, dtype) for o, v in zip(out or [None] * len(vs), vs)]
     second = (vs[1], outs[1], vs[1].shape[1]) if len(vs) == 2 else (None, None, 0)
     lib("lw_wsum_inf", _ptr(wt), _ptr(vs[0]), _ptr(outs[0]), vs[0].shape[1], _ptr(second[0]), _ptr(second[1]),
         second[2], vs[0].shape[0], h, w, int(radius), int(dilation), int(upsample))
