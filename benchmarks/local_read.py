@@ -7,6 +7,10 @@ HW x HW reference). "plain" below is the faster of shifted and unfold at each sc
 Time: median of several runs after warm-up, at torch.get_num_threads() threads. forward runs under no_grad
 (inference); forward+backward makes q, k, v leaves and back-propagates a fixed random readout gradient.
 
+`--inference` times instead the local reads of one setting-F frame (LMR at 1/4, 1/8, 1/16, SLMR at 1/4 and 1/8,
+2 objects, comparator top-k, no_grad) on the pre-issue-#7 path and on the model's inference path, alternating in one
+process, and prints both and their ratio.
+
 Memory: every allocation and free of torch's CPU allocator is recorded by torch.profiler (profile_memory)
 during one run; the running sum gives the peak beyond what was live before the call (the inputs). The native
 kernels allocate nothing themselves, so this covers them completely; scratch space that MKL/oneDNN take
@@ -124,11 +128,106 @@ def memory_bytes(fn, inputs, backward):
     return peak, live
 
 
+# --- inference: the reads of one setting-F frame, old path vs the no-grad kernels ---------------------------------------
+
+OBJECTS = 2
+VALUE_DIMS = {2: 64, 3: 128, 4: 256}  # per object, lmrc-lite
+STAGE_SIZES = {2: (120, 216), 3: (60, 108), 4: (30, 54)}  # 854x480 padded to 864x480
+
+
+def frame_inputs(seed=0):
+    """Keys (query and local memory) and the N objects' local values per stage, as the segmenter passes them."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for r, (h, w) in STAGE_SIZES.items():
+        q = torch.randn(1, KEY_CHANNELS, h, w, generator=g)
+        k = q + 0.5 * torch.randn(1, KEY_CHANNELS, h, w, generator=g)
+        out[r] = (q, k, torch.randn(1, OBJECTS * VALUE_DIMS[r], h, w, generator=g))
+    return out
+
+
+def frame_reads_old(inputs, k=5, scale=KEY_CHANNELS ** -0.5):
+    """Before issue #7: autograd kernels under no_grad, torch.topk of the similarity, eq. 6 and 7 as two sums over an
+    upsampled affinity copy, and the comparator's weighted copy of each readout."""
+    from lmrc.model.memory_reads import top_k_similarities
+
+    out, aff = {}, {}
+    for r in (4, 3, 2):
+        q, key, v = inputs[r]
+        read, sim, aff[r] = lw.local_attention(q, key, v, RADIUS, 1, scale)
+        out[f"L{r}"] = (read * 0.5, top_k_similarities(sim, k))
+    for r in (3, 2):
+        q, key, v = inputs[r]
+        w = F.interpolate(aff[r + 1], size=q.shape[-2:], mode="nearest")
+        sk, sv = lw.local_weighted_sum(w, key, RADIUS, 2), lw.local_weighted_sum(w, v, RADIUS, 2)
+        read, sim, _ = lw.local_attention(q, sk, sv, RADIUS, 1, scale)
+        out[f"S{r}"] = (read * 0.5, top_k_similarities(sim, k))
+    return out
+
+
+def frame_reads_new(inputs, k=5, scale=KEY_CHANNELS ** -0.5):
+    """The model's no-grad path: fused LMR + top-k kernel, one eq. 6-7 pass on the coarse affinity, scratch buffers
+    for the temporaries, each readout weighed straight into its slot of the decoder's input."""
+    from lmrc.model.memory_reads import local_memory_read, sequential_local_memory_read
+
+    out, aff, stage = {}, {}, {}
+    for r in (4, 3, 2):
+        q, key, v = inputs[r]
+        stage[r] = lw.scratch(f"bench_stage{r}", (1, OBJECTS, 2 * v.shape[1] // OBJECTS, *v.shape[-2:]), torch.float32)
+        buf = lw.scratch("bench_readout", tuple(v.shape), torch.float32)
+        res = local_memory_read(q, key, v, RADIUS, scale, comparator_top_k=k, keep_affinity=r > 2, readout_buffer=buf)
+        aff[r] = res.affinity
+        half = v.shape[1] // OBJECTS
+        torch.mul(res.readout.view(1, OBJECTS, half, *v.shape[-2:]), 0.5, out=stage[r][:, :, :half])
+        out[f"L{r}"] = (stage[r][:, :, :half], res.similarity_top_k)
+    for r in (3, 2):
+        q, key, v = inputs[r]
+        buf = lw.scratch("bench_readout", tuple(v.shape), torch.float32)
+        res = sequential_local_memory_read(q, key, v, aff[r + 1], RADIUS, scale, comparator_top_k=k,
+                                           keep_affinity=False, readout_buffer=buf)
+        half = v.shape[1] // OBJECTS
+        torch.mul(res.readout.view(1, OBJECTS, half, *v.shape[-2:]), 0.5, out=stage[r][:, :, half:])
+        out[f"S{r}"] = (stage[r][:, :, half:], res.similarity_top_k)
+    return out
+
+
+def inference_main(repeats: int) -> int:
+    if os.environ.get("LMRC_LOCAL_WINDOW"):
+        raise SystemExit("unset LMRC_LOCAL_WINDOW to benchmark the native kernels")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one setting-F frame's local reads at 854x480 "
+          f"(LMR at stages 2-4, SLMR at 2-3), {OBJECTS} objects, d={RADIUS}, top-5 for the comparator, no_grad")
+    print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    inputs = frame_inputs()
+    with torch.inference_mode():
+        old, new = frame_reads_old(inputs), frame_reads_new(inputs)
+        err = max(max((o - n.reshape(o.shape)).abs().max().item() for o, n in zip(old[name], new[name])) for name in old)
+        del old, new
+        times = {"old": [], "new": []}
+        for i in range(repeats):  # alternating, so both see the same machine load
+            for label in (("old", "new") if i % 2 == 0 else ("new", "old")):
+                fn = frame_reads_old if label == "old" else frame_reads_new
+                start = time.perf_counter()
+                result = fn(inputs)
+                times[label].append((time.perf_counter() - start) * 1e3)
+                del result
+    old_ms, new_ms = statistics.median(times["old"]), statistics.median(times["new"])
+    print(f"max |old - new| over readouts and top-k: {err:.1e}")
+    print(f"per frame (median of {repeats}): old {old_ms:.1f} ms, new {new_ms:.1f} ms, old/new x{old_ms / new_ms:.2f}")
+    print(f"load average at end: {os.getloadavg()[0]:.1f}")
+    print(f"local_read inference old_ms={old_ms:.1f} new_ms={new_ms:.1f} ratio={old_ms / new_ms:.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dense-quarter", action="store_true", help="also run the dense reference at 1/4 (~5 GB)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (median reported)")
+    parser.add_argument("--inference", action="store_true",
+                        help="only the reads of one setting-F frame (2 objects, no_grad): the old path vs the inference "
+                             "kernels, alternating, with their time ratio")
     args = parser.parse_args(argv)
+    if args.inference:
+        return inference_main(max(args.repeats, 3))
 
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={RADIUS}, keys {KEY_CHANNELS} ch, batch 1")
