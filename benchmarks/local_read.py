@@ -8,7 +8,7 @@ Time: median of several runs after warm-up, at torch.get_num_threads() threads. 
 (inference); forward+backward makes q, k, v leaves and back-propagates a fixed random readout gradient.
 
 `--inference` times instead the local reads of one setting-F frame (LMR at 1/4, 1/8, 1/16, SLMR at 1/4 and 1/8,
-2 objects, comparator top-k, no_grad) on the pre-issue-#7 path and on the model's inference path, alternating in one
+2 objects, with the memory comparator's weighting up to the decoder's input, no_grad) on the pre-issue-#7 path and on the model's inference path, alternating in one
 process, and prints both and their ratio.
 
 Memory: every allocation and free of torch's CPU allocator is recorded by torch.profiler (profile_memory)
@@ -146,72 +146,90 @@ def frame_inputs(seed=0):
     return out
 
 
-def frame_reads_old(inputs, k=5, scale=KEY_CHANNELS ** -0.5):
+def frame_comparator(k=5):
+    """Memory-comparator reliability weights for L2-4 and S2-3 (random, as in an untrained model) and a global top-k."""
+    from lmrc.model.comparator import MemoryComparator, upsample_global_top_k
+
+    torch.manual_seed(0)
+    comparator = MemoryComparator(["L2", "L3", "L4", "S2", "S3"], k, alpha=1.0).eval()
+    g = torch.Generator().manual_seed(1)
+    global_top = torch.randn(1, k, *STAGE_SIZES[4], generator=g).sort(1, descending=True).values
+    return comparator, upsample_global_top_k(global_top)
+
+
+def frame_reads_old(inputs, comparator, global_top, k=5, scale=KEY_CHANNELS ** -0.5):
     """Before issue #7: autograd kernels under no_grad, torch.topk of the similarity, eq. 6 and 7 as two sums over an
-    upsampled affinity copy, and the comparator's weighted copy of each readout."""
+    upsampled affinity copy, the comparator's weighed copy of each readout, one concatenation per stage."""
     from lmrc.model.memory_reads import top_k_similarities
 
-    out, aff = {}, {}
+    parts, aff = {r: [] for r in STAGE_SIZES}, {}
+
+    def weigh(name, read, sim):
+        parts[int(name[1])].append(comparator(name, read, top_k_similarities(sim, k), global_top[int(name[1])])[0])
+
     for r in (4, 3, 2):
         q, key, v = inputs[r]
         read, sim, aff[r] = lw.local_attention(q, key, v, RADIUS, 1, scale)
-        out[f"L{r}"] = (read * 0.5, top_k_similarities(sim, k))
+        weigh(f"L{r}", read, sim)
     for r in (3, 2):
         q, key, v = inputs[r]
         w = F.interpolate(aff[r + 1], size=q.shape[-2:], mode="nearest")
         sk, sv = lw.local_weighted_sum(w, key, RADIUS, 2), lw.local_weighted_sum(w, v, RADIUS, 2)
         read, sim, _ = lw.local_attention(q, sk, sv, RADIUS, 1, scale)
-        out[f"S{r}"] = (read * 0.5, top_k_similarities(sim, k))
-    return out
+        weigh(f"S{r}", read, sim)
+    return {r: torch.cat([p.view(1, OBJECTS, -1, *p.shape[-2:]) for p in ps], 2) for r, ps in parts.items()}
 
 
-def frame_reads_new(inputs, k=5, scale=KEY_CHANNELS ** -0.5):
-    """The model's no-grad path: fused LMR + top-k kernel, one eq. 6-7 pass on the coarse affinity, scratch buffers
-    for the temporaries, each readout weighed straight into its slot of the decoder's input."""
+def frame_reads_new(inputs, comparator, global_top, k=5, scale=KEY_CHANNELS ** -0.5):
+    """The model's no-grad path: one kernel per read computes the readout, the top-k and the comparator's weight and
+    writes the weighed readout into its place in the decoder's input; eq. 6-7 in one pass on the coarse affinity."""
     from lmrc.model.memory_reads import local_memory_read, sequential_local_memory_read
 
-    out, aff, stage = {}, {}, {}
+    stage, aff = {}, {}
+
+    def fused(name):
+        module = comparator.weights[name]
+        return global_top[int(name[1])], module.conv.weight.reshape(-1), float(module.conv.bias), module.alpha
+
     for r in (4, 3, 2):
         q, key, v = inputs[r]
-        stage[r] = lw.scratch(f"bench_stage{r}", (1, OBJECTS, 2 * v.shape[1] // OBJECTS, *v.shape[-2:]), torch.float32)
-        buf = lw.scratch("bench_readout", tuple(v.shape), torch.float32)
-        res = local_memory_read(q, key, v, RADIUS, scale, comparator_top_k=k, keep_affinity=r > 2, readout_buffer=buf)
-        aff[r] = res.affinity
         half = v.shape[1] // OBJECTS
-        torch.mul(res.readout.view(1, OBJECTS, half, *v.shape[-2:]), 0.5, out=stage[r][:, :, :half])
-        out[f"L{r}"] = (stage[r][:, :, :half], res.similarity_top_k)
+        stage[r] = lw.scratch(f"bench_stage{r}", (1, OBJECTS, 2 * half, *v.shape[-2:]), torch.float32)
+        res = local_memory_read(q, key, v, RADIUS, scale, comparator_top_k=k, keep_affinity=r > 2,
+                                readout_buffer=stage[r][:, :, :half], reliability=fused(f"L{r}"))
+        aff[r] = res.affinity
     for r in (3, 2):
         q, key, v = inputs[r]
-        buf = lw.scratch("bench_readout", tuple(v.shape), torch.float32)
-        res = sequential_local_memory_read(q, key, v, aff[r + 1], RADIUS, scale, comparator_top_k=k,
-                                           keep_affinity=False, readout_buffer=buf)
         half = v.shape[1] // OBJECTS
-        torch.mul(res.readout.view(1, OBJECTS, half, *v.shape[-2:]), 0.5, out=stage[r][:, :, half:])
-        out[f"S{r}"] = (stage[r][:, :, half:], res.similarity_top_k)
-    return out
+        sequential_local_memory_read(q, key, v, aff[r + 1], RADIUS, scale, comparator_top_k=k, keep_affinity=False,
+                                     readout_buffer=stage[r][:, :, half:], reliability=fused(f"S{r}"))
+    # stage 4 holds L4 only (its other part, the global read's readout, is not part of this benchmark)
+    return {r: stage[r][:, :, : inputs[r][2].shape[1] // OBJECTS] if r == 4 else stage[r] for r in stage}
 
 
 def inference_main(repeats: int) -> int:
     if os.environ.get("LMRC_LOCAL_WINDOW"):
         raise SystemExit("unset LMRC_LOCAL_WINDOW to benchmark the native kernels")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; one setting-F frame's local reads at 854x480 "
-          f"(LMR at stages 2-4, SLMR at 2-3), {OBJECTS} objects, d={RADIUS}, top-5 for the comparator, no_grad")
+          f"(LMR at stages 2-4, SLMR at 2-3) and their memory-comparator weighting, {OBJECTS} objects, d={RADIUS}, "
+          f"top-5, no_grad")
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     inputs = frame_inputs()
+    comparator, global_top = frame_comparator()
     with torch.inference_mode():
-        old, new = frame_reads_old(inputs), frame_reads_new(inputs)
-        err = max(max((o - n.reshape(o.shape)).abs().max().item() for o, n in zip(old[name], new[name])) for name in old)
+        old, new = frame_reads_old(inputs, comparator, global_top), frame_reads_new(inputs, comparator, global_top)
+        err = max((old[r] - new[r]).abs().max().item() for r in old)
         del old, new
         times = {"old": [], "new": []}
         for i in range(repeats):  # alternating, so both see the same machine load
             for label in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 fn = frame_reads_old if label == "old" else frame_reads_new
                 start = time.perf_counter()
-                result = fn(inputs)
+                result = fn(inputs, comparator, global_top)
                 times[label].append((time.perf_counter() - start) * 1e3)
                 del result
     old_ms, new_ms = statistics.median(times["old"]), statistics.median(times["new"])
-    print(f"max |old - new| over readouts and top-k: {err:.1e}")
+    print(f"max |old - new| over the weighed readouts (the decoder's input): {err:.1e}")
     print(f"per frame (median of {repeats}): old {old_ms:.1f} ms, new {new_ms:.1f} ms, old/new x{old_ms / new_ms:.2f}")
     print(f"load average at end: {os.getloadavg()[0]:.1f}")
     print(f"local_read inference old_ms={old_ms:.1f} new_ms={new_ms:.1f} ratio={old_ms / new_ms:.2f}")

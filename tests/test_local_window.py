@@ -260,9 +260,9 @@ def test_inference_attention_matches_dense_reference_and_topk(native, size, radi
     q, k, v = _inputs(2, 7, 11, h, w, dtype=dtype, seed=h * 100 + w)  # 11 value channels: 8 + a remainder of 3
     scale = 0.7
     with torch.no_grad():
-        read, aff, top = lw.local_attention_inference(q, k, v, radius, dilation, scale, top_k=5, affinity=True)
+        read, aff, top, none = lw.local_attention_inference(q, k, v, radius, dilation, scale, top_k=5, affinity=True)
         read_ref, sim_ref, aff_ref = local_memory_read_reference(q.double(), k.double(), v.double(), radius, scale, dilation)
-        assert read.dtype == aff.dtype == top.dtype == dtype
+        assert read.dtype == aff.dtype == top.dtype == dtype and none is None
         assert _max_diff(read, read_ref) <= TOL
         assert _max_diff(window_to_4d(aff, radius, dilation).reshape(2, h * w, h * w), aff_ref) <= TOL
         # top-k: the k largest of the window's similarities, descending, -inf where fewer are inside the image
@@ -271,7 +271,7 @@ def test_inference_attention_matches_dense_reference_and_topk(native, size, radi
         assert top.shape == expected.shape
         assert _max_diff(top, expected) <= TOL
         # without the optional outputs, the same readout
-        alone, no_aff, no_top = lw.local_attention_inference(q, k, v, radius, dilation, scale)
+        alone, no_aff, no_top, _ = lw.local_attention_inference(q, k, v, radius, dilation, scale)
         assert no_aff is None and no_top is None and torch.equal(alone, read)
 
 
@@ -306,7 +306,7 @@ def test_inference_slmr_reorganisation_reads_coarse_weights_as_eq6_7(native, coa
 def test_inference_ops_take_the_autograd_path_when_gradients_are_needed(native):
     q, k, v = _inputs(1, 4, 3, 6, 10)
     q.requires_grad_()
-    read, aff, top = lw.local_attention_inference(q, k, v, 2, 1, 0.5, top_k=3, affinity=True)
+    read, aff, top, _ = lw.local_attention_inference(q, k, v, 2, 1, 0.5, top_k=3, affinity=True)
     assert _is_native(read)  # the autograd Function, so training still differentiates through it
     read.sum().backward()
     assert q.grad is not None
@@ -314,7 +314,7 @@ def test_inference_ops_take_the_autograd_path_when_gradients_are_needed(native):
     (sv,) = lw.local_weighted_sums_inference(weights, [v], 2, 2, upsample=2)
     assert sv.grad_fn is not None
     with torch.no_grad():
-        fast = lw.local_attention_inference(q, k, v, 2, 1, 0.5, top_k=3, affinity=True)
+        fast = lw.local_attention_inference(q, k, v, 2, 1, 0.5, top_k=3, affinity=True)[:3]
     for a, b in zip(fast, (read, aff, top)):
         assert _max_diff(a, b.detach()) <= TOL
 
@@ -327,12 +327,43 @@ def test_inference_results_do_not_depend_on_the_thread_count(native):
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             with torch.no_grad():
-                results.append(lw.local_attention_inference(q, k, v, 2, 1, 0.5, top_k=5, affinity=True))
+                results.append(lw.local_attention_inference(q, k, v, 2, 1, 0.5, top_k=5, affinity=True)[:3])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)  # rows are independent: bitwise equal whatever the split into bands
+
+
+@pytest.mark.parametrize("size,radius", [((7, 9), 1), ((6, 30), 2), ((13, 1), 2), ((5, 17), 0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_inference_attention_applies_the_comparator_weight_and_writes_into_a_slice(native, size, radius, dtype):
+    from lmrc.model.comparator import ReliabilityWeight
+
+    h, w = size
+    objects, per_object = 2, 5
+    q, k, v = _inputs(1, 6, objects * per_object, h, w, dtype=dtype, seed=11)
+    top_k = min(3, (2 * radius + 1) ** 2)
+    torch.manual_seed(0)
+    module = ReliabilityWeight(top_k, alpha=1.5).to(dtype)
+    global_top = torch.randn(1, top_k, h, w, dtype=dtype).sort(1, descending=True).values
+    with torch.no_grad():
+        read, _, top, none = lw.local_attention_inference(q, k, v, radius, 1, 0.5, top_k=top_k)
+        expected_weight = module(top, global_top)  # the comparator's own eq. (9) + 1x1 conv + sigmoid
+        # the readout's place in a decoder input of 7 channels per object (another readout's 2 before it)
+        buffer = torch.full((1, objects, 7, h, w), 5.0, dtype=dtype)
+        slot = buffer[:, :, 2:]
+        fused = lw.local_attention_inference(q, k, v, radius, 1, 0.5, top_k=top_k, out=slot,
+                                             reliability=(global_top, module.conv.weight.reshape(-1),
+                                                          float(module.conv.bias), module.alpha))
+    assert none is None and fused[0] is slot
+    assert _max_diff(fused[3], expected_weight) <= TOL
+    assert _max_diff(slot, (read * expected_weight).view(1, objects, per_object, h, w)) <= TOL
+    assert torch.equal(buffer[:, :, :2], torch.full_like(buffer[:, :, :2], 5.0))  # nothing written outside the slot
+    assert torch.equal(fused[2], top)
+    with pytest.raises(ValueError, match="reliability"):
+        lw.local_attention_inference(q, k, v, radius, 1, 0.5, top_k=top_k + 1, reliability=(
+            global_top, module.conv.weight.reshape(-1), 0.0, 1.0))
 
 
 def test_scratch_buffers_are_reused_per_name_shape_and_dtype():

@@ -16,11 +16,13 @@ class ReadResult:
 
     readout: B x C x H x W; similarity: B x S x H x W (S memory positions per query, -inf where invalid);
     affinity: B x S x H x W (softmax of similarity; only kept for local reads, SLMR reuses it).
+    reliability: the memory comparator's weight H when the read fused it (the readout is then H (.) R, eq. 10).
     """
 
     readout: Tensor
     similarity_top_k: Tensor | None
     affinity: Tensor | None = None
+    reliability: Tensor | None = None  # B x 1 x H x W when the read applied the comparator's weight itself
 
 
 def global_similarity(query_key: Tensor, memory_key: Tensor, scale: float) -> Tensor:
@@ -91,22 +93,26 @@ def global_memory_read(
 def local_memory_read(
     query_key: Tensor, local_key: Tensor, local_value: Tensor, radius: int, scale: float, *, comparator_top_k: int = 0,
     keep_affinity: bool = True, readout_buffer: Tensor | None = None,
+    reliability: tuple[Tensor, Tensor, float, float] | None = None,
 ) -> ReadResult:
     """LMR, eq. (4)-(5): the read restricted to a (2d+1)^2 window around each query position.
 
     query_key, local_key: B x Ck x H x W; local_value: B x Cv x H x W. O(HW (2d+1)^2) memory (Section III-E-4).
     Without autograd (inference) one native kernel computes the readout and the comparator's top-k; the affinity
     is then only written when `keep_affinity` (SLMR reads it at the next finer stage), else ReadResult.affinity is None.
-    readout_buffer: where the inference kernel may write the readout (e.g. a `local_window.scratch` buffer the
-    caller consumes before the next read); ReadResult.readout then is that buffer.
+    readout_buffer: where the inference kernel may write the readout (see `local_window.local_attention_inference`);
+    ReadResult.readout then is that buffer. reliability = (global top-k, comparator 1x1 conv weights, bias, alpha):
+    inference only, the comparator's weight is applied in the same kernel (ReadResult.reliability).
     """
     if not local_window.needs_grad(query_key, local_key, local_value):
-        readout, affinity, top = local_window.local_attention_inference(
+        readout, affinity, top, weight = local_window.local_attention_inference(
             query_key, local_key, local_value, radius, scale=scale, top_k=comparator_top_k, affinity=keep_affinity,
-            out=readout_buffer,
+            out=readout_buffer, reliability=reliability,
         )
         top = _pad_top_k(top, comparator_top_k, 1) if comparator_top_k else None
-        return ReadResult(readout, top, affinity)
+        return ReadResult(readout, top, affinity, weight)
+    if reliability is not None:
+        raise ValueError("the fused reliability weight is for inference (no gradients); use MemoryComparator")
     readout, similarity, affinity = local_window.local_attention(query_key, local_key, local_value, radius, scale=scale)
     top = top_k_similarities(similarity, comparator_top_k) if comparator_top_k else None
     return ReadResult(readout, top, affinity)
@@ -123,13 +129,14 @@ def sequential_local_memory_read(
     comparator_top_k: int = 0,
     keep_affinity: bool = True,
     readout_buffer: Tensor | None = None,
+    reliability: tuple[Tensor, Tensor, float, float] | None = None,
 ) -> ReadResult:
     """SLMR, eq. (6)-(8): reorganise stage-r local key/value with the stage r+1 local affinity, then read locally.
 
     coarse_affinity: B x (2d+1)^2 x H/2 x W/2, the LMR affinity W^{L_{r+1}}. Query position x uses the weights of
     its parent floor(x/2) for the offsets 2u, 2v: a dilation-2 window sum with the weights upsampled (nearest).
     Without autograd, eq. (6) and (7) are one kernel pass that reads the coarse weights directly, into reused
-    scratch buffers (the reorganised key and value live only during this call). readout_buffer as in LMR.
+    scratch buffers (the reorganised key and value live only during this call). readout_buffer, reliability as in LMR.
     """
     if not local_window.needs_grad(query_key, local_key, local_value, coarse_affinity):
         h, w = query_key.shape[-2:]
@@ -146,7 +153,7 @@ def sequential_local_memory_read(
         sequential_value = local_window.local_weighted_sum(weights, local_value, radius, dilation=2)  # eq. (7)
     return local_memory_read(query_key, sequential_key, sequential_value, radius, scale,
                              comparator_top_k=comparator_top_k, keep_affinity=keep_affinity,
-                             readout_buffer=readout_buffer)  # eq. (8)
+                             readout_buffer=readout_buffer, reliability=reliability)  # eq. (8)
 
 
 def top_k_similarities(similarity: Tensor, k: int, dim: int = 1) -> Tensor:

@@ -129,6 +129,9 @@ class LMRC(nn.Module):
 
         readouts = _StageReadouts(self.readout_channels, n, direct=not torch.is_grad_enabled())
         readouts.add(4, glob.readout)
+        # inference: the LMR/SLMR kernel applies the comparator's weight itself (eq. 9-10) and writes the readout
+        # straight into its place in the decoder's input
+        fuse = readouts.direct and self.comparator is not None and 0 < k <= (2 * cfg.window_radius + 1) ** 2
         reliability: dict[str, Tensor] = {}
         local: dict[int, ReadResult] = {}
         for r in sorted(cfg.local_read_stages, reverse=True):
@@ -138,7 +141,8 @@ class LMRC(nn.Module):
                     cfg.scale, comparator_top_k=k,
                     # only SLMR at stage r - 1 reads this affinity (inference skips writing it otherwise)
                     keep_affinity=cfg.sequential_local_read and r - 1 in (2, 3),
-                    readout_buffer=readouts.scratch_for(memory.local_values[r]),
+                    readout_buffer=readouts.slot(r, memory.local_values[r]),
+                    reliability=self._fused_reliability(f"L{r}", global_top_k) if fuse else None,
                 )
             with stage("comparator"):
                 self._weigh(readouts, f"L{r}", local[r], global_top_k, reliability)
@@ -147,7 +151,8 @@ class LMRC(nn.Module):
                 result = sequential_local_memory_read(
                     query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), local[r + 1].affinity,
                     cfg.window_radius, cfg.scale, comparator_top_k=k, keep_affinity=False,
-                    readout_buffer=readouts.scratch_for(memory.local_values[r]),
+                    readout_buffer=readouts.slot(r, memory.local_values[r]),
+                    reliability=self._fused_reliability(f"S{r}", global_top_k) if fuse else None,
                 )
             with stage("comparator"):
                 self._weigh(readouts, f"S{r}", result, global_top_k, reliability)
@@ -164,12 +169,21 @@ class LMRC(nn.Module):
         if self.comparator is None:
             readouts.add(r, result.readout)
             return
+        if result.reliability is not None:  # applied by the read itself (inference)
+            reliability[name] = result.reliability
+            readouts.add(r, result.readout)
+            return
         if readouts.direct:  # eq. (10) written straight into the decoder's input: no weighed copy
             reliability[name] = self.comparator.weights[name](result.similarity_top_k, global_top_k[r])
             readouts.add(r, result.readout, reliability[name])
             return
         weighed, reliability[name] = self.comparator(name, result.readout, result.similarity_top_k, global_top_k[r])
         readouts.add(r, weighed)
+
+    def _fused_reliability(self, name: str, global_top_k: dict[int, Tensor]) -> tuple[Tensor, Tensor, float, float]:
+        """What a read needs to apply the comparator's reliability weight of readout `name` itself."""
+        module = self.comparator.weights[name]
+        return global_top_k[int(name[1])], module.conv.weight.reshape(-1), float(module.conv.bias), module.alpha
 
     # --- training pass ------------------------------------------------------------------------------------
 
@@ -200,8 +214,8 @@ class _StageReadouts:
     """The readouts of each stage, folded for the decoder as B*N x sum(C_i) x h x w (objects into the batch).
 
     With autograd the parts are kept and concatenated at the end. Without (direct=True), each part is written into
-    its channel slice of one buffer per stage as it arrives, with the comparator's reliability weight applied on
-    the way (eq. 10): no weighed copy of a readout and no concatenation pass. On CPU the buffers are scratch
+    its channel slice of one buffer per stage (the reads write there themselves, see `slot`), with the comparator's
+    reliability weight applied on the way (eq. 10): no weighed copy of a readout and no concatenation pass. On CPU the buffers are scratch
     buffers reused from frame to frame (`local_window.scratch`): the decoder consumes them within the call."""
 
     def __init__(self, channels: dict[int, int], objects: int, direct: bool) -> None:
@@ -210,36 +224,44 @@ class _StageReadouts:
         self.buffers: dict[int, Tensor] = {}
         self.filled = {r: 0 for r in channels}
 
+    def _buffer(self, r: int, b: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        if r not in self.buffers:
+            shape = (b, self.objects, self.channels[r], h, w)
+            self.buffers[r] = (local_window.scratch(f"stage{r}", shape, dtype) if device.type == "cpu"
+                               else torch.empty(shape, dtype=dtype, device=device))
+        return self.buffers[r]
+
+    def slot(self, r: int, values: Tensor) -> Tensor | None:
+        """Direct on CPU: the B x N x C x h x w place of the next readout of these values (B x N x C x h x w) in the
+        stage buffer, for the read to write into; else None."""
+        if not self.direct or values.device.type != "cpu":
+            return None
+        b, n, c, h, w = values.shape
+        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+        buffer = self._buffer(r, b, h, w, dtype, values.device)
+        start = self.filled[r]
+        return buffer[:, :, start: start + c] if start + c <= self.channels[r] else None
+
     def add(self, r: int, readout: Tensor, weight: Tensor | None = None) -> None:
-        """readout B x N*C x h x w; weight B x 1 x h x w (direct only) multiplies it."""
+        """readout B x N*C x h x w (or the slot it was written into); weight B x 1 x h x w (direct only) multiplies it."""
         if not self.direct:
             self.parts[r].append(readout)
             return
         b, h, w = readout.shape[0], *readout.shape[-2:]
-        per_object = readout.view(b, self.objects, -1, h, w)
+        per_object = readout if readout.dim() == 5 else readout.view(b, self.objects, -1, h, w)
         c = per_object.shape[2]
-        if r not in self.buffers:
-            dtype = readout.dtype if weight is None else torch.promote_types(readout.dtype, weight.dtype)
-            shape = (b, self.objects, self.channels[r], h, w)
-            self.buffers[r] = (local_window.scratch(f"stage{r}", shape, dtype) if readout.device.type == "cpu"
-                               else readout.new_empty(shape, dtype=dtype))
+        dtype = readout.dtype if weight is None else torch.promote_types(readout.dtype, weight.dtype)
+        buffer = self._buffer(r, b, h, w, dtype, readout.device)
         start = self.filled[r]
         if start + c > self.channels[r]:
             raise ValueError(f"stage {r} readouts exceed the {self.channels[r]} channels the decoder takes")
-        dest = self.buffers[r][:, :, start: start + c]
-        if weight is None:
-            dest.copy_(per_object)
-        else:
+        dest = buffer[:, :, start: start + c]
+        in_place = per_object.data_ptr() == dest.data_ptr() and per_object.stride() == dest.stride()
+        if weight is not None:
             torch.mul(per_object, weight.unsqueeze(1), out=dest)
+        elif not in_place:
+            dest.copy_(per_object)
         self.filled[r] = start + c
-
-    def scratch_for(self, values: Tensor) -> Tensor | None:
-        """Without autograd on CPU: a reused buffer for a readout of these values (B x N x C x h x w), consumed
-        by `add` before the next read. Large fresh tensors page-fault on every frame (glibc returns them to the OS)."""
-        if not self.direct or values.device.type != "cpu":
-            return None
-        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-        return local_window.scratch("readout", (values.shape[0], values.shape[1] * values.shape[2], *values.shape[3:]), dtype)
 
     def folded(self, r: int) -> Tensor | None:
         if not self.direct:

@@ -41,7 +41,7 @@ _SIGNATURES = {
     "lw_wsum_bwd": [_P] * 5 + [_L] * 6 + [_I],
     "lw_attention_fwd": [_P] * 6 + [_L] * 7 + [_D, _I],
     "lw_attention_bwd": [_P] * 11 + [_L] * 7 + [_D, _I],
-    "lw_attention_inf": [_P] * 6 + [_L] * 8 + [_D, _I],
+    "lw_attention_inf": [_P] * 6 + [_L] * 8 + [_D] + [_L] * 3 + [_P] * 2 + [_D, _D, _P, _I],
     "lw_wsum_inf": [_P] * 3 + [_L] + [_P] * 2 + [_L] * 7 + [_I],
 }
 

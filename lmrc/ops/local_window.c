@@ -604,7 +604,20 @@ typedef struct {
     int n;
     itap t[LW_MAX_O];
     const real *wr[LW_MAX_O];
+    const real *h; /* per-pixel factor of the whole row's readout (W reals), or NULL */
 } rowtaps;
+
+/* Where output channel c of image b goes: plane base + b bstride + (c / cper) gstride + (c % cper) HW. A plain
+ * B x C x H x W tensor has cper = C; a slice of C channels per object of a B x N x C' x H x W buffer (the
+ * decoder's input, objects' channels side by side) has cper = C / N and gstride = C' HW. */
+typedef struct {
+    real *base;
+    long bstride, gstride, cper;
+} olayout;
+
+static inline real *out_plane(const olayout *ol, long HW, long b, long c) {
+    return ol->base + b * ol->bstride + (c / ol->cper) * ol->gstride + (c % ol->cper) * HW;
+}
 
 /* out[c, y, block] = sum over taps of w[tap, block] * v(c, y + dy, block + dx) for n (<= LW_CB, compile-time
  * constant) channels starting at channel plane vc. Interior blocks (no tap crosses the border) have a loop of
@@ -633,18 +646,24 @@ static inline __attribute__((always_inline)) void read_chunk(const int n, long H
             }
         }
     }
+    if (rt->h) {
+        vreal hv = vload(rt->h + xs);
+        for (int j = 0; j < n; j++) acc[j] *= hv;
+    }
     for (int j = 0; j < n; j++) vstore(oc + j * HW + y * W + xs, acc[j]);
 }
 
 /* Readout of rows y0 .. y0 + nr - 1 (W >= VL). Channel blocks outside the rows: the value rows of a block of
  * channels are reused from cache by the next rows of the band instead of being fetched again for every row. */
 static void read_band(const geom *g, long C, long y0, long nr, const rowtaps *rt, const blocktap *tab,
-                      const int *any, const real *v, real *out, long b) {
+                      const int *any, const real *v, const olayout *ol, long b) {
     const long W = g->W, HW = g->HW, O = g->O, nb = (W + VL - 1) / VL;
-    for (long c = 0; c < C; c += LW_CB) {
+    long m;
+    for (long c = 0; c < C; c += m) {
         const real *vc = v + (b * C + c) * HW;
-        real *oc = out + (b * C + c) * HW;
-        const long m = C - c < LW_CB ? C - c : LW_CB;
+        real *oc = out_plane(ol, HW, b, c);
+        m = C - c < LW_CB ? C - c : LW_CB;
+        if (ol->cper - c % ol->cper < m) m = ol->cper - c % ol->cper; /* a block stays within one object */
         for (long r = 0; r < nr; r++) {
             for (long bi = 0; bi < nb; bi++) {
                 long xs = block_start(bi, W), y = y0 + r;
@@ -666,20 +685,20 @@ static void read_band(const geom *g, long C, long y0, long nr, const rowtaps *rt
 
 /* Readout of rows y0 .. y0 + nr - 1, plain per pixel (rows narrower than VL). */
 static void read_band_plain(const geom *g, long C, long y0, long nr, const rowtaps *rt, const real *v,
-                            real *out, long b) {
+                            const olayout *ol, long b) {
     const long W = g->W, HW = g->HW;
     for (long r = 0; r < nr; r++) {
         long y = y0 + r;
         for (long c = 0; c < C; c++) {
             const real *vc = v + (b * C + c) * HW;
-            real *orow = out + (b * C + c) * HW + y * W;
+            real *orow = out_plane(ol, HW, b, c) + y * W;
             for (long x = 0; x < W; x++) {
                 real acc = 0;
                 for (int i = 0; i < rt[r].n; i++) {
                     long xx = x + rt[r].t[i].dx;
                     if (xx >= 0 && xx < W) acc += rt[r].wr[i][x] * vc[(y + rt[r].t[i].dy) * W + xx];
                 }
-                orow[x] = acc;
+                orow[x] = rt[r].h ? acc * rt[r].h[x] : acc;
             }
         }
     }
@@ -695,9 +714,8 @@ static long band_rows(const geom *g, long B, int nthreads) {
     return rows < 1 ? 1 : rows;
 }
 
-/* Top-k (descending) of the O similarity vectors s of one block, stored to topk rows. */
-static void topk_block(long O, long K, const vreal *s, real *tk, long HW) {
-    vreal top[LW_MAX_TOPK];
+/* Top-k (descending) of the O similarity vectors s of one block. */
+static void topk_block(long O, long K, const vreal *s, vreal *top) {
     for (long j = 0; j < K; j++) top[j] = vsplat((real)-INFINITY);
     for (long o = 0; o < O; o++) {
         vreal x = s[o];
@@ -707,7 +725,25 @@ static void topk_block(long O, long K, const vreal *s, real *tk, long HW) {
             top[j] = hi;
         }
     }
-    for (long j = 0; j < K; j++) vstore(tk + j * HW, top[j]);
+}
+
+/* tanh(x / 2) = sign(x) (1 - e^-|x|) / (1 + e^-|x|); sigmoid(z) from e^-|z| likewise (no overflow). */
+static inline vreal vtanh_half(vreal x) {
+    vreal ax = vsel(x < vsplat(0), -x, x), e = vexp(-ax), t = (1 - e) / (1 + e);
+    return vsel(x < vsplat(0), -t, t);
+}
+static inline vreal vsigmoid(vreal z) {
+    vreal az = vsel(z < vsplat(0), -z, z), e = vexp(-az), p = 1 / (1 + e);
+    return vsel(z < vsplat(0), e * p, p);
+}
+
+/* The comparator's reliability weight (eq. 9 and its 1x1 conv + sigmoid) of one block from the local top-k and
+ * the global top-k G of the same pixels: sigmoid(b + sum_j w_j alpha/2 tanh((L_j - G_j) / 2)). */
+static inline vreal reliability_block(long K, const vreal *top, const vreal *G, const real *w, real bias,
+                                      real alpha) {
+    vreal z = vsplat(bias);
+    for (long j = 0; j < K; j++) z += (w[j] * (real)0.5 * alpha) * vtanh_half(top[j] - G[j]);
+    return vsigmoid(z);
 }
 
 /* Similarity rows of row y into s (O rows of W, -inf outside), W >= VL. */
@@ -770,11 +806,16 @@ static void sim_row_inf_plain(const geom *g, long C, const real *q, const real *
     }
 }
 
-/* LMR (eq. 4-5) for inference. out: B x Cv x H x W readout. aff (B x O x H x W) and topk (B x K x H x W, the K
- * largest similarities per pixel, descending) may be NULL. No similarity tensor is written. */
+/* LMR (eq. 4-5) for inference. out: the B x Cv x H x W readout, laid out as in olayout (obs, ogs, cper). aff
+ * (B x O x H x W) and topk (B x K x H x W, the K largest similarities per pixel, descending) may be NULL. No
+ * similarity tensor is written. gtop (B x K x H x W global top-k) given: the readout is multiplied by the memory
+ * comparator's reliability weight (eq. 9-10; 1x1 conv weights relw[K], bias relb, SCB alpha), which is also
+ * written to relout (B x 1 x H x W) unless NULL. */
 void LW_FN(lw_attention_inf)(const real *q, const real *k, const real *v, real *out, real *aff, real *topk,
                              long K, long B, long Ck, long Cv, long H, long W, long R, long D, double scale,
-                             int nthreads) {
+                             long obs, long ogs, long cper, const real *gtop, const real *relw, double relb,
+                             double alpha, real *relout, int nthreads) {
+    const olayout ol = {out, obs, ogs, cper};
     geom g = make_geom(H, W, R, D);
     const long O = g.O, HW = g.HW, nb = (W + VL - 1) / VL, Y = band_rows(&g, B, nthreads);
     const long bands = (H + Y - 1) / Y;
@@ -785,8 +826,8 @@ void LW_FN(lw_attention_inf)(const real *q, const real *k, const real *v, real *
 #pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
     {
         /* per thread: the similarity rows of one image row, the affinity rows of a band (unless written to aff) */
-        real *s = malloc(sizeof(real) * (1 + Y) * O * W);
-        real *abuf = s + O * W;
+        real *s = malloc(sizeof(real) * ((1 + Y) * O * W + Y * W));
+        real *abuf = s + O * W, *hbuf = abuf + Y * O * W;
         rowtaps *rt = malloc(sizeof(rowtaps) * Y);
 #pragma omp for schedule(static)
         for (long i = 0; i < B * bands; i++) {
@@ -810,14 +851,31 @@ void LW_FN(lw_attention_inf)(const real *q, const real *k, const real *v, real *
                             for (long l = 0; l < VL; l++) sv[o][l] = l < m ? s[o * W + x0 + l] : 0;
                         mx = vmax(mx, sv[o]);
                     }
-                    if (topk) {
-                        if (m == VL) {
-                            topk_block(O, K, sv, topk + b * K * HW + y * W + x0, HW);
-                        } else {
-                            real tmp[LW_MAX_TOPK * VL];
-                            topk_block(O, K, sv, tmp, VL);
-                            for (long j = 0; j < K; j++)
-                                for (long l = 0; l < m; l++) topk[b * K * HW + j * HW + y * W + x0 + l] = tmp[j * VL + l];
+                    if (topk || gtop) {
+                        vreal top[LW_MAX_TOPK];
+                        topk_block(O, K, sv, top);
+                        if (topk)
+                            for (long j = 0; j < K; j++) {
+                                real *tr = topk + b * K * HW + j * HW + y * W + x0;
+                                if (m == VL)
+                                    vstore(tr, top[j]);
+                                else
+                                    for (long l = 0; l < m; l++) tr[l] = top[j][l];
+                            }
+                        if (gtop) {
+                            vreal G[LW_MAX_TOPK], hv;
+                            for (long j = 0; j < K; j++) {
+                                const real *gr = gtop + b * K * HW + j * HW + y * W + x0;
+                                if (m == VL)
+                                    G[j] = vload(gr);
+                                else
+                                    for (long l = 0; l < VL; l++) G[j][l] = l < m ? gr[l] : 0;
+                            }
+                            hv = reliability_block(K, top, G, relw, (real)relb, (real)alpha);
+                            for (long l = 0; l < m; l++) {
+                                hbuf[r * W + x0 + l] = hv[l];
+                                if (relout) relout[b * HW + y * W + x0 + l] = hv[l];
+                            }
                         }
                     }
                     for (long o = 0; o < O; o++) {
@@ -835,11 +893,12 @@ void LW_FN(lw_attention_inf)(const real *q, const real *k, const real *v, real *
                 }
                 rt[r].n = inf_taps(&g, y, rt[r].t);
                 for (int j = 0; j < rt[r].n; j++) rt[r].wr[j] = arow + rt[r].t[j].o * ast;
+                rt[r].h = gtop ? hbuf + r * W : NULL;
             }
             if (tab && any)
-                read_band(&g, Cv, y0, nr, rt, tab, any, v, out, b);
+                read_band(&g, Cv, y0, nr, rt, tab, any, v, &ol, b);
             else
-                read_band_plain(&g, Cv, y0, nr, rt, v, out, b);
+                read_band_plain(&g, Cv, y0, nr, rt, v, &ol, b);
         }
         free(rt);
         free(s);
@@ -856,6 +915,7 @@ void LW_FN(lw_wsum_inf)(const real *w, const real *v1, real *out1, long C1, cons
                         long B, long H, long W, long R, long D, long up, int nthreads) {
     geom g = make_geom(H, W, R, D);
     const long O = g.O, Hw = H / up, Ww = W / up, HWw = Hw * Ww, nb = (W + VL - 1) / VL;
+    const olayout ol1 = {out1, C1 * g.HW, C1 * g.HW, C1 > 0 ? C1 : 1}, ol2 = {out2, C2 * g.HW, C2 * g.HW, C2 > 0 ? C2 : 1};
     const long Y = band_rows(&g, B, nthreads), bands = (H + Y - 1) / Y;
     blocktap *tab = W >= VL ? alloc_tables(nb * O) : NULL;
     int *any = W >= VL ? malloc(sizeof(int) * nb) : NULL;
@@ -870,6 +930,7 @@ void LW_FN(lw_wsum_inf)(const real *w, const real *v1, real *out1, long C1, cons
             for (long r = 0; r < nr; r++) {
                 const long y = y0 + r;
                 rt[r].n = inf_taps(&g, y, rt[r].t);
+                rt[r].h = NULL;
                 for (int j = 0; j < rt[r].n; j++) {
                     const real *src = w + b * O * HWw + rt[r].t[j].o * HWw + (y / up) * Ww;
                     if (up == 1) {
@@ -882,11 +943,11 @@ void LW_FN(lw_wsum_inf)(const real *w, const real *v1, real *out1, long C1, cons
                 }
             }
             if (tab && any) {
-                read_band(&g, C1, y0, nr, rt, tab, any, v1, out1, b);
-                if (v2) read_band(&g, C2, y0, nr, rt, tab, any, v2, out2, b);
+                read_band(&g, C1, y0, nr, rt, tab, any, v1, &ol1, b);
+                if (v2) read_band(&g, C2, y0, nr, rt, tab, any, v2, &ol2, b);
             } else {
-                read_band_plain(&g, C1, y0, nr, rt, v1, out1, b);
-                if (v2) read_band_plain(&g, C2, y0, nr, rt, v2, out2, b);
+                read_band_plain(&g, C1, y0, nr, rt, v1, &ol1, b);
+                if (v2) read_band_plain(&g, C2, y0, nr, rt, v2, &ol2, b);
             }
         }
         free(rt);

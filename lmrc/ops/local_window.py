@@ -314,38 +314,74 @@ def needs_grad(*tensors: Tensor) -> bool:
 def local_attention_inference(
     query: Tensor, key: Tensor, value: Tensor, radius: int, dilation: int = 1, scale: float = 1.0, *,
     top_k: int = 0, affinity: bool = False, out: Tensor | None = None,
-) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """LMR (eq. 4-5) for inference: (readout B x Cv x H x W, affinity or None, top-k similarities or None).
+    reliability: tuple[Tensor, Tensor, float, float] | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """LMR (eq. 4-5) for inference: (readout, affinity or None, top-k similarities or None, reliability weight or None).
 
     The same results as `local_attention` (up to float rounding), from one native kernel that writes neither the
     similarity nor, unless `affinity`, the affinity: top_k > 0 returns the min(top_k, (2d+1)^2) largest
     similarities of each pixel in descending order (B x k x H x W, as `torch.topk` along the window), computed in
     the same pass. Inputs that need gradients (or no native kernels) take `local_attention`'s path instead.
-    out: a contiguous buffer for the readout (used when its shape and dtype fit, e.g. a `scratch` buffer).
+
+    reliability = (global top-k B x k x H x W, 1x1 conv weights (k,), bias, alpha), with k = top_k <= (2d+1)^2:
+    the memory comparator's weight H = sigmoid(bias + sum_j w_j SCB_j) of eq. (9) from this read's top-k and the
+    global one; the readout comes back multiplied by H (eq. 10) and H (B x 1 x H x W) as the fourth result.
+    out: where to write the readout: B x Cv x H x W contiguous, or B x N x Cv/N x H x W with each object's
+    Cv/N x H x W contiguous (e.g. its channel slice of a larger buffer); the readout returned is then `out`. A
+    buffer of another shape or dtype is not used (a new tensor is returned).
     """
     _check(radius, dilation, ("query", query), ("key", key), ("value", value))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
     k = min(int(top_k), _window_size(radius))
+    if reliability is not None and (k != top_k or reliability[1].numel() != k or reliability[0].shape[1] != k):
+        raise ValueError(f"reliability needs top_k <= {_window_size(radius)} window positions and k weights and "
+                         f"global similarities, got top_k={top_k}, {reliability[1].numel()} and {reliability[0].shape[1]}")
     lib = None
-    if not needs_grad(query, key, value) and k <= _MAX_NATIVE_TOP_K:
+    if not needs_grad(query, key, value, *(reliability[:2] if reliability else ())) and k <= _MAX_NATIVE_TOP_K:
         lib = _native_for(radius, query, key, value)
     if lib is None:
         readout, sim, aff = local_attention(query, key, value, radius, dilation, scale)
         top = sim.topk(k, dim=1).values if k > 0 else None
-        return readout, aff if affinity else None, top
+        weight = None
+        if reliability is not None:
+            global_top, w, bias, alpha = reliability
+            scb = 0.5 * alpha * torch.tanh(0.5 * (top - global_top))  # eq. (9)
+            weight = torch.sigmoid((scb * w.reshape(1, -1, 1, 1)).sum(1, keepdim=True) + bias)
+            readout = readout * weight
+        return readout, aff if affinity else None, top, weight
     dtype = _compute_dtype(query, key, value)
     q, kk, v = _prep(query, dtype), _prep(key, dtype), _prep(value, dtype)
     b, ck, h, w = q.shape
     cv = v.shape[1]
-    readout = _output(out, v.shape, dtype)
+    layout = _out_layout(out, b, cv, h, w, dtype)
+    readout, bstride, gstride, cper = layout if layout else (torch.empty_like(v), cv * h * w, cv * h * w, cv)
     aff = torch.empty(b, _window_size(radius), h, w, dtype=dtype) if affinity else None
     top = torch.empty(b, k, h, w, dtype=dtype) if k > 0 else None
+    gtop = relw = weight = None
+    bias = alpha = 0.0
+    if reliability is not None:
+        gtop, relw = _prep(reliability[0], dtype), _prep(reliability[1].reshape(-1), dtype)
+        bias, alpha = float(reliability[2]), float(reliability[3])
+        weight = torch.empty(b, 1, h, w, dtype=dtype)
     lib("lw_attention_inf", _ptr(q), _ptr(kk), _ptr(v), _ptr(readout), _ptr(aff), _ptr(top),
-        k, b, ck, cv, h, w, int(radius), int(dilation), float(scale))
+        k, b, ck, cv, h, w, int(radius), int(dilation), float(scale), bstride, gstride, cper,
+        _ptr(gtop), _ptr(relw), bias, alpha, _ptr(weight))
     out_dtype = _result_dtype(query, key, value)
-    return (readout.to(out_dtype), None if aff is None else aff.to(out_dtype),
-            None if top is None else top.to(out_dtype))
+    return (readout if layout else readout.to(out_dtype), None if aff is None else aff.to(out_dtype),
+            None if top is None else top.to(out_dtype), None if weight is None else weight.to(out_dtype))
+
+
+def _out_layout(out: Tensor | None, b: int, cv: int, h: int, w: int, dtype: torch.dtype):
+    """(out, batch stride, object stride, channels per object) when the kernel can write the readout into `out`."""
+    if out is None or out.dtype != dtype or out.device.type != "cpu":
+        return None
+    if out.dim() == 4 and tuple(out.shape) == (b, cv, h, w) and out.is_contiguous():
+        return out, cv * h * w, cv * h * w, cv
+    if (out.dim() == 5 and out.shape[0] == b and out.shape[1] * out.shape[2] == cv and tuple(out.shape[3:]) == (h, w)
+            and out.stride()[2:] == (h * w, w, 1)):
+        return out, out.stride(0), out.stride(1), out.shape[2]
+    return None
 
 
 def local_weighted_sums_inference(
