@@ -251,9 +251,11 @@ def test_local_reads_without_autograd_equal_the_training_path(k):
     assert inf_s.affinity is None and no_aff.affinity is None and no_aff.similarity_top_k is None
 
 
-def test_read_and_decode_without_autograd_equals_the_autograd_path():
+@pytest.mark.parametrize("backend", ["auto", "plain"])  # plain: the path CUDA tensors take (no native kernels)
+def test_read_and_decode_without_autograd_equals_the_autograd_path(backend, monkeypatch):
     # no_grad: inference kernels, weighed readouts written straight into the decoder's input; with grad: the
     # autograd kernels, the comparator's weighed copies and one concatenation per stage
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW", backend)
     model = _model("lmrc-lite", "F").eval()
     g = torch.Generator().manual_seed(1)
     image = torch.rand(1, 3, 64, 96, generator=g)

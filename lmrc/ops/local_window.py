@@ -345,8 +345,10 @@ def local_attention_inference(
         top = sim.topk(k, dim=1).values if k > 0 else None
         weight = None
         if reliability is not None:
+            from lmrc.model.comparator import similarity_comparison_block  # lazy: ops do not depend on the model
+
             global_top, w, bias, alpha = reliability
-            scb = 0.5 * alpha * torch.tanh(0.5 * (top - global_top))  # eq. (9)
+            scb = similarity_comparison_block(top, global_top, alpha)  # eq. (9)
             weight = torch.sigmoid((scb * w.reshape(1, -1, 1, 1)).sum(1, keepdim=True) + bias)
             readout = readout * weight
         return readout, aff if affinity else None, top, weight
