@@ -280,3 +280,52 @@ def test_read_and_decode_without_autograd_equals_the_autograd_path(backend, monk
                                                          {r: v.flip(1) for r, v in values.items()}))
     torch.testing.assert_close(again.logits, fast.logits, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(other.logits, fast.logits)
+
+
+def test_grown_weights_compute_what_the_smaller_setting_did(tmp_path):
+    """A -> C/D/E/F (the paper starts LMRC from STCN): copied tensors, new reads switched off, same masks."""
+    from lmrc.inference.segmenter import Segmenter
+    from lmrc.model.weights import grow_weights
+
+    torch.manual_seed(1)
+    small = _model("lmrc-lite", "A").eval()
+    path = tmp_path / "A.safetensors"
+    save_weights(small, path)
+    rng = torch.Generator().manual_seed(0)
+    video = [torch.rand(3, 40, 56, generator=rng) for _ in range(4)]
+    first = torch.zeros(40, 56, dtype=torch.uint8)
+    first[8:24, 10:30] = 1
+    first[26:36, 30:50] = 2
+
+    def run(model):
+        seg = Segmenter(model, size=48)
+        return torch.stack([seg.step(f, first if i == 0 else None) for i, f in enumerate(video)])
+
+    expected = run(small)
+    for setting in ("C", "D", "E", "F"):
+        torch.manual_seed(2)  # new modules get weights unlike A's
+        grown = _model("lmrc-lite", setting)
+        grow_weights(grown, path)
+        torch.testing.assert_close(run(grown.eval()), expected, atol=1e-5, rtol=0)
+        # the new reads can learn: their zero projections receive gradients
+        grown.train()
+        out = grown(torch.rand(1, 3, 3, 32, 32), (torch.rand(1, 1, 32, 32) > 0.5).float())
+        out.query_frame.agg_logits.sum().backward()
+        assert grown.decoder.stage4.readout_conv.weight.grad[:, 256:].abs().sum() > 0
+        assert grown.decoder.stage2.readout_conv.weight.grad.abs().sum() > 0
+    # a larger setting's grown stage-4 projection keeps A's columns for the global read
+    torch.testing.assert_close(grown.decoder.stage4.readout_conv.weight[:, :256], small.decoder.stage4.readout_conv.weight)
+
+
+def test_growing_refuses_other_sizes_and_settings_that_are_not_smaller(tmp_path):
+    from lmrc.model.weights import grow_weights
+
+    path = tmp_path / "E.safetensors"
+    save_weights(_model("lmrc-lite", "E"), path)
+    with pytest.raises(LmrcError, match="subset of the reads"):
+        grow_weights(_model("lmrc-lite", "D"), path)  # E's comparator is not in D
+    with pytest.raises(LmrcError, match="subset of the reads"):
+        grow_weights(_model("lmrc-lite", "A"), path)
+    with pytest.raises(LmrcError, match="backbone"):
+        grow_weights(_model("lmrc-r50", "F"), path)
+    grow_weights(_model("lmrc-lite", "F"), path)

@@ -322,3 +322,27 @@ def test_frozen_parameters_stay_fixed_and_typos_are_refused(tiny_data):
     assert not torch.equal(learned, model.key_encoder.trunk.blocks[1]._depthwise_conv.weight)
     with pytest.raises(LmrcError, match="names no parameter"):
         freeze_parameters(model, ["key_encoder.trunk.stemm"])
+
+
+def test_init_grow_from_starts_a_larger_setting_from_a_smaller_ones_weights(tiny_data, tmp_path):
+    from lmrc.config import model_config
+    from lmrc.errors import LmrcError
+    from lmrc.model.network import LMRC
+    from lmrc.model.weights import save_weights
+    from lmrc.train.config import validate
+    from lmrc.train.trainer import build_model
+
+    torch.manual_seed(3)
+    small = LMRC(model_config("lmrc-lite", setting="A"), pretrained_backbone=False)
+    path = tmp_path / "A.safetensors"
+    save_weights(small, path)
+    cfg = config_from_dict(tiny_config(tiny_data, init={"grow_from": str(path)}))
+    model = build_model(cfg, log=lambda _: None)
+    assert model.config.setting == "F"
+    torch.testing.assert_close(model.key_encoder.state_dict(), small.key_encoder.state_dict())
+    assert not model.decoder.stage3.readout_conv.weight.any()
+    cfg.init.grow_from = str(tmp_path / "missing.safetensors")
+    with pytest.raises(LmrcError, match="missing.safetensors not found"):
+        build_model(cfg, log=lambda _: None)
+    with pytest.raises(LmrcError, match="not both"):
+        validate(config_from_dict(tiny_config(tiny_data, init={"grow_from": str(path), "weights": str(path)})))

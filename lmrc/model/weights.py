@@ -104,6 +104,68 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def readout_layout(config: ModelConfig) -> dict[int, list[str]]:
+    """The readouts each decoder stage receives, in the order they are concatenated (see LMRC.__init__)."""
+    layout = {2: [], 3: [], 4: ["G4"]}
+    for r in sorted(config.local_read_stages, reverse=True):
+        layout[r].append(f"L{r}")
+    for r in (3, 2) if config.sequential_local_read else ():
+        layout[r].append(f"S{r}")
+    return layout
+
+
+def grow_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
+    """Start `model` from the weights of a setting with fewer reads (e.g. A -> F), as the paper starts LMRC from STCN.
+
+    Shared tensors are copied. The decoder's readout projections get zero columns for the new reads, so the grown
+    network computes exactly what the smaller one did until training teaches it to use them.
+    """
+    from safetensors.torch import load_file
+
+    meta = read_weights_metadata(path)
+    stored = from_dict(ModelConfig, json.loads(meta["config"]), where=f"config stored in {path}")
+    mine = model.config
+    fixed = {k: v for k, v in to_dict(stored).items() if k not in INFERENCE_ONLY | {"setting"}}
+    differ = [k for k, v in fixed.items() if to_dict(mine)[k] != v]
+    old_layout, new_layout = readout_layout(stored), readout_layout(mine)
+    subset = all(set(old_layout[r]) <= set(new_layout[r]) for r in new_layout) and (
+        mine.memory_comparator or not stored.memory_comparator)
+    if differ or not subset:
+        raise LmrcError(
+            f"cannot grow {model_name_of(mine)} setting {mine.setting} from {path} ({meta.get('model')} setting "
+            f"{stored.setting}): the file must be the same model size with a subset of the reads"
+            + (f"; these differ: {', '.join(differ)}" if differ else "")
+        )
+    state = load_file(str(path))
+    if tensors_digest(state) != meta["sha256"]:
+        raise LmrcError(f"weights file {path} is corrupt (its hash does not match its metadata); download or export it again")
+    target = model.state_dict()
+    value_dims = dict(zip((2, 3, 4), mine.value_dims))
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if name not in target:
+                raise LmrcError(f"weights file {path} has a tensor {name} that setting {mine.setting} lacks; "
+                                "is it an lmrc weights file?")
+            r = int(name[len("decoder.stage")]) if name.endswith(".readout_conv.weight") else None
+            if r is None:
+                target[name].copy_(tensor)
+                continue
+            column = {}
+            start = 0
+            for read in new_layout[r]:
+                column[read] = start
+                start += value_dims[r]
+            grown = torch.zeros_like(target[name])
+            for i, read in enumerate(old_layout[r]):
+                c = column[read]
+                grown[:, c:c + value_dims[r]] = tensor[:, i * value_dims[r]:(i + 1) * value_dims[r]]
+            target[name].copy_(grown)
+        for name in target:  # readout projections the smaller setting had no reads for at all
+            if name.endswith(".readout_conv.weight") and name not in state:
+                target[name].zero_()
+    return meta
+
+
 def default_weights_path(name: str) -> Path | None:
     """Shipped weights: $LMRC_WEIGHTS_DIR, then the repository's weights/ folder."""
     for folder in (os.environ.get("LMRC_WEIGHTS_DIR"), _REPO_WEIGHTS):

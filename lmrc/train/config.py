@@ -106,6 +106,8 @@ class InitConfig:
     pretrained_backbone: bool = True  # ImageNet encoders where lmrc ships them (lmrc-lite)
     stcn: str | None = None  # STCN .pth: initialises the encoders of lmrc-r50 (the paper's init)
     weights: str | None = None  # an lmrc .safetensors to start from (fine-tuning)
+    # lmrc .safetensors of a setting with fewer reads (e.g. A for F): the paper starts LMRC from STCN, a GMR-only net
+    grow_from: str | None = None
 
 
 @dataclass
@@ -211,6 +213,8 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise LmrcError(f"{where}: data.max_objects must be >= 1")
     if d.synthetic.paste_weight > 0 and d.max_objects < 2:
         raise LmrcError(f"{where}: data.synthetic.paste_weight needs data.max_objects >= 2 (pasted clips have 2 objects)")
+    if cfg.init.weights and cfg.init.grow_from:
+        raise LmrcError(f"{where}: set init.weights (same setting) or init.grow_from (a smaller setting), not both")
     for name in ("every", "checkpoint_every"):
         if getattr(cfg.logging, name) < 1:
             raise LmrcError(f"{where}: logging.{name} must be >= 1")

@@ -154,6 +154,13 @@ def build_model(cfg: TrainConfig, log) -> nn.Module:
 
         load_weights(model, cfg.init.weights)
         log(f"init from lmrc weights {cfg.init.weights}")
+    if cfg.init.grow_from:
+        from lmrc.model.weights import grow_weights
+
+        if not Path(cfg.init.grow_from).is_file():
+            raise LmrcError(f"init.grow_from weights {cfg.init.grow_from} not found; train the smaller setting first")
+        meta = grow_weights(model, cfg.init.grow_from)
+        log(f"init grown from {meta.get('model')} weights {cfg.init.grow_from} (new reads start switched off)")
     freeze_parameters(model, cfg.optim.frozen, log)
     return model
 
