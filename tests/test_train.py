@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -298,6 +299,10 @@ def test_resume_with_another_config_is_refused(tiny_data, tmp_path):
     cfg["optim"]["lr"] = 0.5
     code, err = _run_cli("--config", write_config(tmp_path / "b.yaml", cfg), "--out", tmp_path / "run", "--resume")
     assert code == 2 and "optim.lr" in err and "another config" in err
+    cfg["optim"]["lr"], cfg["optim"]["iterations"] = 1e-3, 2  # what is validated never changes the training
+    cfg["data"]["validation"] = {"video_frames": None, "short_side": 64}
+    code, err = _run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--out", tmp_path / "run", "--resume")
+    assert code == 0, err
     code, err = _run_cli("--config", tmp_path / "a.yaml", "--out", tmp_path / "run")
     assert code == 2 and "--resume" in err
 
@@ -346,3 +351,36 @@ def test_init_grow_from_starts_a_larger_setting_from_a_smaller_ones_weights(tiny
         build_model(cfg, log=lambda _: None)
     with pytest.raises(LmrcError, match="not both"):
         validate(config_from_dict(tiny_config(tiny_data, init={"grow_from": str(path), "weights": str(path)})))
+
+
+def test_video_validation_scores_whole_videos_as_lmrc_eval_does(tiny_data, tmp_path, monkeypatch):
+    """A stand-in segmenter that copies the first mask must score what `lmrc baseline copy` + `lmrc eval` score."""
+    import lmrc.inference.segmenter as segmenter_module
+    from lmrc.data.datasets import read_dataset
+    from lmrc.eval.baselines import run_dataset
+    from lmrc.eval.davis import evaluate
+    from lmrc.train.trainer import validate_videos
+
+    class CopyFirstMask:
+        def __init__(self, model, size, device):
+            self.object_ids, self.first = [], None
+
+        def step(self, frame, mask=None):
+            if mask is not None:
+                self.object_ids = [int(i) for i in np.unique(mask) if i]
+                self.first = np.asarray(mask)
+            probs = np.stack([self.first == 0] + [self.first == i for i in self.object_ids]).astype(np.float32)
+            return torch.from_numpy(probs)
+
+    monkeypatch.setattr(segmenter_module, "Segmenter", CopyFirstMask)
+    names = ["seq0", "seq1", "seq2"]
+    sequences = read_dataset("davis2016", str(tiny_data), split="train", include=names)
+    cfg = config_from_dict(tiny_config(tiny_data, data={"validation": {"video_frames": None}}))
+    scores = validate_videos(None, sequences, cfg, torch.device("cpu"))
+    run_dataset("copy", tiny_data, names, tmp_path / "copy", workers=1)
+    official = evaluate(tmp_path / "copy", tiny_data, split="train", year=2016, sequences=names, workers=1).global_scores()
+    assert scores["val/JF"] == pytest.approx(official["J&F-Mean"], abs=1e-9)
+    assert scores["val/J"] == pytest.approx(official["J-Mean"], abs=1e-9) and scores["val/J"] < 0.9
+    # a prefix of each video scores frames 1..T-1 of the prefix: the square has moved less there
+    cfg.data.validation.video_frames = 3
+    assert validate_videos(None, sequences, cfg, torch.device("cpu"))["val/J"] > scores["val/J"]

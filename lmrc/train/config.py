@@ -47,8 +47,10 @@ class ValidationConfig:
     split: str | None = "train"
     sequences: list[str] | None = None  # None: data.holdout
     triplets_per_sequence: int = 4  # fixed 3-frame samples (no augmentation) for a loss / J on triplets
-    video_frames: int = 30  # frames per held-out video for the streaming (Segmenter) J; 0 disables it
-    short_side: int = 240  # validation frames are resized to this shorter side (multiples of 16 after padding)
+    # frames per held-out video segmented with the streaming Segmenter and scored with J&F; 0 disables it, null
+    # takes whole videos and scores them as `lmrc eval` does (frames 1..T-2): short clips miss late drift
+    video_frames: int | None = 30
+    short_side: int = 240  # validation frames are resized to this shorter side (480: DAVIS's evaluation size)
 
 
 @dataclass

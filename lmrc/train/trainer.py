@@ -7,6 +7,7 @@ takes the indices ``i % P == r`` of that range (B / P each), so the union is the
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -310,11 +311,12 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
         raise LmrcError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise LmrcError(f"{path} is not an lmrc training checkpoint; delete it or choose another --out")
-    # Logging cadence and the run length may change on resume; anything else changes what is trained.
-    stored, current = dict(payload["config"]), config_to_dict(cfg)
+    # Logging cadence, validation and the run length may change on resume; anything else changes what is trained.
+    stored, current = copy.deepcopy(payload["config"]), config_to_dict(cfg)
     for c in (stored, current):
         c.pop("logging", None)
         c.get("optim", {}).pop("iterations", None)
+        c.get("data", {}).pop("validation", None)
     differ = config_differences(stored, current)
     if differ:
         raise LmrcError(f"checkpoint {path} was written with another config (differs in {', '.join(differ)}); "
@@ -368,8 +370,8 @@ def _mean_j(pred_ids: Tensor, gt_ids: Tensor, valid: Tensor) -> list[float]:
 @torch.no_grad()
 def validate(model: nn.Module, val: Validation, cfg: TrainConfig, device: torch.device,
              amp: torch.dtype | None, log) -> dict[str, float]:
-    """Loss and J (query frame) on the held-out triplets, and J of streaming segmentation when lmrc.inference
-    provides a Segmenter. Leaves the model in train mode with frozen BN."""
+    """Loss and J (query frame) on the held-out triplets, and J&F of streaming segmentation of the held-out videos.
+    Leaves the model in train mode with frozen BN."""
     model.eval()
     results: dict[str, float] = {}
     try:
@@ -388,54 +390,49 @@ def validate(model: nn.Module, val: Validation, cfg: TrainConfig, device: torch.
                               sample["valid_objects"])
             results["val/loss"] = float(np.mean(losses))
             results["val/J_triplets"] = float(np.mean(js)) if js else 0.0
-        if val.sequences and cfg.data.validation.video_frames > 0:
-            video = validate_videos(model, val.sequences, cfg, device, log)
-            if video is not None:
-                results["val/J"] = video
+        if val.sequences and cfg.data.validation.video_frames != 0:
+            results.update(validate_videos(model, val.sequences, cfg, device))
     finally:
         set_train_mode(model)
     return results
 
 
-_warned_no_segmenter = False
-
-
-def validate_videos(model: nn.Module, sequences, cfg: TrainConfig, device: torch.device, log) -> float | None:
-    """Mean J over the first `video_frames` frames of each held-out video with lmrc.inference.Segmenter.
-
-    Imported lazily: the segmenter is developed separately; without it this is skipped with one log line.
-    """
-    global _warned_no_segmenter
-    try:
-        from lmrc.inference.segmenter import Segmenter
-    except ImportError as exc:
-        if not _warned_no_segmenter:
-            log(f"validation: streaming J skipped (lmrc.inference.segmenter not available: {exc})")
-            _warned_no_segmenter = True
-        return None
+def validate_videos(model: nn.Module, sequences, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+    """J, F and J&F of the held-out videos segmented with lmrc.inference.Segmenter (official means: per object
+    over its frames, then over objects). Whole videos score frames 1..T-2 like `lmrc eval`; clips score 1..T-1."""
     from lmrc.data.datasets import load_image
     from lmrc.data.masks import read_mask
-    from lmrc.inference.segmenter import output_prob_to_mask
+    from lmrc.eval.metrics import score_objects
+    from lmrc.inference.segmenter import Segmenter, output_prob_to_mask
 
     v = cfg.data.validation
-    js = []
+    j_means, f_means = [], []
     for seq in sequences:
-        frames = range(min(len(seq.frames), v.video_frames))
         if 0 not in seq.masks:
             continue
+        whole = v.video_frames is None or v.video_frames >= len(seq.frames)
+        count = len(seq.frames) if v.video_frames is None else min(len(seq.frames), v.video_frames)
+        scored = [t for t in range(1, count - 1 if whole else count) if t in seq.masks]
         segmenter = Segmenter(model, size=v.short_side, device=device)
         first = read_mask(seq.masks[0])
         objects = [int(i) for i in np.unique(first) if i != 0]
-        for t in frames:
+        preds, gts = [], []
+        for t in range(count):
             probs = segmenter.step(load_image(seq.frames[t]), first if t == 0 else None)
-            if t == 0 or t not in seq.masks:
-                continue  # the first frame is given, not predicted
-            pred, gt = output_prob_to_mask(probs, segmenter.object_ids), read_mask(seq.masks[t])
-            for k in objects:
-                p, g = pred == k, gt == k
-                union = int((p | g).sum())
-                js.append(1.0 if union == 0 else int((p & g).sum()) / union)
-    return float(np.mean(js)) if js else None
+            if t in scored:
+                preds.append(output_prob_to_mask(probs, segmenter.object_ids))
+                gts.append(read_mask(seq.masks[t]))
+        if not scored:
+            continue
+        pred, gt = np.stack(preds), np.stack(gts)
+        for k in objects:
+            j, f = score_objects((gt == k).astype(np.uint8), (pred == k).astype(np.uint8), 1)
+            j_means.append(float(j.mean()))
+            f_means.append(float(f.mean()))
+    if not j_means:
+        return {}
+    j, f = float(np.mean(j_means)), float(np.mean(f_means))
+    return {"val/J": j, "val/F": f, "val/JF": (j + f) / 2}
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -666,7 +663,7 @@ def _validate_and_keep(model, val, cfg, device, amp, log, writer, step, out, bes
     if writer is not None:
         for k, v in metrics.items():
             writer.add_scalar(k, v, step)
-    score = metrics.get("val/J", metrics.get("val/J_triplets"))
+    score = metrics.get("val/JF", metrics.get("val/J_triplets"))
     log(f"validation at step {step}: " + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in metrics.items()))
     if score is not None and (best is None or score > best):
         from lmrc.model.weights import save_weights
