@@ -359,6 +359,8 @@ def test_video_validation_scores_whole_videos_as_lmrc_eval_does(tiny_data, tmp_p
     from lmrc.data.datasets import read_dataset
     from lmrc.eval.baselines import run_dataset
     from lmrc.eval.davis import evaluate
+    from lmrc.errors import LmrcError
+    from lmrc.train.config import validate
     from lmrc.train.trainer import validate_videos
 
     class CopyFirstMask:
@@ -384,3 +386,5 @@ def test_video_validation_scores_whole_videos_as_lmrc_eval_does(tiny_data, tmp_p
     # a prefix of each video scores frames 1..T-1 of the prefix: the square has moved less there
     cfg.data.validation.video_frames = 3
     assert validate_videos(None, sequences, cfg, torch.device("cpu"))["val/J"] > scores["val/J"]
+    with pytest.raises(LmrcError, match="video_frames must be >= 0"):
+        validate(config_from_dict(tiny_config(tiny_data, data={"validation": {"video_frames": -1}})))

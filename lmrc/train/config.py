@@ -215,6 +215,9 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
         raise LmrcError(f"{where}: data.max_objects must be >= 1")
     if d.synthetic.paste_weight > 0 and d.max_objects < 2:
         raise LmrcError(f"{where}: data.synthetic.paste_weight needs data.max_objects >= 2 (pasted clips have 2 objects)")
+    if d.validation.video_frames is not None and d.validation.video_frames < 0:
+        raise LmrcError(f"{where}: data.validation.video_frames must be >= 0 (0 turns video validation off) or null "
+                        "(whole videos)")
     if cfg.init.weights and cfg.init.grow_from:
         raise LmrcError(f"{where}: set init.weights (same setting) or init.grow_from (a smaller setting), not both")
     for name in ("every", "checkpoint_every"):
