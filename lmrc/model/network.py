@@ -66,6 +66,17 @@ class TrainingOutput:
     query_keys: dict[int, Tensor]
 
 
+def readout_layout(config: ModelConfig) -> dict[int, list[str]]:
+    """The readouts each decoder stage receives, in the order read_and_decode makes and concatenates them."""
+    layout: dict[int, list[str]] = {r: [] for r in STAGES}
+    layout[4].append("G4")
+    for r in sorted(config.local_read_stages, reverse=True):
+        layout[r].append(f"L{r}")
+    for r in (3, 2) if config.sequential_local_read else ():
+        layout[r].append(f"S{r}")
+    return layout
+
+
 class LMRC(nn.Module):
     """Local Memory Read-and-Comparator network; `config.setting` (A-F) selects the reads of Table 4."""
 
@@ -87,11 +98,9 @@ class LMRC(nn.Module):
             if config.memory_comparator
             else None
         )
-        readout_channels = {r: 0 for r in STAGES}
-        readout_channels[4] += value_dims[4]  # GMR
-        for name in self.local_names + self.sequential_names:
-            readout_channels[int(name[1])] += value_dims[int(name[1])]
-        self.readout_channels = readout_channels  # per object and stage, in the order the readouts are made
+        # per object and stage: the decoder's input channels, summed over the readouts of readout_layout
+        readout_channels = {r: value_dims[r] * len(names) for r, names in readout_layout(config).items()}
+        self.readout_channels = readout_channels
         self.decoder = Decoder(frame_channels, readout_channels, dict(zip(STAGES, config.decoder_dims)))
 
     # --- the three steps shared by training and inference -------------------------------------------------

@@ -84,8 +84,6 @@ def weights_config(path: str | Path) -> ModelConfig:
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     """Load lmrc weights into `model`, refusing weights made for another size or setting; returns the metadata."""
-    from safetensors.torch import load_file
-
     meta = read_weights_metadata(path)
     stored = from_dict(ModelConfig, json.loads(meta["config"]), where=f"config stored in {path}")
     mine = to_dict(model.config)
@@ -97,21 +95,18 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
             f"{model_name_of(model.config)} setting {model.config.setting} ({detail}); "
             f"use --model {meta.get('model')} or the weights of the model you chose"
         )
-    state = load_file(str(path))
-    if tensors_digest(state) != meta["sha256"]:
-        raise LmrcError(f"weights file {path} is corrupt (its hash does not match its metadata); download or export it again")
-    model.load_state_dict(state)
+    model.load_state_dict(_verified_tensors(path, meta))
     return meta
 
 
-def readout_layout(config: ModelConfig) -> dict[int, list[str]]:
-    """The readouts each decoder stage receives, in the order they are concatenated (see LMRC.__init__)."""
-    layout = {2: [], 3: [], 4: ["G4"]}
-    for r in sorted(config.local_read_stages, reverse=True):
-        layout[r].append(f"L{r}")
-    for r in (3, 2) if config.sequential_local_read else ():
-        layout[r].append(f"S{r}")
-    return layout
+def _verified_tensors(path: str | Path, meta: dict[str, Any]) -> dict[str, Tensor]:
+    """The tensors of a weights file, checked against the hash in its metadata."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    if tensors_digest(state) != meta["sha256"]:
+        raise LmrcError(f"weights file {path} is corrupt (its hash does not match its metadata); download or export it again")
+    return state
 
 
 def grow_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
@@ -120,25 +115,24 @@ def grow_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     Shared tensors are copied. The decoder's readout projections get zero columns for the new reads, so the grown
     network computes exactly what the smaller one did until training teaches it to use them.
     """
-    from safetensors.torch import load_file
+    from lmrc.model.network import readout_layout
 
     meta = read_weights_metadata(path)
     stored = from_dict(ModelConfig, json.loads(meta["config"]), where=f"config stored in {path}")
     mine = model.config
-    fixed = {k: v for k, v in to_dict(stored).items() if k not in INFERENCE_ONLY | {"setting"}}
-    differ = [k for k, v in fixed.items() if to_dict(mine)[k] != v]
+    mine_dict = to_dict(mine)
+    differ = [k for k, v in to_dict(stored).items() if k not in INFERENCE_ONLY | {"setting"} and mine_dict[k] != v]
     old_layout, new_layout = readout_layout(stored), readout_layout(mine)
-    subset = all(set(old_layout[r]) <= set(new_layout[r]) for r in new_layout) and (
+    # the stored reads must come first at every decoder stage (always so when they are a subset: G4, then L, then S)
+    prefix = all(new_layout[r][:len(old_layout[r])] == old_layout[r] for r in new_layout) and (
         mine.memory_comparator or not stored.memory_comparator)
-    if differ or not subset:
+    if differ or not prefix:
         raise LmrcError(
             f"cannot grow {model_name_of(mine)} setting {mine.setting} from {path} ({meta.get('model')} setting "
             f"{stored.setting}): the file must be the same model size with a subset of the reads"
             + (f"; these differ: {', '.join(differ)}" if differ else "")
         )
-    state = load_file(str(path))
-    if tensors_digest(state) != meta["sha256"]:
-        raise LmrcError(f"weights file {path} is corrupt (its hash does not match its metadata); download or export it again")
+    state = _verified_tensors(path, meta)
     target = model.state_dict()
     value_dims = dict(zip((2, 3, 4), mine.value_dims))
     with torch.no_grad():
@@ -146,23 +140,14 @@ def grow_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
             if name not in target:
                 raise LmrcError(f"weights file {path} has a tensor {name} that setting {mine.setting} lacks; "
                                 "is it an lmrc weights file?")
-            r = int(name[len("decoder.stage")]) if name.endswith(".readout_conv.weight") else None
-            if r is None:
+            if not name.endswith(".readout_conv.weight"):
                 target[name].copy_(tensor)
-                continue
-            column = {}
-            start = 0
-            for read in new_layout[r]:
-                column[read] = start
-                start += value_dims[r]
-            grown = torch.zeros_like(target[name])
-            for i, read in enumerate(old_layout[r]):
-                c = column[read]
-                grown[:, c:c + value_dims[r]] = tensor[:, i * value_dims[r]:(i + 1) * value_dims[r]]
-            target[name].copy_(grown)
-        for name in target:  # readout projections the smaller setting had no reads for at all
-            if name.endswith(".readout_conv.weight") and name not in state:
+        for r in new_layout:  # readout projections: the smaller setting's columns first, zero for the new reads
+            name, used = f"decoder.stage{r}.readout_conv.weight", value_dims[r] * len(old_layout[r])
+            if name in target:
                 target[name].zero_()
+                if used:
+                    target[name][:, :used] = state[name]
     return meta
 
 

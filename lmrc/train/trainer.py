@@ -398,41 +398,40 @@ def validate(model: nn.Module, val: Validation, cfg: TrainConfig, device: torch.
 
 
 def validate_videos(model: nn.Module, sequences, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
-    """J, F and J&F of the held-out videos segmented with lmrc.inference.Segmenter (official means: per object
-    over its frames, then over objects). Whole videos score frames 1..T-2 like `lmrc eval`; clips score 1..T-1."""
+    """J, F and J&F of the held-out videos segmented with lmrc.inference.Segmenter, aggregated as `lmrc eval` does.
+    Whole videos score frames 1..T-2 like `lmrc eval`; clips score 1..T-1."""
     from lmrc.data.datasets import load_image
     from lmrc.data.masks import read_mask
+    from lmrc.eval.davis import Evaluation, ObjectScores
     from lmrc.eval.metrics import score_objects
     from lmrc.inference.segmenter import Segmenter, output_prob_to_mask
 
     v = cfg.data.validation
-    j_means, f_means = [], []
+    objects = []
     for seq in sequences:
         if 0 not in seq.masks:
             continue
         whole = v.video_frames is None or v.video_frames >= len(seq.frames)
         count = len(seq.frames) if v.video_frames is None else min(len(seq.frames), v.video_frames)
         scored = [t for t in range(1, count - 1 if whole else count) if t in seq.masks]
+        if not scored:
+            continue
         segmenter = Segmenter(model, size=v.short_side, device=device)
         first = read_mask(seq.masks[0])
-        objects = [int(i) for i in np.unique(first) if i != 0]
         preds, gts = [], []
-        for t in range(count):
+        for t in range(scored[-1] + 1):
             probs = segmenter.step(load_image(seq.frames[t]), first if t == 0 else None)
             if t in scored:
                 preds.append(output_prob_to_mask(probs, segmenter.object_ids))
                 gts.append(read_mask(seq.masks[t]))
-        if not scored:
-            continue
         pred, gt = np.stack(preds), np.stack(gts)
-        for k in objects:
+        for k in (int(i) for i in np.unique(first) if i != 0):
             j, f = score_objects((gt == k).astype(np.uint8), (pred == k).astype(np.uint8), 1)
-            j_means.append(float(j.mean()))
-            f_means.append(float(f.mean()))
-    if not j_means:
+            objects.append(ObjectScores(seq.name, k, j[0], f[0]))
+    if not objects:
         return {}
-    j, f = float(np.mean(j_means)), float(np.mean(f_means))
-    return {"val/J": j, "val/F": f, "val/JF": (j + f) / 2}
+    scores = Evaluation("validation", 0, objects, sum(len(o.j) for o in objects)).global_scores()
+    return {"val/J": scores["J-Mean"], "val/F": scores["F-Mean"], "val/JF": scores["J&F-Mean"]}
 
 
 # ------------------------------------------------------------------------------------------------ the loop
