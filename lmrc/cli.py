@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lmrc.errors import LmrcError
@@ -33,7 +34,17 @@ def _load(module: str):
     return importlib.import_module(module)
 
 
+def use_huge_pages_for_tensors() -> None:
+    """Back large CPU tensors with transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE). A 480p frame allocates
+    and frees tensors of tens of MB; without it the kernel faults every 4 KiB page of each one in again, about a
+    tenth of lmrc-lite's frame time (docs/PERFORMANCE.md). PyTorch reads the variable once, before its first
+    allocation, so this only acts before torch is imported; a value the user set wins."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    use_huge_pages_for_tensors()
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)

@@ -149,3 +149,33 @@ def test_global_read_with_kept_key_norms_and_chunks_matches():
     kept = global_memory_read(q, mk, mv, 0.3, comparator_top_k=5, memory_sq=memory_key_sq(mk), chunk_size=7)
     torch.testing.assert_close(kept.readout, ref.readout)
     torch.testing.assert_close(kept.similarity_top_k, ref.similarity_top_k)
+
+
+def _transparent_huge_pages_mode() -> str | None:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return None
+    return text[text.index("[") + 1: text.index("]")] if "[" in text else None
+
+
+@pytest.mark.parametrize("setting, huge", [(None, True), ("0", False)])
+def test_cli_backs_large_tensors_with_huge_pages_unless_the_user_says_no(setting, huge):
+    """PyTorch madvises large CPU allocations for transparent huge pages only under THP_MEM_ALLOC_ENABLE, which it
+    reads once: the entry point must set it before torch is imported, and leave a user's value alone."""
+    import os
+    import subprocess
+    import sys
+
+    mode = _transparent_huge_pages_mode()
+    if mode not in ("madvise", "always") or (mode == "always" and not huge):
+        pytest.skip(f"transparent huge pages are {mode!r} here: nothing to tell apart")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    code = ("from lmrc.cli import use_huge_pages_for_tensors; use_huge_pages_for_tensors(); import torch; "
+            "t = torch.ones(64 << 20, dtype=torch.uint8); "
+            "print(next(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    huge_kb = int(out.strip())
+    assert (huge_kb >= 32 << 10) if huge else (huge_kb < 32 << 10)

@@ -235,8 +235,8 @@ def test_cli_run_segments_then_scores(tmp_path, capsys):
         assert read_mask(results / seq / frames[0]).max() >= 1  # the first frame is the given mask
     header, row = read_csv(results / "global_results-val.csv")
     assert header[0] == "J&F-Mean" and 0 <= float(row[0]) <= 1
-    # --top-k reaches the model (0 is refused by load_model) and means nothing without --run
-    assert cli_main(args + ["--top-k", "0"]) == 2
+    # --top-k reaches the model (a negative k is refused by load_model) and means nothing without --run
+    assert cli_main(args + ["--top-k", "-1"]) == 2
     assert "top-k" in capsys.readouterr().err
     assert cli_main(["eval", "--results", str(results), "--gt", str(gt), "--top-k", "20"]) == 2
     assert "only apply with --run" in capsys.readouterr().err

@@ -90,6 +90,39 @@ def test_global_memory_read_matches_equations_1_to_3():
     torch.testing.assert_close(top.readout, (w @ mv.transpose(1, 2)).transpose(1, 2).reshape(2, 6, 5, 7), atol=1e-5, rtol=1e-5)
 
 
+def test_top_k_global_read_gathers_what_the_masked_softmax_weighs():
+    """The sparse top-k read (k gathered value rows per query) against eq. (2)-(3) with all but the k best
+    similarities of each row set to -inf: values, the comparator's top-k, chunking, and gradients."""
+    torch.manual_seed(2)
+    q, mk, mv = torch.randn(2, 8, 5, 7), torch.randn(2, 8, 60), torch.randn(2, 6, 60)
+    scale, k = 0.5, 7
+
+    def masked_reference(q, mk, mv):
+        sim = -torch.cdist(q.flatten(2).transpose(1, 2), mk.transpose(1, 2)).pow(2) * scale
+        kth = sim.topk(k, -1).values[..., -1:]
+        affinity = torch.softmax(sim.masked_fill(sim < kth, float("-inf")), -1)
+        return (affinity @ mv.transpose(1, 2)).transpose(1, 2).reshape(2, 6, 5, 7), sim
+
+    expected, sim = masked_reference(q, mk, mv)
+    for chunk in (None, 4):
+        result = global_memory_read(q, mk, mv, scale, read_top_k=k, comparator_top_k=5, chunk_size=chunk)
+        torch.testing.assert_close(result.readout, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(result.similarity_top_k, sim.topk(5, -1).values.transpose(1, 2).reshape(2, 5, 5, 7),
+                                   atol=1e-4, rtol=1e-5)
+    # a comparator asking for more than the read keeps still gets its own top-k
+    wide = global_memory_read(q, mk, mv, scale, read_top_k=3, comparator_top_k=5)
+    torch.testing.assert_close(wide.similarity_top_k, sim.topk(5, -1).values.transpose(1, 2).reshape(2, 5, 5, 7),
+                               atol=1e-4, rtol=1e-5)
+    # gradients reach query, keys and values as through the masked dense softmax
+    inputs = [t.clone().double().requires_grad_() for t in (q, mk, mv)]
+    reference_inputs = [t.clone().double().requires_grad_() for t in (q, mk, mv)]
+    weights = torch.randn(2, 6, 5, 7, dtype=torch.float64)
+    (global_memory_read(*inputs, scale, read_top_k=k).readout * weights).sum().backward()
+    (masked_reference(*reference_inputs)[0] * weights).sum().backward()
+    for got, want in zip(inputs, reference_inputs):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
 def test_similarity_comparison_block_is_equation_9_and_cannot_overflow():
     local, glob = torch.tensor([-3.0, -1.0, 0.0, -2.5]), torch.tensor([-1.0, -3.0, 0.0, -2.0])
     literal = 1.5 * (local.exp() - glob.exp()) / (local.exp() + glob.exp())
@@ -224,11 +257,12 @@ def test_comparator_works_when_memory_or_window_is_smaller_than_k():
 
 def test_inference_top_k_is_free_to_differ_from_the_weights(tmp_path):
     path = tmp_path / "lite.safetensors"
-    save_weights(_model("lmrc-lite", "F"), path)
-    model = load_model("lmrc-lite", path, global_read_top_k=20)
-    assert model.config.global_read_top_k == 20
-    with pytest.raises(LmrcError, match=">= 1"):
-        load_model("lmrc-lite", path, global_read_top_k=0)
+    save_weights(_model("lmrc-lite", "F", global_read_top_k=None), path)  # what the file says is not used
+    assert load_model("lmrc-lite", path).config.global_read_top_k == 20  # STCN's inference default
+    assert load_model("lmrc-lite", path, global_read_top_k=7).config.global_read_top_k == 7
+    assert load_model("lmrc-lite", path, global_read_top_k=0).config.global_read_top_k is None  # all: eq. (2)
+    with pytest.raises(LmrcError, match=">= 1, or 0"):
+        load_model("lmrc-lite", path, global_read_top_k=-1)
 
 
 @pytest.mark.parametrize("k", [5, 30])  # 30 > 25 window positions: the smallest is repeated, as in training

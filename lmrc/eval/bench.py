@@ -16,6 +16,7 @@ load change on a shared machine hits both alike; `ratio` is the second setting's
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -50,6 +51,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask", metavar="PNG", help="first-frame mask for --input (default: an ellipse in the middle)")
     parser.add_argument("--mem-every", type=int, default=5, metavar="N", help="global-memory interval (default: 5)")
     parser.add_argument("--max-memory-frames", type=int, metavar="N", help="bound the global memory to N frames")
+    parser.add_argument("--top-k", type=int, metavar="K",
+                        help="global read keeps the K best memory matches per pixel (default: 20, as STCN; 0 keeps all)")
     parser.add_argument("--compare", nargs=2, metavar=("A", "F"), choices=sorted(ABLATION_SETTINGS),
                         help="run two settings side by side (alternating per frame) and print the cost ratio")
     parser.add_argument("--checkpoints", metavar="N,N,...",
@@ -113,19 +116,25 @@ def video_frames(path: str, mask_path: str | None, frames: int) -> Iterator[tupl
 
 # --- models --------------------------------------------------------------------------------------------------------
 
-def build_model(name: str, setting: str, weights: str | None = None) -> torch.nn.Module:
-    """`name` in `setting` with random weights (speed does not depend on them), or loaded from `weights`."""
+def build_model(name: str, setting: str, weights: str | None = None, top_k: int | None = None) -> torch.nn.Module:
+    """`name` in `setting` with random weights (speed does not depend on them), or loaded from `weights`;
+    `top_k`: the global read's top-k (None keeps all)."""
     from lmrc.model.network import LMRC
     from lmrc.model.weights import load_model
 
+    if top_k is not None and top_k < 0:
+        raise LmrcError("--top-k must be >= 1, or 0 to keep every memory match")
     if weights is not None:
-        model = load_model(name, weights)
+        model = load_model(name, weights, global_read_top_k=top_k)
         if model.config.setting != setting:
             raise LmrcError(f"weights {weights} are setting {model.config.setting}, not {setting}; "
                             f"pass --setting {model.config.setting}")
         return model
     torch.manual_seed(0)
-    return LMRC(model_config(name, setting=setting), pretrained_backbone=False).eval()
+    config = model_config(name, setting=setting)
+    if top_k is not None:
+        config = dataclasses.replace(config, global_read_top_k=top_k or None)
+    return LMRC(config, pretrained_backbone=False).eval()
 
 
 # --- measurement ---------------------------------------------------------------------------------------------------
@@ -228,7 +237,7 @@ def main(args) -> int:
 
     segmenters = {}
     for setting in settings:
-        model = build_model(args.model, setting, args.weights)
+        model = build_model(args.model, setting, args.weights, args.top_k)
         segmenters[setting] = Segmenter(model, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
                                         size=args.size, precision=args.precision, optimize=not args.no_optimize,
                                         compile=args.compile)
@@ -262,6 +271,7 @@ def main(args) -> int:
         "frames": len(runs[main_label].totals),
         "warmup": args.warmup,
         "max_memory_frames": args.max_memory_frames,
+        "global_read_top_k": first.model.config.global_read_top_k,
         "threads": torch.get_num_threads(),
         "optimized": not args.no_optimize,
         "compiled": bool(args.compile),
@@ -296,7 +306,8 @@ def _print_table(report: dict, results: dict[str, dict]) -> None:
     load = report["load_average"]
     print(f"lmrc bench: {report['model']}, {report['precision']}, processed at "
           f"{'x'.join(map(str, report['process_size'][::-1]))} (padded to 16), {report['threads']} thread(s), "
-          f"{'optimized' if report['optimized'] else 'unoptimized'}{', compiled' if report['compiled'] else ''}", file=out)
+          f"{'optimized' if report['optimized'] else 'unoptimized'}{', compiled' if report['compiled'] else ''}, "
+          f"global read top-k {report['global_read_top_k'] or 'all'}", file=out)
     print(f"  weights: {report['weights']}; input: {report['input']}", file=out)
     print(f"  {report['frames']} frames, medians over the last {report['frames'] - report['warmup']}; "
           f"load average {load['before']} -> {load['after']}", file=out)

@@ -33,7 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--max-memory-frames", type=int, help="with --run: cap on global memory frames")
     run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="with --run (default fp32)")
     run.add_argument("--top-k", type=int, metavar="K",
-                     help="with --run: global read keeps the K best memory matches per pixel (default: all)")
+                     help="with --run: global read keeps the K best memory matches per pixel (default: 20, "
+                          "as STCN; 0 keeps all)")
     ytvos = parser.add_argument_group("YouTube-VOS submission")
     ytvos.add_argument("--youtube-vos", action="store_true",
                        help="pack --results into a submission zip instead (with --run: segment every video first)")

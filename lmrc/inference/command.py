@@ -44,8 +44,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="keep at most N global-memory frames: the frames with masks plus the most recent "
                              "ones, so memory stays flat on long videos (default: keep all)")
     parser.add_argument("--top-k", type=int, metavar="K",
-                        help="global read: keep only the K best memory matches per pixel (STCN uses 20; "
-                             "default: the model's setting, all)")
+                        help="global read: keep only the K best memory matches per pixel (default: 20, as STCN; "
+                             "0 keeps all, eq. (2) of the paper exactly)")
     parser.add_argument("--size", type=int, default=480, metavar="PIXELS",
                         help="process frames with their shorter side resized to this (default: 480; 0 = the "
                              "input's own size); results are always at the input's size")

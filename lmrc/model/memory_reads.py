@@ -52,7 +52,9 @@ def global_memory_read(
     """GMR, eq. (1)-(3): softmax over all T*H*W memory positions, readout R^G = W^G x V^G.
 
     query_key: B x C x H x W; memory_key: B x C x M; memory_value: B x Cv x M (objects folded into Cv).
-    read_top_k keeps only the k largest similarities per query in the softmax (STCN's inference trick).
+    read_top_k keeps only the k largest similarities per query in the softmax (STCN's inference trick); the
+    readout is then a weighted sum of k gathered value rows per query instead of a product with all M (~8x less
+    arithmetic at 1/16 of 480p), and the comparator's top-k is a prefix of the sorted k.
     comparator_top_k > 0 also returns the k largest similarities per query (B x k x H x W) for eq. (9).
     chunk_size bounds memory: query positions are processed in chunks of that many.
     memory_sq: ||k^G_j||^2 (B x M) if already known, e.g. kept by the memory bank.
@@ -70,20 +72,31 @@ def global_memory_read(
     keys = torch.cat([memory_key * (2 * scale), (m_sq * -scale).unsqueeze(1).to(memory_key.dtype)], 1)  # B x C+1 x M
     q_rows = torch.cat([q, q.new_ones(b, 1, n)], 1).transpose(1, 2)  # B x n x C+1
     keys = keys.to(q_rows.dtype)
+    m = keys.shape[2]
+    sparse = read_top_k is not None and read_top_k < m
+    if sparse:  # each query reads k memory rows: position-major values make each row one contiguous gather
+        value_rows = memory_value.transpose(1, 2).contiguous().view(b * m, -1)
+        row_offsets = (torch.arange(b, device=keys.device) * m).view(b, 1, 1)
     step = n if chunk_size is None else max(1, chunk_size)
     readouts, tops = [], []
     for start in range(0, n, step):
         rows = q_rows[:, start: start + step]
         sim = torch.bmm(rows, keys)  # B x n x M: eq. (1) up to -scale*||q_i||^2, constant along a row
+        if sparse:  # sorted, so the comparator's top-k is a prefix
+            best, indices = sim.topk(min(max(read_top_k, comparator_top_k), m), dim=2)
+            sim, indices = best[..., :read_top_k], indices[..., :read_top_k]
         if comparator_top_k:
             q_sq = rows[..., :c].pow(2).sum(2, keepdim=True) * scale
-            tops.append((top_k_similarities(sim, comparator_top_k, dim=2) - q_sq).transpose(1, 2))
-        if read_top_k is not None and read_top_k < sim.shape[2]:
-            values, indices = sim.topk(read_top_k, dim=2)
-            sim = torch.full_like(sim, float("-inf")).scatter_(2, indices, values)
-        affinity = torch.softmax(sim, dim=2)  # eq. (2)
-        readouts.append(torch.bmm(memory_value, affinity.to(memory_value.dtype).transpose(1, 2)))  # eq. (3)
-    readout = (readouts[0] if len(readouts) == 1 else torch.cat(readouts, 2)).view(b, -1, h, w)
+            candidates = best[..., :comparator_top_k] if sparse else sim
+            tops.append((top_k_similarities(candidates, comparator_top_k, dim=2) - q_sq).transpose(1, 2))
+        affinity = torch.softmax(sim, dim=2)  # eq. (2), over the k best positions when sparse
+        if sparse:  # eq. (3) with k non-zero weights per query: a weighted sum of k gathered value rows
+            gathered = F.embedding_bag((indices + row_offsets).flatten(0, 1), value_rows, mode="sum",
+                                       per_sample_weights=affinity.to(value_rows.dtype).flatten(0, 1))
+            readouts.append(gathered.view(b, -1, value_rows.shape[1]).transpose(1, 2))
+        else:
+            readouts.append(torch.bmm(memory_value, affinity.to(memory_value.dtype).transpose(1, 2)))  # eq. (3)
+    readout = (readouts[0] if len(readouts) == 1 else torch.cat(readouts, 2)).reshape(b, -1, h, w)
     top = None
     if comparator_top_k:
         top = (tops[0] if len(tops) == 1 else torch.cat(tops, 2)).reshape(b, -1, h, w)

@@ -78,8 +78,11 @@ def read_weights_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def weights_config(path: str | Path) -> ModelConfig:
+    """The config stored with the weights; inference-only fields keep the current defaults (they are not a
+    property of the weights)."""
     meta = read_weights_metadata(path)
-    return from_dict(ModelConfig, json.loads(meta["config"]), where=f"config stored in {path}")
+    stored = {k: v for k, v in json.loads(meta["config"]).items() if k not in INFERENCE_ONLY}
+    return from_dict(ModelConfig, stored, where=f"config stored in {path}")
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
@@ -169,7 +172,8 @@ def load_model(
     """A ready-to-run model in eval mode: `name`'s shipped weights, or the given weights file.
 
     The config (including the ablation setting) comes from the weights file, so it always matches them;
-    `global_read_top_k` keeps only the k best global similarities per query (STCN uses 20 at inference).
+    `global_read_top_k` keeps only the k best global similarities per query (None: the default, 20, as STCN's
+    inference; 0: all of them, eq. (2) exactly).
     Never returns a model with random weights.
     """
     from lmrc.model.network import LMRC
@@ -189,9 +193,9 @@ def load_model(
         stored = model_name_of(config)
         raise LmrcError(f"weights file {path} is for {stored}, not {name}; use --model {stored}")
     if global_read_top_k is not None:
-        if global_read_top_k < 1:
-            raise LmrcError("the global read's top-k must be >= 1")
-        config = dataclasses.replace(config, global_read_top_k=global_read_top_k)
+        if global_read_top_k < 0:
+            raise LmrcError("the global read's top-k must be >= 1, or 0 to keep every memory match")
+        config = dataclasses.replace(config, global_read_top_k=global_read_top_k or None)
     model = LMRC(config, pretrained_backbone=False)
     load_weights(model, path)
     return model.to(device).eval()

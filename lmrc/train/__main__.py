@@ -12,6 +12,9 @@ from lmrc.errors import LmrcError
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lmrc.cli import use_huge_pages_for_tensors
+
+    use_huge_pages_for_tensors()
     import torch
 
     from lmrc.train import command
