@@ -179,3 +179,15 @@ def test_cli_backs_large_tensors_with_huge_pages_unless_the_user_says_no(setting
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     huge_kb = int(out.strip())
     assert (huge_kb >= 32 << 10) if huge else (huge_kb < 32 << 10)
+
+
+def test_reused_zero_padding_pads_like_zero_pad_2d_call_after_call():
+    from lmrc.model.inference import ReusedZeroPad2d
+
+    pad = ReusedZeroPad2d((0, 1, 2, 1))
+    for layout in (torch.contiguous_format, torch.channels_last, torch.channels_last):
+        for shape in ((1, 3, 5, 7), (2, 3, 4, 6)):  # a new shape replaces the kept buffer
+            x = torch.randn(shape).contiguous(memory_format=layout)
+            out = pad(x)
+            assert torch.equal(out, torch.nn.ZeroPad2d((0, 1, 2, 1))(x))
+            assert out.is_contiguous(memory_format=layout)
