@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmrc.ops import local_window
+from lmrc.ops.top_k import row_top_k
 
 
 @dataclass
@@ -83,7 +84,7 @@ def global_memory_read(
         rows = q_rows[:, start: start + step]
         sim = torch.bmm(rows, keys)  # B x n x M: eq. (1) up to -scale*||q_i||^2, constant along a row
         if sparse:  # sorted, so the comparator's top-k is a prefix
-            best, indices = sim.topk(min(max(read_top_k, comparator_top_k), m), dim=2)
+            best, indices = row_top_k(sim, min(max(read_top_k, comparator_top_k), m))
             sim, indices = best[..., :read_top_k], indices[..., :read_top_k]
         if comparator_top_k:
             q_sq = rows[..., :c].pow(2).sum(2, keepdim=True) * scale

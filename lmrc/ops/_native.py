@@ -1,4 +1,5 @@
-"""Build `local_window.c` with the system C compiler at first use and load it with ctypes.
+"""Build the native kernels (`local_window.c`, `top_k.c`) with the system C compiler at first use and load them
+with ctypes.
 
 The shared library is cached per user in `$LMRC_CACHE_DIR` (default `~/.cache/lmrc`) under a name keyed by
 the source, the compiler, its flags and the CPU (the build uses -march=native). It is compiled into a
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("local_window.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("local_window.c", "top_k.c"))  # one library
 
 # Tried in order: the first set is the intended build, the others keep a working (slower) kernel when the
 # compiler rejects -march=native or has no OpenMP (e.g. Apple clang).
@@ -43,6 +44,7 @@ _SIGNATURES = {
     "lw_attention_bwd": [_P] * 11 + [_L] * 7 + [_D, _I],
     "lw_attention_inf": [_P] * 6 + [_L] * 8 + [_D] + [_L] * 3 + [_P] * 2 + [_D, _D, _P, _I],
     "lw_wsum_inf": [_P] * 3 + [_L] + [_P] * 2 + [_L] * 7 + [_I],
+    "tk_rows": [_P] + [_L] * 3 + [_P, _P, _I],
 }
 
 _lock = threading.Lock()
@@ -106,7 +108,7 @@ def _compiler_version(cc: list[str]) -> str:
 
 def _build(cc: list[str], real: str, suffix: str) -> tuple[Path | None, list[str], str]:
     """Returns (library path or None, flags used, compiler error text)."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     version = _compiler_version(cc)
     errors = ""
     out_dir = cache_dir()
@@ -126,7 +128,8 @@ def _build(cc: list[str], real: str, suffix: str) -> tuple[Path | None, list[str
             return None, flags, f"cannot write to the cache directory {out_dir}: {exc}"
         try:
             proc = subprocess.run(
-                cc + full + [str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300
+                cc + full + [str(path) for path in SOURCES] + ["-o", tmp, "-lm"], capture_output=True, text=True,
+                timeout=300
             )
             if proc.returncode == 0:
                 os.replace(tmp, target)  # atomic: a concurrent builder of the same key writes identical bytes
@@ -166,8 +169,9 @@ def load(dtype: torch.dtype) -> NativeLibrary | None:
             path, flags, errors = _build(cc, real, suffix)
             if path is None:
                 _warn_once(
-                    f"lmrc: compiling {SOURCE.name} with `{' '.join(cc)}` failed; the local-window ops (LMR/SLMR) "
-                    f"fall back to plain PyTorch (slower, more memory). Compiler said:\n{errors[-2000:]}"
+                    f"lmrc: compiling {', '.join(source.name for source in SOURCES)} with `{' '.join(cc)}` failed; "
+                    f"the local-window ops (LMR/SLMR) and the global read's top-k fall back to plain PyTorch "
+                    f"(slower, more memory). Compiler said:\n{errors[-2000:]}"
                 )
             else:
                 try:

@@ -1,0 +1,40 @@
+"""The global read's row top-k (native threshold scan) against torch.topk."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmrc.ops import _native
+from lmrc.ops.top_k import row_top_k
+
+native = pytest.mark.skipif(_native.load(torch.float32) is None, reason="no C compiler: row_top_k is torch.topk")
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, k", [((3, 200, 1000), 20), ((7, 37), 1), ((5, 37), 37), ((2, 16), 5), ((4, 33), 9)])
+def test_row_top_k_equals_torch_topk(dtype, shape, k):
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    x[..., ::7] = float("-inf")  # masked entries, as a similarity may hold
+    if shape[-1] >= 100:  # ascending rows: every entry beats the running k-th best (the insertion path)
+        x[0, 0] = torch.arange(shape[-1], dtype=dtype)
+    values, indices = row_top_k(x, k)
+    expected = x.topk(k, dim=-1)
+    assert indices.dtype == torch.int64 and values.shape == expected.values.shape
+    torch.testing.assert_close(values, expected.values, rtol=0, atol=0)
+    assert torch.equal(x.gather(-1, indices), values)
+    finite = values.isfinite()  # the -inf entries tie: any order of their indices is right
+    assert torch.equal(indices[finite], expected.indices[finite])
+
+
+def test_row_top_k_falls_back_to_torch_topk_for_gradients_and_plain_mode(monkeypatch):
+    x = torch.randn(4, 50, requires_grad=True)
+    values, indices = row_top_k(x, 3)
+    values.sum().backward()
+    assert x.grad.sum() == 12 and torch.equal(indices, x.topk(3).indices)
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW", "plain")
+    with torch.no_grad():
+        torch.testing.assert_close(row_top_k(x, 3)[0], x.topk(3).values)
+    with pytest.raises(ValueError, match="top-k of 51"):
+        row_top_k(x, 51)
