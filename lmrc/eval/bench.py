@@ -118,7 +118,7 @@ def video_frames(path: str, mask_path: str | None, frames: int) -> Iterator[tupl
 
 def build_model(name: str, setting: str, weights: str | None = None, top_k: int | None = None) -> torch.nn.Module:
     """`name` in `setting` with random weights (speed does not depend on them), or loaded from `weights`;
-    `top_k`: the global read's top-k (None keeps all)."""
+    `top_k`: the global read's top-k (None: the default, 20; 0: every position)."""
     from lmrc.model.network import LMRC
     from lmrc.model.weights import load_model
 
