@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 import time
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # as the lmrc command line sets it (lmrc.cli)
-import torch  # noqa: E402
+import torch
+
+from lmrc.cli import reuse_freed_memory
 
 from lmrc.model.memory_reads import global_memory_read, memory_key_sq, top_k_similarities
 
@@ -42,6 +43,7 @@ def timed(fn, repeats: int = 7) -> float:
 
 
 def main() -> None:
+    reuse_freed_memory()  # as the lmrc command line does
     torch.set_num_threads(1)
     q = torch.randn(1, 64, 30, 54)
     print(f"load average {os.getloadavg()}")

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import importlib
 import os
+import platform
 import sys
 
 from lmrc.errors import LmrcError
@@ -34,17 +36,24 @@ def _load(module: str):
     return importlib.import_module(module)
 
 
-def use_huge_pages_for_tensors() -> None:
-    """Back large CPU tensors with transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE). A 480p frame allocates
-    and frees tensors of tens of MB; without it the kernel faults every 4 KiB page of each one in again, about a
-    tenth of lmrc-lite's frame time (docs/PERFORMANCE.md). PyTorch reads the variable once, before its first
-    allocation, so this only acts before torch is imported; a value the user set wins."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+def reuse_freed_memory() -> bool:
+    """Keep freed memory in the process for the next frame instead of handing it back to the kernel (glibc only;
+    returns whether it applied). A 480p frame allocates and frees tensors of 10-40 MB; glibc maps those afresh and
+    unmaps them on free, so the kernel faults in and zeroes every page again on every frame: about 1/8 of
+    lmrc-lite's frame time (docs/PERFORMANCE.md). With mmap off and no trimming the heap settles at what one frame
+    needs and stays flat over a video. Process-wide, so only the command line does it; LMRC_KEEP_MALLOC=1 opts out."""
+    if os.environ.get("LMRC_KEEP_MALLOC") == "1" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        m_mmap_max, m_trim_threshold = -4, -1  # <malloc.h>
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
-    use_huge_pages_for_tensors()
+    reuse_freed_memory()
     argv = sys.argv[1:] if argv is None else argv
     selected = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(selected if selected in COMMANDS else None)

@@ -140,6 +140,9 @@ def test_unbounded_memory_grows_geometrically(model):
     mem = bank.memory_for(bank.groups[0])
     assert mem.global_keys.shape == (1, 4, 9 * 6) and mem.global_values.shape == (1, 1, 5, 9 * 6)
     assert mem.global_keys.data_ptr() == bank.keys.data_ptr()  # a view, not a copy
+    assert mem.global_values.data_ptr() == bank.values.data_ptr()
+    # the top-k read gathers one row (all channels) per memory position: the values are such rows already
+    assert mem.global_values.flatten(1, 2).transpose(1, 2).is_contiguous()
 
 
 def test_memory_bank_values_match_the_frames_they_came_from():

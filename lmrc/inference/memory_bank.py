@@ -1,9 +1,11 @@
 """The memory of one video being segmented: global memory (stage-4 keys and values of chosen frames) and local
 memory (the previous frame, stages 2-4).
 
-Layout. Global keys live in one preallocated buffer B x Ck x T_cap x P and values in B x N_cap x Cv4 x T_cap x P
+Layout. Global keys live in one preallocated buffer B x Ck x T_cap x P and values in B x T_cap x P x N_cap x Cv4
 (P = H4 * W4 positions per frame, T_cap frame slots). A read takes the used slots as a view, flattened to the
-B x Ck x M / B x N x Cv4 x M (M = T * P) the network expects, so nothing is concatenated per frame. Capacity grows
+B x Ck x M / B x N x Cv4 x M (M = T * P) the network expects, so nothing is concatenated per frame. Values are
+position-major because the top-k global read gathers whole value rows (all objects' channels of one position):
+the view it transposes back to is then contiguous, not a copy per frame. Capacity grows
 geometrically (x2) when a frame does not fit; with `max_frames` it never exceeds that many slots (plus prompt
 frames beyond it, see below): the oldest evictable frame's slot is overwritten in place, so memory stays flat on
 long videos. Softmax over memory positions does not depend on their order, so slots need not be in time order.
@@ -53,7 +55,7 @@ class MemoryBank:
         self.initial_capacity = initial_capacity
         self.keys: Tensor | None = None  # B x Ck x T_cap x P
         self.key_sq: Tensor | None = None  # B x T_cap x P: ||key||^2, computed once per memory frame
-        self.values: Tensor | None = None  # B x N_cap x Cv4 x T_cap x P
+        self.values: Tensor | None = None  # B x T_cap x P x N_cap x Cv4
         self.slot_frame: list[int] = []  # frame index held by each used slot
         self.pinned: set[int] = set()  # frame indices that are never evicted
         self.groups: list[ObjectGroup] = []
@@ -76,7 +78,7 @@ class MemoryBank:
             raise ValueError(f"new objects start at frame {start}, but memory already holds frame {max(self.slot_frame)}")
         group = ObjectGroup(start, self.num_objects, self.num_objects + count)
         self.groups.append(group)
-        if self.values is not None and self.values.shape[1] < group.last:
+        if self.values is not None and self.values.shape[3] < group.last:
             self._resize(objects=group.last)
         return group
 
@@ -108,8 +110,8 @@ class MemoryBank:
         slot = self._free_slot(key, value)
         self.keys[:, :, slot] = key.flatten(2)
         self.key_sq[:, slot] = memory_key_sq(self.keys[:, :, slot])
-        self.values[:, : value.shape[1], :, slot] = value.flatten(3)
-        self.values[:, value.shape[1]:, :, slot] = 0
+        self.values[:, slot, :, : value.shape[1]] = value.flatten(3).permute(0, 3, 1, 2)
+        self.values[:, slot, :, value.shape[1]:] = 0
         if slot == len(self.slot_frame):
             self.slot_frame.append(frame)
         else:
@@ -123,7 +125,7 @@ class MemoryBank:
             cap = self.initial_capacity if self.max_frames is None else min(self.initial_capacity, self.max_frames)
             self.keys = key.new_zeros(b, ck, cap, p)
             self.key_sq = key.new_zeros(b, cap, p)
-            self.values = value.new_zeros(b, max(value.shape[1], 1), value.shape[2], cap, p)
+            self.values = value.new_zeros(b, cap, p, max(value.shape[1], 1), value.shape[2])
             return 0
         limit = self.max_frames
         if limit is not None:
@@ -142,15 +144,15 @@ class MemoryBank:
     def _resize(self, frames: int | None = None, objects: int | None = None) -> None:
         """Reallocate to `frames` slots / `objects` object rows, copying what is held (rare: geometric growth)."""
         t = frames or self.keys.shape[2]
-        n = objects or self.values.shape[1]
+        n = objects or self.values.shape[3]
         keys = self.keys.new_zeros(*self.keys.shape[:2], t, self.keys.shape[3])
-        values = self.values.new_zeros(self.values.shape[0], n, self.values.shape[2], t, self.values.shape[4])
+        values = self.values.new_zeros(self.values.shape[0], t, self.values.shape[2], n, self.values.shape[4])
         used = len(self.slot_frame)
         keys[:, :, :used] = self.keys[:, :, :used]
         key_sq = self.key_sq.new_zeros(self.key_sq.shape[0], t, self.key_sq.shape[2])
         key_sq[:, :used] = self.key_sq[:, :used]
         self.key_sq = key_sq
-        values[:, : self.values.shape[1], :, :used] = self.values[:, :, :, :used]
+        values[:, :used, :, : self.values.shape[3]] = self.values[:, :used]
         self.keys, self.values = keys, values
 
     # --- local memory --------------------------------------------------------------------------------------------
@@ -178,15 +180,15 @@ class MemoryBank:
             window = slice(slots[0], slots[-1] + 1)
             keys = self.keys[:, :, window]
             key_sq = self.key_sq[:, window]
-            values = self.values[:, objects, :, window]
+            values = self.values[:, window, :, objects]
         else:
             index = torch.tensor(slots, device=self.keys.device)
             keys = self.keys.index_select(2, index)
             key_sq = self.key_sq.index_select(1, index)
-            values = self.values[:, objects].index_select(3, index)
+            values = self.values[:, :, :, objects].index_select(1, index)
+        values = values.permute(0, 3, 4, 1, 2).flatten(3)  # B x N x Cv4 x M: a view of the position-major rows
         local_values = {r: v[:, objects] for r, v in self.local_values.items()}
-        return MemoryInput(keys.flatten(2), values.flatten(3), self.local_keys, local_values,
-                           global_key_sq=key_sq.flatten(1))
+        return MemoryInput(keys.flatten(2), values, self.local_keys, local_values, global_key_sq=key_sq.flatten(1))
 
     def nbytes(self) -> int:
         """Bytes held by the global buffers (not counting the local memory, which is one frame)."""

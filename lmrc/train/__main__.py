@@ -12,10 +12,11 @@ from lmrc.errors import LmrcError
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lmrc.cli import use_huge_pages_for_tensors
-
-    use_huge_pages_for_tensors()
     import torch
+
+    from lmrc.cli import reuse_freed_memory
+
+    reuse_freed_memory()
 
     from lmrc.train import command
 
