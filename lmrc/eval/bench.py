@@ -16,7 +16,6 @@ load change on a shared machine hits both alike; `ratio` is the second setting's
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -120,10 +119,8 @@ def build_model(name: str, setting: str, weights: str | None = None, top_k: int 
     """`name` in `setting` with random weights (speed does not depend on them), or loaded from `weights`;
     `top_k`: the global read's top-k (None: the default, 20; 0: every position)."""
     from lmrc.model.network import LMRC
-    from lmrc.model.weights import load_model
+    from lmrc.model.weights import load_model, with_global_read_top_k
 
-    if top_k is not None and top_k < 0:
-        raise LmrcError("--top-k must be >= 1, or 0 to keep every memory match")
     if weights is not None:
         model = load_model(name, weights, global_read_top_k=top_k)
         if model.config.setting != setting:
@@ -131,10 +128,7 @@ def build_model(name: str, setting: str, weights: str | None = None, top_k: int 
                             f"pass --setting {model.config.setting}")
         return model
     torch.manual_seed(0)
-    config = model_config(name, setting=setting)
-    if top_k is not None:
-        config = dataclasses.replace(config, global_read_top_k=top_k or None)
-    return LMRC(config, pretrained_backbone=False).eval()
+    return LMRC(with_global_read_top_k(model_config(name, setting=setting), top_k), pretrained_backbone=False).eval()
 
 
 # --- measurement ---------------------------------------------------------------------------------------------------

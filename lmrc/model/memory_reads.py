@@ -88,8 +88,9 @@ def global_memory_read(
             sim, indices = best[..., :read_top_k], indices[..., :read_top_k]
         if comparator_top_k:
             q_sq = rows[..., :c].pow(2).sum(2, keepdim=True) * scale
-            candidates = best[..., :comparator_top_k] if sparse else sim
-            tops.append((top_k_similarities(candidates, comparator_top_k, dim=2) - q_sq).transpose(1, 2))
+            top_k = (_pad_top_k(best[..., :comparator_top_k], comparator_top_k, 2) if sparse
+                     else top_k_similarities(sim, comparator_top_k, dim=2))
+            tops.append((top_k - q_sq).transpose(1, 2))
         affinity = torch.softmax(sim, dim=2)  # eq. (2), over the k best positions when sparse
         if sparse:  # eq. (3) with k non-zero weights per query: a weighted sum of k gathered value rows
             gathered = F.embedding_bag((indices + row_offsets).flatten(0, 1), value_rows, mode="sum",

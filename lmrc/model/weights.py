@@ -162,6 +162,15 @@ def default_weights_path(name: str) -> Path | None:
     return None
 
 
+def with_global_read_top_k(config: ModelConfig, top_k: int | None) -> ModelConfig:
+    """`config` with the global read's top-k as a user gives it: None keeps the config's, 0 means every position."""
+    if top_k is None:
+        return config
+    if top_k < 0:
+        raise LmrcError("the global read's top-k must be >= 1, or 0 to keep every memory match")
+    return dataclasses.replace(config, global_read_top_k=top_k or None)
+
+
 def load_model(
     name: str = "lmrc-lite",
     weights: str | Path | None = None,
@@ -192,11 +201,7 @@ def load_model(
     if config.backbone != MODEL_PRESETS[name].backbone:
         stored = model_name_of(config)
         raise LmrcError(f"weights file {path} is for {stored}, not {name}; use --model {stored}")
-    if global_read_top_k is not None:
-        if global_read_top_k < 0:
-            raise LmrcError("the global read's top-k must be >= 1, or 0 to keep every memory match")
-        config = dataclasses.replace(config, global_read_top_k=global_read_top_k or None)
-    model = LMRC(config, pretrained_backbone=False)
+    model = LMRC(with_global_read_top_k(config, global_read_top_k), pretrained_backbone=False)
     load_weights(model, path)
     return model.to(device).eval()
 

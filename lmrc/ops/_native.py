@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("local_window.c", "top_k.c"))  # one library
+HEADERS = (Path(__file__).with_name("kernels.h"),)  # included by the sources: part of the cache key
 
 # Tried in order: the first set is the intended build, the others keep a working (slower) kernel when the
 # compiler rejects -march=native or has no OpenMP (e.g. Apple clang).
@@ -108,7 +109,7 @@ def _compiler_version(cc: list[str]) -> str:
 
 def _build(cc: list[str], real: str, suffix: str) -> tuple[Path | None, list[str], str]:
     """Returns (library path or None, flags used, compiler error text)."""
-    source = b"\0".join(path.read_bytes() for path in SOURCES)
+    source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
     version = _compiler_version(cc)
     errors = ""
     out_dir = cache_dir()

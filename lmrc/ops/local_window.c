@@ -13,17 +13,7 @@
  */
 #include <math.h>
 
-#ifndef LW_REAL
-#define LW_REAL float
-#endif
-#ifndef LW_SUFFIX
-#define LW_SUFFIX _f32
-#endif
-#define LW_CAT2(a, b) a##b
-#define LW_CAT(a, b) LW_CAT2(a, b)
-#define LW_FN(name) LW_CAT(name, LW_SUFFIX)
-
-typedef LW_REAL real;
+#include "kernels.h"
 
 /* single-precision exp for the float build: the double one would round-trip every element */
 #define lw_exp(x) _Generic((x), float: expf, default: exp)(x)
@@ -444,25 +434,9 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
  * VL take a plain per-pixel path.
  * --------------------------------------------------------------------------------------------------------------- */
 #include <stdlib.h>
-#include <string.h>
 
-#define LW_VBYTES 32
-typedef real vreal __attribute__((vector_size(LW_VBYTES)));
-typedef __typeof__((vreal){0} < (vreal){0}) vmask; /* signed integer lanes of the same width */
-#define VL ((long)(LW_VBYTES / sizeof(real)))
 #define LW_MAX_TOPK 16 /* largest k of the fused top-k (the Python wrapper checks it) */
 #define LW_CB 8        /* value channels per readout pass */
-
-static inline vreal vload(const real *p) {
-    vreal v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
-static inline vreal vsplat(real s) { return (vreal){0} + s; }
-static inline vreal vsel(vmask m, vreal a, vreal b) { return (vreal)((m & (vmask)a) | (~m & (vmask)b)); }
-static inline vreal vmax(vreal a, vreal b) { return vsel(a > b, a, b); }
-static inline vreal vmin(vreal a, vreal b) { return vsel(a < b, a, b); }
 #if defined(__clang__)
 static inline vreal vshuf(vreal v, vmask i) {
     vreal r;

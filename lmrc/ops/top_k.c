@@ -1,29 +1,14 @@
 /* Row-wise top-k for the global memory read with STCN's top-k (eq. 2 over the k best similarities of a query).
  *
- * Built together with local_window.c (same LW_REAL / LW_SUFFIX). For each row of a contiguous rows x cols matrix:
- * the k largest entries, sorted descending, and their column indices. A similarity row has thousands of entries
- * and only k survive, so the running k-th best is a threshold that almost every vector of entries fails at once;
- * the few that pass are inserted into a sorted list of k. About 10x faster than a general selection here.
+ * For each row of a contiguous rows x cols matrix: the k largest entries, sorted descending, and their column
+ * indices. A similarity row has thousands of entries and only k survive, so the running k-th best is a threshold
+ * that almost every vector of entries fails at once; the few that pass are inserted into a sorted list of k.
+ * About 10x faster than a general selection here.
  */
-#include <string.h>
-
-#ifndef LW_REAL
-#define LW_REAL float
-#endif
-#ifndef LW_SUFFIX
-#define LW_SUFFIX _f32
-#endif
-#define TK_CAT2(a, b) a##b
-#define TK_CAT(a, b) TK_CAT2(a, b)
-#define TK_FN(name) TK_CAT(name, LW_SUFFIX)
-
-typedef LW_REAL tk_real;
-typedef tk_real tk_vec __attribute__((vector_size(32)));
-typedef __typeof__((tk_vec){0} < (tk_vec){0}) tk_mask; /* signed integer lanes of the same width */
-#define TK_VL ((long)(32 / sizeof(tk_real)))
+#include "kernels.h"
 
 /* x into the sorted (descending) list val/idx of k entries, dropping the smallest; x > val[k-1] */
-static inline void tk_insert(tk_real *val, long *idx, long k, tk_real x, long j) {
+static inline void tk_insert(real *val, long *idx, long k, real x, long j) {
     long p = k - 1;
     while (p > 0 && val[p - 1] < x) {
         val[p] = val[p - 1];
@@ -34,7 +19,7 @@ static inline void tk_insert(tk_real *val, long *idx, long k, tk_real x, long j)
     idx[p] = j;
 }
 
-static void tk_row(const tk_real *row, long cols, long k, tk_real *val, long *idx) {
+static void tk_row(const real *row, long cols, long k, real *val, long *idx) {
     for (long j = 0; j < k; j++) { /* the first k entries, insertion-sorted */
         long p = j;
         while (p > 0 && val[p - 1] < row[j]) {
@@ -45,20 +30,15 @@ static void tk_row(const tk_real *row, long cols, long k, tk_real *val, long *id
         val[p] = row[j];
         idx[p] = j;
     }
-    tk_real threshold = val[k - 1];
+    real threshold = val[k - 1];
     long j = k;
-    for (; j + 2 * TK_VL <= cols; j += 2 * TK_VL) {
-        tk_vec a, b;
-        memcpy(&a, row + j, sizeof a);
-        memcpy(&b, row + j + TK_VL, sizeof b);
-        /* lane-wise max of the two vectors, then one test of every lane against the threshold */
-        tk_mask a_larger = a > b;
-        tk_vec top = (tk_vec)((a_larger & (tk_mask)a) | (~a_larger & (tk_mask)b));
-        tk_mask above = top > ((tk_vec){0} + threshold);
+    for (; j + 2 * VL <= cols; j += 2 * VL) {
+        /* lane-wise max of two vectors, then one test of every lane against the threshold */
+        vmask above = vmax(vload(row + j), vload(row + j + VL)) > vsplat(threshold);
         long pass = 0;
-        for (long l = 0; l < TK_VL; l++) pass |= above[l];
+        for (long l = 0; l < VL; l++) pass |= above[l];
         if (!pass) continue;
-        for (long l = 0; l < 2 * TK_VL; l++) {
+        for (long l = 0; l < 2 * VL; l++) {
             if (row[j + l] > threshold) {
                 tk_insert(val, idx, k, row[j + l], j + l);
                 threshold = val[k - 1];
@@ -74,7 +54,7 @@ static void tk_row(const tk_real *row, long cols, long k, tk_real *val, long *id
 }
 
 /* x rows x cols (contiguous), 1 <= k <= cols -> val rows x k, idx rows x k (int64), each row sorted descending */
-void TK_FN(tk_rows)(const tk_real *x, long rows, long cols, long k, tk_real *val, long *idx, int nthreads) {
+void LW_FN(tk_rows)(const real *x, long rows, long cols, long k, real *val, long *idx, int nthreads) {
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < rows; r++) tk_row(x + r * cols, cols, k, val + r * k, idx + r * k);
 }

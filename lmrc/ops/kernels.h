@@ -1,0 +1,39 @@
+/* What the native kernels share: the floating type they are built for and 8 / 4-lane vectors of it.
+ *
+ * Every .c file of lmrc/ops is compiled into one library, once with -DLW_REAL=float -DLW_SUFFIX=_f32 and once with
+ * -DLW_REAL=double -DLW_SUFFIX=_f64; LW_FN(name) gives each exported function its suffix.
+ */
+#ifndef LMRC_KERNELS_H
+#define LMRC_KERNELS_H
+
+#include <string.h>
+
+#ifndef LW_REAL
+#define LW_REAL float
+#endif
+#ifndef LW_SUFFIX
+#define LW_SUFFIX _f32
+#endif
+#define LW_CAT2(a, b) a##b
+#define LW_CAT(a, b) LW_CAT2(a, b)
+#define LW_FN(name) LW_CAT(name, LW_SUFFIX)
+
+typedef LW_REAL real;
+
+#define LW_VBYTES 32
+typedef real vreal __attribute__((vector_size(LW_VBYTES)));
+typedef __typeof__((vreal){0} < (vreal){0}) vmask; /* signed integer lanes of the same width */
+#define VL ((long)(LW_VBYTES / sizeof(real)))
+
+static inline vreal vload(const real *p) {
+    vreal v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void vstore(real *p, vreal v) { memcpy(p, &v, sizeof v); }
+static inline vreal vsplat(real s) { return (vreal){0} + s; }
+static inline vreal vsel(vmask m, vreal a, vreal b) { return (vreal)((m & (vmask)a) | (~m & (vmask)b)); }
+static inline vreal vmax(vreal a, vreal b) { return vsel(a > b, a, b); }
+static inline vreal vmin(vreal a, vreal b) { return vsel(a < b, a, b); }
+
+#endif
