@@ -9,7 +9,7 @@ import torch
 
 from lmrc.cli import main as cli_main
 from lmrc.config import model_config
-from lmrc.eval.bench import build_model, measure, synthetic_video
+from lmrc.eval.bench import build_model, measure, multiply_adds_per_frame, synthetic_video
 from lmrc.inference import timing
 from lmrc.inference.segmenter import Segmenter
 from lmrc.model.inference import fold_batch_norms, prepare_for_inference
@@ -196,3 +196,46 @@ def test_reused_zero_padding_pads_like_zero_pad_2d_call_after_call():
             out = pad(x)
             assert torch.equal(out, torch.nn.ZeroPad2d((0, 1, 2, 1))(x))
             assert out.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("optimize", [True, False])
+def test_multiply_adds_count_every_convolution(optimize):
+    """The FLOP counter's convolutions equal a count from the shapes of every Conv2d the frames ran through."""
+    seg = Segmenter(build_model("lmrc-lite", "F"), size=64, mem_every=3, optimize=optimize)
+    frames = list(synthetic_video(4, (64, 96)))
+    by_shape = []
+
+    def count(module, inputs, output):
+        kh, kw = module.kernel_size
+        by_shape.append(output.numel() * module.in_channels // module.groups * kh * kw)
+
+    seg.step(*frames[0])
+    hooks = [m.register_forward_hook(count) for m in seg.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    for frame in frames[1:]:
+        seg.step(*frame)
+    for hook in hooks:
+        hook.remove()
+    macs = multiply_adds_per_frame(seg, frames)
+    assert macs["convolution"] == pytest.approx(sum(by_shape) / 3 / 1e9, rel=1e-4)
+    assert macs["total"] > macs["convolution"]  # the global read's matrix products
+    assert seg.frame_index == 0 and not seg.memory_frames  # counting leaves the segmenter reset
+
+
+def test_macs_option_reports_the_arithmetic_ratio(capsys):
+    report = run_json(capsys, "--size", "32", "--frames", "4", "--warmup", "1", "--compare", "A", "F", "--macs",
+                      "--mem-every", "2")
+    a, f = (report["runs"][s]["gmac_per_frame"]["total"] for s in "AF")
+    assert f > a > 0  # F adds the per-frame value encoding at three scales and the decoder's readout inputs
+    assert report["arithmetic_ratio"] == pytest.approx(f / a, abs=1e-3)
+    assert report["gmac_per_second"] > 0 and report["cpu"]["capability"]
+
+
+def test_bench_warns_about_emulated_half_precision(capsys, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cli_main(["bench", "--threads", "1", "--size", "32", "--frames", "2", "--warmup", "1",
+                     "--precision", "bf16", "--json"]) == 0
+    assert "no native 16-bit float math" in capsys.readouterr().err
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert cli_main(["bench", "--threads", "1", "--size", "32", "--frames", "2", "--warmup", "1",
+                     "--precision", "bf16", "--json"]) == 0
+    assert "warning" not in capsys.readouterr().err

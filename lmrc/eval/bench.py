@@ -3,6 +3,7 @@
     lmrc bench --model lmrc-lite --setting F --size 480 --frames 40
     lmrc bench --model lmrc-r50 --compare A F --json
     lmrc bench --max-memory-frames 10 --frames 2000 --size 240     # time and memory stay flat
+    lmrc bench --compare A F --macs                                # + multiply-adds: the ratio's arithmetic floor
 
 The video is synthetic (moving textured shapes generated in memory, 854 x 480 like DAVIS) unless `--input` names
 one. Without `--weights` the model is randomly initialised: speed does not depend on the weights' values.
@@ -12,12 +13,16 @@ Per-stage figures are medians over frames, so a stage that runs on some frames o
 every `--mem-every`-th frame) can show 0; `ms_per_frame_mean` / `fps` include it.
 With `--compare A F` both settings run in one process on the same frames, alternating which goes first, so a
 load change on a shared machine hits both alike; `ratio` is the second setting's mean frame time over the first's.
+With `--macs` the multiply-adds of each setting are counted too (`multiply_adds_per_frame`): a machine-independent
+figure, and with `--compare` the ratio of the two settings' arithmetic, which is the cost ratio an implementation
+running both at equal efficiency gets.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import sys
@@ -61,6 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run the model as trained (no BatchNorm folding / inference preparation), for comparison")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the encoders and decoder (slow first frames; see docs/PERFORMANCE.md)")
+    parser.add_argument("--macs", action="store_true",
+                        help="also count multiply-adds per frame over one memory cycle (slow: runs a cycle in "
+                             "PyTorch's FLOP counter after the timing)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
 
 
@@ -111,6 +119,13 @@ def video_frames(path: str, mask_path: str | None, frames: int) -> Iterator[tupl
                 yy, xx = np.mgrid[0:h, 0:w]
                 mask = ((((yy - h / 2) / (h / 4)) ** 2 + ((xx - w / 2) / (w / 4)) ** 2) <= 1).astype(np.uint8)
         yield frame.rgb, mask
+
+
+def input_frames(args, count: int) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """The first `count` frames of the benchmark's input: `--input` (with `--mask`) or the synthetic video."""
+    if args.input is not None:
+        return video_frames(args.input, args.mask, count)
+    return synthetic_video(count, objects=args.objects)
 
 
 # --- models --------------------------------------------------------------------------------------------------------
@@ -205,6 +220,47 @@ def measure(segmenters: dict[str, "Segmenter"], frames: Iterator[tuple[np.ndarra
     return runs
 
 
+def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.ndarray, np.ndarray | None]]  # noqa: F821
+                            ) -> dict[str, float] | None:
+    """Mean multiply-adds per frame, in GMAC, counted by PyTorch's FLOP counter over the frames after the first
+    (which takes the mask): `convolution`, and `total` with the matrix products of the global read. Pass
+    `mem_every` + 1 frames so each kind of frame counts as often as in a long video. The native local-window
+    kernels (LMR, SLMR) run outside PyTorch and are not counted: they add to the settings that have them, so for
+    a setting with local reads over one without, the ratio of `total`s is a lower bound. Resets the segmenter.
+    None when there is no frame after the first."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    segmenter.reset()
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        return None
+    segmenter.step(*first)
+    counted = 0
+    with FlopCounterMode(display=False) as counter:
+        for rgb, mask in frames:
+            segmenter.step(rgb, mask)
+            counted += 1
+    segmenter.reset()
+    if not counted:
+        return None
+    flops = counter.get_flop_counts().get("Global", {})
+    convolution = sum(v for op, v in flops.items() if "convolution" in str(op))
+    scale = 2e9 * counted  # a multiply-add is two FLOPs
+    return {"total": round(counter.get_total_flops() / scale, 6), "convolution": round(convolution / scale, 6)}
+
+
+def cpu_description() -> dict[str, str]:
+    """The CPU's model name and the vector instructions PyTorch uses on it (e.g. AVX2, AVX512)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"name": name, "capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def _loadavg() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -229,16 +285,18 @@ def main(args) -> int:
     if args.compare and args.compare[0] == args.compare[1]:
         raise LmrcError("--compare needs two different settings")
 
+    from lmrc.inference.command import half_precision_warning
+
+    warning = half_precision_warning(args.precision)
+    if warning:
+        print(f"lmrc bench: warning: {warning}", file=sys.stderr)
     segmenters = {}
     for setting in settings:
         model = build_model(args.model, setting, args.weights, args.top_k)
         segmenters[setting] = Segmenter(model, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
                                         size=args.size, precision=args.precision, optimize=not args.no_optimize,
                                         compile=args.compile)
-    if args.input is not None:
-        frames = video_frames(args.input, args.mask, args.frames)
-    else:
-        frames = synthetic_video(args.frames, objects=args.objects)
+    frames = input_frames(args, args.frames)
     load_before = _loadavg()
     start = time.perf_counter()
     if args.checkpoints:
@@ -251,8 +309,16 @@ def main(args) -> int:
     runs = measure(segmenters, frames, args.warmup, checkpoints, on_checkpoint=_print_checkpoint)
     wall = time.perf_counter() - start
     first = next(iter(segmenters.values()))
+    process_size = list(first.process_size or ())  # before --macs resets the segmenters
 
     results = {label: {**runs[label].summary(args.warmup), "checkpoints": runs[label].checkpoints} for label in runs}
+    if args.macs:
+        for label, result in results.items():
+            macs = multiply_adds_per_frame(segmenters[label], input_frames(args, args.mem_every + 1))
+            if macs is None:
+                raise LmrcError(f"--macs needs at least 2 frames of {args.input}")
+            result["gmac_per_frame"] = macs
+            result["gmac_per_second"] = round(macs["total"] / (result["ms_per_frame_mean"] / 1000), 2)
     main_label = settings[-1]
     report = {
         "model": args.model,
@@ -260,13 +326,14 @@ def main(args) -> int:
         "weights": args.weights or "random (speed does not depend on the weights)",
         "precision": args.precision,
         "size": args.size,
-        "process_size": list(first.process_size or ()),
+        "process_size": process_size,
         "input": args.input or f"synthetic {DEFAULT_SIZE[1]}x{DEFAULT_SIZE[0]}, {args.objects} objects",
         "frames": len(runs[main_label].totals),
         "warmup": args.warmup,
         "max_memory_frames": args.max_memory_frames,
         "global_read_top_k": first.model.config.global_read_top_k,
         "threads": torch.get_num_threads(),
+        "cpu": cpu_description(),
         "optimized": not args.no_optimize,
         "compiled": bool(args.compile),
         "load_average": {"before": load_before, "after": _loadavg()},
@@ -282,6 +349,8 @@ def main(args) -> int:
         # a cost a median frame does not show; the ratio of medians is given too.
         report["ratio"] = round(results[f]["ms_per_frame_mean"] / results[a]["ms_per_frame_mean"], 3)
         report["ratio_of_medians"] = round(results[f]["ms_per_frame"] / results[a]["ms_per_frame"], 3)
+        if args.macs:
+            report["arithmetic_ratio"] = round(results[f]["gmac_per_frame"]["total"] / results[a]["gmac_per_frame"]["total"], 3)
     if args.json:
         print(json.dumps(report))
     else:
@@ -302,7 +371,8 @@ def _print_table(report: dict, results: dict[str, dict]) -> None:
           f"{'x'.join(map(str, report['process_size'][::-1]))} (padded to 16), {report['threads']} thread(s), "
           f"{'optimized' if report['optimized'] else 'unoptimized'}{', compiled' if report['compiled'] else ''}, "
           f"global read top-k {report['global_read_top_k'] or 'all'}", file=out)
-    print(f"  weights: {report['weights']}; input: {report['input']}", file=out)
+    print(f"  weights: {report['weights']}; input: {report['input']}; cpu: {report['cpu']['name']} "
+          f"({report['cpu']['capability']})", file=out)
     print(f"  {report['frames']} frames, medians over the last {report['frames'] - report['warmup']}; "
           f"load average {load['before']} -> {load['after']}", file=out)
     labels = list(results)
@@ -315,11 +385,18 @@ def _print_table(report: dict, results: dict[str, dict]) -> None:
     print("  " + "ms per frame".ljust(width) + "".join(f"{results[l]['ms_per_frame']:12.1f}" for l in labels), file=out)
     print("  " + "  (mean)".ljust(width) + "".join(f"{results[l]['ms_per_frame_mean']:12.1f}" for l in labels), file=out)
     print("  " + "frames/s".ljust(width) + "".join(f"{results[l]['fps']:12.2f}" for l in labels), file=out)
+    if "gmac_per_frame" in results[labels[0]]:
+        print("  " + "GMAC per frame".ljust(width)
+              + "".join(f"{results[l]['gmac_per_frame']['total']:12.2f}" for l in labels), file=out)
+        print("  " + "GMAC/s".ljust(width) + "".join(f"{results[l]['gmac_per_second']:12.1f}" for l in labels), file=out)
     print(f"  peak memory (process RSS): {report['peak_memory_mb']:.0f} MB", file=out)
     if "ratio" in report:
         a, f = labels
         print(f"  cost ratio {f}/{a}: {report['ratio']:.3f} (mean frame times; ratio of medians {report['ratio_of_medians']:.3f})",
               file=out)
+    if "arithmetic_ratio" in report:
+        print(f"  arithmetic ratio {f}/{a}: {report['arithmetic_ratio']:.3f} (multiply-adds per frame over a memory "
+              f"cycle; the native local reads are not counted)", file=out)
     for label in labels:
         for c in results[label]["checkpoints"]:
             print(f"  [{label}] frame {c['frame']:>6}: {c['ms_per_frame']:8.1f} ms/frame, RSS {c['rss_mb']:8.1f} MB, "

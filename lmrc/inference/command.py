@@ -122,15 +122,24 @@ def resolve_device(name: str, precision: str = "fp32") -> str:
                             "use --device cpu (or auto)")
         if precision == "bf16" and not torch.cuda.is_bf16_supported():
             raise LmrcError("--precision bf16: this GPU has no bfloat16 support; use --precision fp16 or fp32")
-    elif precision != "fp32":
-        capability = torch.backends.cpu.get_cpu_capability()
-        if "AVX512" not in capability.upper():
-            # Without native 16-bit float units the CPU converts every operand: measured several times slower.
+    else:
+        message = half_precision_warning(precision)
+        if message:
             from lmrc.data.video import LmrcWarning
 
-            warnings.warn(f"--precision {precision} on this CPU ({capability}, no native 16-bit float math) is "
-                          "slower than fp32; use fp32 here", LmrcWarning, stacklevel=2)
+            warnings.warn(message, LmrcWarning, stacklevel=2)
     return name
+
+
+def half_precision_warning(precision: str) -> str | None:
+    """Why `precision` will be slow on this CPU, or None. Without native 16-bit float units the CPU converts every
+    operand: bf16 measured 20-70x slower than fp32 on an AVX2 CPU (docs/PERFORMANCE.md)."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if precision == "fp32" or "AVX512" in capability.upper():
+        return None
+    return f"--precision {precision} on this CPU ({capability}, no native 16-bit float math) is slower than fp32; use fp32 here"
 
 
 def default_out_dir(source) -> Path:
