@@ -117,14 +117,21 @@ def test_prepared_model_gives_the_same_outputs(name):
         for m in (model, fast):
             frame = m.encode_key(image)
             values = m.encode_value(image, frame, masks)
-            memory = MemoryInput(frame.keys[4].flatten(2), values[4].flatten(3), frame.keys, values)
+            memory = MemoryInput(frame.keys[4].flatten(2), m.global_memory_value(values[4]).flatten(3), frame.keys,
+                                 values)
             outs.append((frame, values, m.read_and_decode(frame, memory)))
     (f0, v0, o0), (f1, v1, o1) = outs
     for r in (2, 3, 4):
         torch.testing.assert_close(f1.keys[r], f0.keys[r], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(f1.features[r], f0.features[r], atol=1e-4, rtol=1e-4)
-        torch.testing.assert_close(v1[r], v0[r], atol=1e-4, rtol=1e-4)
+        # the fast copy's values are the decoder's readout projections of the model's, one group per read
+        conv = getattr(model.decoder, f"stage{r}").readout_conv
+        groups = conv.weight.shape[1] // v0[r].shape[2]
+        projections = conv.weight.reshape(conv.out_channels, groups, -1).transpose(0, 1)
+        expected = torch.einsum("goc,bnchw->bngohw", projections, v0[r]).flatten(2, 3)
+        torch.testing.assert_close(v1[r], expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(o1.probs, o0.probs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(o1.logits, o0.logits, atol=1e-6, rtol=1e-6)
 
 
 def test_fold_batch_norms_counts_every_trunk_bn():

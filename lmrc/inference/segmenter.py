@@ -60,7 +60,8 @@ class Segmenter:
             from lmrc.model.inference import prepare_for_inference
 
             # A copy: the caller's model (e.g. one being trained) keeps its modules and state-dict keys.
-            self.model = prepare_for_inference(self.model, fold=optimize, channels_last=optimize, compile=compile)
+            self.model = prepare_for_inference(self.model, fold=optimize, channels_last=optimize,
+                                               project_values=optimize, compile=compile)
         self.mem_every = mem_every
         self.max_memory_frames = max_memory_frames
         self.size = size
@@ -123,7 +124,8 @@ class Segmenter:
                     values = self.model.encode_value(x, query, probs[:, 1:], stages=tuple(sorted(stages)))
                 with stage("memory"):
                     if to_global:
-                        self.memory.add_global(index, query.keys[4], values[4], pinned=given is not None)
+                        self.memory.add_global(index, query.keys[4], self.model.global_memory_value(values[4]),
+                                               pinned=given is not None)
                     self.memory.set_local(index, query.keys, values)
 
             out = self._resize(crop_padding(probs, pads), self.input_size)

@@ -10,6 +10,9 @@ saved from it still load anywhere) in which
 - the encoders' weights are stored channels-last, which oneDNN runs faster on this kind of CPU (depthwise convs
   about 2.5x, dense 3x3 convs 5-10%) and which avoids its reorders; features handed to the memory reads are made
   contiguous again by `LMRC.encode_key` / `encode_value` (the native local-window kernels read NCHW);
+- the decoder's 1x1 readout projections are moved into the value encoder's last convolutions
+  (`project_values_before_reading`): each read then carries the decoder's narrower channels, and the
+  global memory keeps half the stage-4 channels;
 - optionally (`compile=True`) the key encoder, value encoder and decoder are wrapped by `torch.compile`.
 """
 from __future__ import annotations
@@ -75,6 +78,58 @@ class ReusedZeroPad2d(nn.Module):
         return out
 
 
+class ReadoutGroupSum(nn.Module):
+    """Stands in for a decoder stage's readout projection once `project_values_before_reading` moved it into the
+    values: the stage's readouts arrive already projected, one channel group per read, and are summed."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, readouts: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1:
+            return readouts
+        b, c, h, w = readouts.shape
+        return readouts.view(b, self.groups, c // self.groups, h, w).sum(1)
+
+
+@torch.no_grad()
+def project_values_before_reading(model: nn.Module) -> None:
+    """Move each decoder stage's 1x1 readout projection into the value encoder's fusion convolutions (in place).
+
+    The decoder projects the concatenated readouts of stage r, sum_i P_i R_i, and every read is linear in its
+    value with per-pixel weights acting on positions only: R_i = H_i (.) (W_i x V_r) (eq. 3, 5, 6-8, 10), or
+    its top-k restriction. So P_i R_i = H_i (.) (W_i x (P_i V_r)): each read can take P_i V_r, which has the
+    decoder's width (32 / 64 / 128 at stages 2 / 3 / 4 for every preset) instead of C^v_r channels, and the
+    projection then leaves the decoder. V_r is itself conv(e) + conv(F_r) + b, so P_i V_r is that with P_i folded
+    into the weights and bias: the value encoder now writes the groups [P_1 V_r, P_2 V_r, ...] in the order of
+    `readout_layout` at no extra cost. The same function, computed in another order (float rounding aside).
+    """
+    from lmrc.model.network import readout_layout
+
+    layout = readout_layout(model.config)
+    encoder, decoder = model.value_encoder, model.decoder
+    for r, names in layout.items():
+        stage = getattr(decoder, f"stage{r}")
+        if not names:
+            continue
+        width, c = stage.readout_conv.out_channels, model.read_value_channels[r]
+        projections = stage.readout_conv.weight.reshape(width, len(names), c).transpose(0, 1)  # P_i: width x c
+        for convs in (encoder.fuse_mask, encoder.fuse_frame):
+            conv = convs[f"r{r}"]
+            weight = torch.einsum("goc,cikl->goikl", projections, conv.weight).flatten(0, 1)
+            projected = nn.Conv2d(conv.in_channels, weight.shape[0], conv.kernel_size, padding=conv.padding,
+                                  bias=conv.bias is not None).to(conv.weight)
+            projected.weight.copy_(weight)
+            if conv.bias is not None:
+                projected.bias.copy_(torch.einsum("goc,c->go", projections, conv.bias).flatten())
+            convs[f"r{r}"] = projected
+        stage.readout_conv = ReadoutGroupSum(len(names))
+        model.read_value_channels[r] = width
+        model.readout_channels[r] = width * len(names)
+    model.values_projected = True
+
+
 def _reuse_padding(model: nn.Module) -> int:
     replaced = 0
     for module in list(model.modules()):
@@ -93,11 +148,13 @@ def _inplace_activations(model: nn.Module) -> None:
 
 
 def prepare_for_inference(model: nn.Module, *, fold: bool = True, channels_last: bool = True,
-                          compile: bool = False) -> nn.Module:
+                          project_values: bool = True, compile: bool = False) -> nn.Module:
     """A copy of `model` in eval mode, for inference only (see the module docstring)."""
     model = copy.deepcopy(model).eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if project_values:
+        project_values_before_reading(model)
     if fold:
         fold_batch_norms(model.key_encoder)
         fold_batch_norms(model.value_encoder)

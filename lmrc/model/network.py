@@ -102,6 +102,10 @@ class LMRC(nn.Module):
         readout_channels = {r: value_dims[r] * len(names) for r, names in readout_layout(config).items()}
         self.readout_channels = readout_channels
         self.decoder = Decoder(frame_channels, readout_channels, dict(zip(STAGES, config.decoder_dims)))
+        # Channels of the value each read takes at stage r: all of V_r, unless an inference copy moved the decoder's
+        # readout projections into the value encoder (`lmrc.model.inference.project_values_before_reading`).
+        self.read_value_channels = dict(value_dims)
+        self.values_projected = False
 
     # --- the three steps shared by training and inference -------------------------------------------------
 
@@ -115,6 +119,20 @@ class LMRC(nn.Module):
     ) -> dict[int, Tensor]:
         """masks B x N x H x W soft object probabilities -> {r: B x N x Cv_r x Hr x Wr}."""
         return self.value_encoder(image, frame.features, masks, stages)
+
+    def global_memory_value(self, value: Tensor) -> Tensor:
+        """What the global memory keeps of a stage-4 value B x N x C x H4 x W4: all of it, or with projected values
+        the global read's own channel group (a view)."""
+        return value[:, :, : self.read_value_channels[4]]
+
+    def _read_value(self, values: Tensor, r: int, name: str) -> Tensor:
+        """The value B x N x C x Hr x Wr that read `name` (L3, S2, ...) takes from the local memory's V_r: all of it,
+        or with projected values its own channel group, in the order of `readout_layout`."""
+        if not self.values_projected:
+            return values
+        c = self.read_value_channels[r]
+        i = readout_layout(self.config)[r].index(name)
+        return values[:, :, i * c: (i + 1) * c]
 
     def read_and_decode(self, query: FrameEncoding, memory: MemoryInput) -> SegmentOutput:
         cfg = self.config
@@ -145,22 +163,24 @@ class LMRC(nn.Module):
         local: dict[int, ReadResult] = {}
         for r in sorted(cfg.local_read_stages, reverse=True):
             with stage("local_reads"):
+                values = self._read_value(memory.local_values[r], r, f"L{r}")
                 local[r] = local_memory_read(
-                    query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), cfg.window_radius,
+                    query.keys[r], memory.local_keys[r], values.flatten(1, 2), cfg.window_radius,
                     cfg.scale, comparator_top_k=k,
                     # only SLMR at stage r - 1 reads this affinity (inference skips writing it otherwise)
                     keep_affinity=cfg.sequential_local_read and r - 1 in (2, 3),
-                    readout_buffer=readouts.slot(r, memory.local_values[r]),
+                    readout_buffer=readouts.slot(r, values),
                     reliability=self._fused_reliability(f"L{r}", global_top_k) if fuse else None,
                 )
             with stage("comparator"):
                 self._weigh(readouts, f"L{r}", local[r], global_top_k, reliability)
         for r in (3, 2) if cfg.sequential_local_read else ():
             with stage("sequential_local_reads"):
+                values = self._read_value(memory.local_values[r], r, f"S{r}")
                 result = sequential_local_memory_read(
-                    query.keys[r], memory.local_keys[r], memory.local_values[r].flatten(1, 2), local[r + 1].affinity,
+                    query.keys[r], memory.local_keys[r], values.flatten(1, 2), local[r + 1].affinity,
                     cfg.window_radius, cfg.scale, comparator_top_k=k, keep_affinity=False,
-                    readout_buffer=readouts.slot(r, memory.local_values[r]),
+                    readout_buffer=readouts.slot(r, values),
                     reliability=self._fused_reliability(f"S{r}", global_top_k) if fuse else None,
                 )
             with stage("comparator"):
