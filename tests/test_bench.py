@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -246,3 +247,21 @@ def test_bench_warns_about_emulated_half_precision(capsys, monkeypatch):
     assert cli_main(["bench", "--threads", "1", "--size", "32", "--frames", "2", "--warmup", "1",
                      "--precision", "bf16", "--json"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+def test_values_are_projected_only_where_the_decoder_is_narrower():
+    """Stages whose decoder width is not below C^v_r keep their values; the others read projected groups; the
+    segmenter gives the unoptimised model's probabilities either way (mixed stages, objects added mid-video)."""
+    torch.manual_seed(0)
+    model = LMRC(model_config("lmrc-lite", setting="F", decoder_dims=(32, 128, 128)), pretrained_backbone=False).eval()
+    fast = prepare_for_inference(model)
+    assert fast.projected_stages == {2, 4} and fast.read_value_channels == {2: 32, 3: 128, 4: 128}
+    plain, seg = Segmenter(model, size=64, optimize=False), Segmenter(model, size=64)
+    seg.model = fast
+    for index, (rgb, mask) in enumerate(synthetic_video(6, (64, 96), objects=3)):
+        if index == 2:  # a third object joins: a second object group with its own memory
+            mask = (np.arange(96)[None, :] < 20).repeat(64, 0).astype(np.uint8) * 3
+        elif mask is not None:
+            mask = np.where(mask == 3, 0, mask)
+        torch.testing.assert_close(seg.step(rgb, mask), plain.step(rgb, mask), atol=1e-4, rtol=0)
+    assert seg.memory.values.shape[-1] == 128  # the global memory keeps the global read's group only

@@ -104,6 +104,7 @@ def project_values_before_reading(model: nn.Module) -> None:
     projection then leaves the decoder. V_r is itself conv(e) + conv(F_r) + b, so P_i V_r is that with P_i folded
     into the weights and bias: the value encoder now writes the groups [P_1 V_r, P_2 V_r, ...] in the order of
     `readout_layout` at no extra cost. The same function, computed in another order (float rounding aside).
+    A stage whose decoder width is not below C^v_r is left as it is (nothing to gain).
     """
     from lmrc.model.network import readout_layout
 
@@ -111,7 +112,7 @@ def project_values_before_reading(model: nn.Module) -> None:
     encoder, decoder = model.value_encoder, model.decoder
     for r, names in layout.items():
         stage = getattr(decoder, f"stage{r}")
-        if not names:
+        if not names or stage.readout_conv.out_channels >= model.read_value_channels[r]:
             continue
         width, c = stage.readout_conv.out_channels, model.read_value_channels[r]
         projections = stage.readout_conv.weight.reshape(width, len(names), c).transpose(0, 1)  # P_i: width x c
@@ -127,7 +128,7 @@ def project_values_before_reading(model: nn.Module) -> None:
         stage.readout_conv = ReadoutGroupSum(len(names))
         model.read_value_channels[r] = width
         model.readout_channels[r] = width * len(names)
-    model.values_projected = True
+        model.projected_stages.add(r)
 
 
 def _reuse_padding(model: nn.Module) -> int:

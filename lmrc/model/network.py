@@ -105,7 +105,7 @@ class LMRC(nn.Module):
         # Channels of the value each read takes at stage r: all of V_r, unless an inference copy moved the decoder's
         # readout projections into the value encoder (`lmrc.model.inference.project_values_before_reading`).
         self.read_value_channels = dict(value_dims)
-        self.values_projected = False
+        self.projected_stages: set[int] = set()
 
     # --- the three steps shared by training and inference -------------------------------------------------
 
@@ -128,7 +128,7 @@ class LMRC(nn.Module):
     def _read_value(self, values: Tensor, r: int, name: str) -> Tensor:
         """The value B x N x C x Hr x Wr that read `name` (L3, S2, ...) takes from the local memory's V_r: all of it,
         or with projected values its own channel group, in the order of `readout_layout`."""
-        if not self.values_projected:
+        if r not in self.projected_stages:
             return values
         c = self.read_value_channels[r]
         i = readout_layout(self.config)[r].index(name)
