@@ -1,21 +1,34 @@
 """The streaming Segmenter with the model as trained (`base`, optimize=False) against variants, side by side in
 one process (alternating per frame), per-stage medians. Threads: T (default 1), frames: N (default 12), size: S.
+SEQ=name runs the shipped weights on that DAVIS sequence (frames and first mask under DAVIS, default
+../shared/data/davis2016) instead of random weights on the synthetic video; NOBASE=1 leaves `base` out.
 
     .venv/bin/python benchmarks/inference_copy.py lmrc-lite F 'opt={"optimize":true}'
     .venv/bin/python benchmarks/inference_copy.py lmrc-lite F 'fold={"prep":{"fold":true,"channels_last":false}}' \
         'cl={"prep":{"fold":true,"channels_last":true}}'
     TORCHINDUCTOR_COMPILE_THREADS=1 N=14 .venv/bin/python benchmarks/inference_copy.py lmrc-lite F \
         'opt={"optimize":true}' 'compiled={"optimize":true,"compile":true}'
+    SEQ=soccerball NOBASE=1 T=2 .venv/bin/python benchmarks/inference_copy.py lmrc-lite F \
+        'before={"prep":{"project_values":false}}' 'after={"prep":{"project_values":true}}'
 """
 import sys, os, torch, json
-from lmrc.eval.bench import build_model, synthetic_video, measure
+from lmrc.cli import reuse_freed_memory
+from lmrc.eval.bench import build_model, synthetic_video, video_frames, measure
 from lmrc.inference.segmenter import Segmenter
 from lmrc.model.inference import prepare_for_inference
+from lmrc.model.weights import load_model
+reuse_freed_memory()  # as the command line does
 torch.set_num_threads(int(os.environ.get("T", "1")))
 name, setting = sys.argv[1], sys.argv[2]
 frames = int(os.environ.get("N", "12")); size = int(os.environ.get("S", "480"))
-m = build_model(name, setting)
-variants = {"base": dict(optimize=False)}
+seq, davis = os.environ.get("SEQ"), os.environ.get("DAVIS", "../shared/data/davis2016")
+if seq:
+    m = load_model(name)
+    video = list(video_frames(f"{davis}/JPEGImages/480p/{seq}", f"{davis}/Annotations/480p/{seq}/00000.png", 10**6))
+else:
+    m = build_model(name, setting)
+    video = list(synthetic_video(frames))
+variants = {} if os.environ.get("NOBASE") else {"base": dict(optimize=False)}
 for v in sys.argv[3:]:
     k, _, val = v.partition("=")
     variants[k] = json.loads(val)
@@ -27,7 +40,7 @@ for k, kw in variants.items():
     else:
         segs[k] = Segmenter(m, size=size, **kw)
 print("load", os.getloadavg())
-runs = measure(segs, synthetic_video(frames), 4)
+runs = measure(segs, iter(video), 4)
 for k, r in runs.items():
     s = r.summary(4)
     print(f"{k:>10} {s['ms_per_frame']:8.1f} ms  mean {s['ms_per_frame_mean']:8.1f} ", " ".join(f"{a[:6]}={b:.0f}" for a, b in s["stages_ms"].items()))
