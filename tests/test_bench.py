@@ -255,7 +255,7 @@ def test_values_are_projected_only_where_the_decoder_is_narrower():
     torch.manual_seed(0)
     model = LMRC(model_config("lmrc-lite", setting="F", decoder_dims=(32, 128, 128)), pretrained_backbone=False).eval()
     fast = prepare_for_inference(model)
-    assert fast.projected_stages == {2, 4} and fast.read_value_channels == {2: 32, 3: 128, 4: 128}
+    assert fast.projected_stages == {2, 4} and [fast.read_value_channels(r) for r in (2, 3, 4)] == [32, 128, 128]
     plain, seg = Segmenter(model, size=64, optimize=False), Segmenter(model, size=64)
     seg.model = fast
     for index, (rgb, mask) in enumerate(synthetic_video(6, (64, 96), objects=3)):

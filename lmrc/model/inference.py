@@ -112,9 +112,11 @@ def project_values_before_reading(model: nn.Module) -> None:
     encoder, decoder = model.value_encoder, model.decoder
     for r, names in layout.items():
         stage = getattr(decoder, f"stage{r}")
-        if not names or stage.readout_conv.out_channels >= model.read_value_channels[r]:
+        if not names or r in model.projected_stages:
             continue
-        width, c = stage.readout_conv.out_channels, model.read_value_channels[r]
+        width, c = stage.readout_conv.out_channels, model.read_value_channels(r)
+        if width >= c:
+            continue
         projections = stage.readout_conv.weight.reshape(width, len(names), c).transpose(0, 1)  # P_i: width x c
         for convs in (encoder.fuse_mask, encoder.fuse_frame):
             conv = convs[f"r{r}"]
@@ -126,7 +128,6 @@ def project_values_before_reading(model: nn.Module) -> None:
                 projected.bias.copy_(torch.einsum("goc,c->go", projections, conv.bias).flatten())
             convs[f"r{r}"] = projected
         stage.readout_conv = ReadoutGroupSum(len(names))
-        model.read_value_channels[r] = width
         model.readout_channels[r] = width * len(names)
         model.projected_stages.add(r)
 

@@ -102,9 +102,8 @@ class LMRC(nn.Module):
         readout_channels = {r: value_dims[r] * len(names) for r, names in readout_layout(config).items()}
         self.readout_channels = readout_channels
         self.decoder = Decoder(frame_channels, readout_channels, dict(zip(STAGES, config.decoder_dims)))
-        # Channels of the value each read takes at stage r: all of V_r, unless an inference copy moved the decoder's
-        # readout projections into the value encoder (`lmrc.model.inference.project_values_before_reading`).
-        self.read_value_channels = dict(value_dims)
+        # Stages where an inference copy moved the decoder's readout projections into the value encoder
+        # (`lmrc.model.inference.project_values_before_reading`): their reads take projected channel groups.
         self.projected_stages: set[int] = set()
 
     # --- the three steps shared by training and inference -------------------------------------------------
@@ -120,17 +119,21 @@ class LMRC(nn.Module):
         """masks B x N x H x W soft object probabilities -> {r: B x N x Cv_r x Hr x Wr}."""
         return self.value_encoder(image, frame.features, masks, stages)
 
+    def read_value_channels(self, r: int) -> int:
+        """Channels of the value each read at stage r takes: C^v_r, or the decoder's width where projected."""
+        return self.config.decoder_dims[r - 2] if r in self.projected_stages else self.config.value_dims[r - 2]
+
     def global_memory_value(self, value: Tensor) -> Tensor:
         """What the global memory keeps of a stage-4 value B x N x C x H4 x W4: all of it, or with projected values
         the global read's own channel group (a view)."""
-        return value[:, :, : self.read_value_channels[4]]
+        return value[:, :, : self.read_value_channels(4)]
 
     def _read_value(self, values: Tensor, r: int, name: str) -> Tensor:
         """The value B x N x C x Hr x Wr that read `name` (L3, S2, ...) takes from the local memory's V_r: all of it,
         or with projected values its own channel group, in the order of `readout_layout`."""
         if r not in self.projected_stages:
             return values
-        c = self.read_value_channels[r]
+        c = self.read_value_channels(r)
         i = readout_layout(self.config)[r].index(name)
         return values[:, :, i * c: (i + 1) * c]
 
