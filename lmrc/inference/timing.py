@@ -17,7 +17,7 @@ from typing import Iterator
 
 # The order `lmrc bench` prints them in.
 STAGES = ("key_encoding", "value_encoding", "global_read", "local_reads", "sequential_local_reads", "comparator",
-          "decoder", "memory")
+          "decoder", "memory", "read_and_decode")  # read_and_decode: the whole ONNX graph (--runtime onnxruntime)
 
 _active: dict[str, float] | None = None
 _sync = None
