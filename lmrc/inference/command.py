@@ -53,6 +53,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fp32, or bf16/fp16 autocast: faster on GPUs (and bf16 on recent CPUs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run (default: auto = cuda when available, else cpu)")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="torch (default), or onnxruntime: the ONNX graphs of `lmrc export` (CPU, fp32), the "
+                             "memory bank in Python")
+    parser.add_argument("--onnx", metavar="DIR",
+                        help="with --runtime onnxruntime: the folder `lmrc export` wrote (default: export --model / "
+                             "--weights to a temporary folder first, about a minute)")
     parser.add_argument("--overlay", metavar="VIDEO.mp4", help="also write the masks drawn over the frames as a video")
     parser.add_argument("--save-probs", action="store_true",
                         help="also write soft maps, <out>/probs/<frame>.npz (probs K x H x W uint8, object_ids K)")
@@ -71,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     _check_options(args)
-    device = resolve_device(args.device, args.precision)
+    device = "cpu" if args.runtime == "onnxruntime" else resolve_device(args.device, args.precision)
 
     from lmrc.data.video import open_frames
     from lmrc.inference.io import load_prompts
@@ -83,13 +89,22 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else default_out_dir(source)
     if args.overlay:
         check_overlay_path(args.overlay, args.overwrite or args.resume)
-    model = load_model(args.model, args.weights, device, global_read_top_k=args.top_k)  # no weights -> LmrcError, before any output exists
+    if args.runtime == "onnxruntime":
+        from lmrc.inference.onnx_runtime import open_onnx_model
+
+        # no weights or graphs -> LmrcError, before any output exists
+        model = open_onnx_model(args.onnx, None if args.onnx else load_model(args.model, args.weights, global_read_top_k=args.top_k),
+                                global_read_top_k=args.top_k)
+        runtime_options = {"optimize": False}
+    else:
+        model = load_model(args.model, args.weights, device, global_read_top_k=args.top_k)  # no weights -> LmrcError, before any output exists
+        runtime_options = {}
 
     stats = segment_sequence(
         model, source, prompts, out_dir,
         overwrite=args.overwrite, resume=args.resume, save_probs=args.save_probs, overlay=args.overlay,
         progress=True, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
-        size=args.size or None, precision=args.precision, device=device,
+        size=args.size or None, precision=args.precision, device=device, **runtime_options,
     )
     kept = f", {stats.frames - stats.written} kept from the previous run" if args.resume else ""
     skipped = f", skipped unreadable frames {stats.skipped}" if stats.skipped else ""
@@ -107,6 +122,14 @@ def _check_options(args: argparse.Namespace) -> None:
                         f"got {args.max_memory_frames}")
     if args.size and args.size < 16:
         raise LmrcError(f"--size must be 0 (the input's own size) or >= 16 pixels, got {args.size}")
+    if args.onnx and args.runtime != "onnxruntime":
+        raise LmrcError("--onnx names exported graphs: add --runtime onnxruntime")
+    if args.runtime == "onnxruntime":
+        if args.precision != "fp32" or args.device == "cuda":
+            raise LmrcError("--runtime onnxruntime runs the fp32 graphs on the CPU: drop --precision / --device cuda")
+        if args.onnx and args.weights:
+            raise LmrcError("--onnx graphs carry their own weights: drop --weights (or export them with "
+                            "`lmrc export --weights FILE`)")
 
 
 def resolve_device(name: str, precision: str = "fp32") -> str:

@@ -127,3 +127,25 @@ class OnnxModel:
             out = self._run("read_and_decode", tensors)
         reliability = {name[len("reliability_"):]: t for name, t in out.items() if name.startswith("reliability_")}
         return SegmentOutput(out["logits"], out["agg_logits"], out["probs"], reliability)
+
+
+def open_onnx_model(folder: str | Path | None, model: torch.nn.Module | None = None, *,
+                    global_read_top_k: int | None = None, threads: int | None = None) -> OnnxModel:
+    """The graphs in `folder`, or with folder None `model` (an LMRC) exported to a temporary folder first (the
+    sessions keep what they need, the folder is removed). global_read_top_k: None takes the graphs' own; else it
+    must be the one they were exported with (0 = every position)."""
+    import tempfile
+
+    if folder is None:
+        from lmrc.inference.onnx_export import export_onnx
+
+        with tempfile.TemporaryDirectory(prefix="lmrc-onnx-") as tmp:
+            export_onnx(model, tmp, size=(240, 432), check=False)
+            onnx_model = OnnxModel(tmp, threads)
+    else:
+        onnx_model = OnnxModel(folder, threads)
+    exported = onnx_model.config.global_read_top_k or 0
+    if global_read_top_k is not None and global_read_top_k != exported:
+        raise LmrcError(f"the graphs in {folder} keep the {exported or 'all'} best global matches (fixed at export), "
+                        f"not --top-k {global_read_top_k}; export again with `lmrc export --top-k {global_read_top_k}`")
+    return onnx_model

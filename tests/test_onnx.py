@@ -1,0 +1,110 @@
+"""ONNX export and the onnxruntime path: each graph against PyTorch on random inputs (sizes, object counts and
+memory lengths other than the ones it was traced at), and masks on the demo clip against the PyTorch segmenter."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'lmrc[onnx]')")
+
+from lmrc.errors import LmrcError  # noqa: E402
+from lmrc.inference.onnx_export import export_copy, export_onnx  # noqa: E402
+from lmrc.inference.onnx_runtime import OnnxModel, open_onnx_model  # noqa: E402
+from lmrc.inference.segmenter import Segmenter, output_prob_to_mask  # noqa: E402
+from lmrc.model.network import MemoryInput, readout_layout  # noqa: E402
+from lmrc.model.weights import load_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_model("lmrc-lite")
+
+
+@pytest.fixture(scope="module")
+def exported(shipped, tmp_path_factory):
+    """The shipped lmrc-lite's graphs, traced at 64 x 96 (the graphs take other sizes)."""
+    folder = tmp_path_factory.mktemp("onnx")
+    manifest = export_onnx(shipped, folder, size=(64, 96))
+    return folder, manifest
+
+
+def test_export_writes_graphs_and_manifest(exported, shipped):
+    folder, manifest = exported
+    assert sorted(p.name for p in folder.iterdir()) == ["key_encoding.onnx", "manifest.json", "read_and_decode.onnx",
+                                                         "value_encoding.onnx"]
+    assert manifest["config"]["setting"] == shipped.config.setting
+    assert manifest["graphs"]["read_and_decode"]["outputs"][:3] == ["logits", "agg_logits", "probs"]
+    assert manifest["check"]["max_abs_difference"] < 1e-3
+
+
+def test_each_graph_matches_pytorch_on_random_inputs(exported, shipped):
+    """Another size (96 x 128), 3 objects and a 3-frame memory: key and value graphs against the (exported copy of
+    the) network, read-and-decode against `LMRC.read_and_decode` itself (native local reads, chunked top-k read)."""
+    onnx_model = OnnxModel(exported[0], threads=1)
+    reference = export_copy(shipped)
+    generator = torch.Generator().manual_seed(1)
+    image = torch.rand(1, 3, 96, 128, generator=generator)
+    masks = torch.softmax(3 * torch.randn(1, 4, 96, 128, generator=generator), 1)[:, 1:]
+    with torch.inference_mode():
+        query, expected_query = onnx_model.encode_key(image), reference.encode_key(image)
+        for r in (2, 3, 4):
+            torch.testing.assert_close(query.keys[r], expected_query.keys[r], atol=1e-3, rtol=0)
+            torch.testing.assert_close(query.features[r], expected_query.features[r], atol=1e-3, rtol=0)
+        values, expected_values = onnx_model.encode_value(image, query, masks), reference.encode_value(image, query, masks)
+        for r in (2, 3, 4):
+            torch.testing.assert_close(values[r], expected_values[r], atol=1e-3, rtol=0)
+
+        keys = torch.cat([query.keys[4].flatten(2) + 0.3 * torch.randn(1, 64, 48, generator=generator)
+                          for _ in range(3)], 2)
+        global_values = torch.randn(1, 3, reference.read_value_channels(4), keys.shape[2], generator=generator)
+        local_keys = {r: k + 0.3 * torch.randn(k.shape, generator=generator) for r, k in query.keys.items()}
+        local_values = {r: torch.randn(1, 3, reference.read_value_channels(r) * len(readout_layout(reference.config)[r]),
+                                       *k.shape[-2:], generator=generator) for r, k in query.keys.items()}
+        memory = MemoryInput(keys, global_values.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
+                             local_keys, local_values, global_key_sq=keys.pow(2).sum(1))
+        got, expected = onnx_model.read_and_decode(query, memory), reference.read_and_decode(query, memory)
+    assert got.logits.shape == (1, 3, 96, 128)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-3, rtol=0)
+    torch.testing.assert_close(got.probs, expected.probs, atol=1e-3, rtol=0)
+    assert set(got.reliability) == set(expected.reliability) == {"L2", "L3", "L4", "S2", "S3"}
+    for name, weight in got.reliability.items():
+        torch.testing.assert_close(weight, expected.reliability[name], atol=1e-3, rtol=0)
+
+
+def test_demo_clip_masks_agree_with_pytorch(exported, shipped):
+    """The same Segmenter driving the network and the graphs: per-frame IoU >= 0.99 over 15 frames at 160 px."""
+    from lmrc.data.masks import read_mask
+    from lmrc.data.video import open_frames
+
+    first = read_mask(REPO / "demo" / "first_mask.png")
+    torch_seg = Segmenter(shipped, size=160)
+    onnx_seg = Segmenter(OnnxModel(exported[0], threads=1), size=160, optimize=False)
+    for index, frame in enumerate(open_frames(REPO / "demo" / "clip.mp4")):
+        if index == 15:
+            break
+        mask = first if index == 0 else None
+        a = output_prob_to_mask(torch_seg.step(frame.rgb, mask), torch_seg.object_ids)
+        b = output_prob_to_mask(onnx_seg.step(frame.rgb, mask), onnx_seg.object_ids)
+        for object_id in torch_seg.object_ids:
+            union = np.logical_or(a == object_id, b == object_id).sum()
+            iou = np.logical_and(a == object_id, b == object_id).sum() / max(union, 1)
+            assert iou >= 0.99, f"frame {index}, object {object_id}: IoU {iou:.4f}"
+    assert len(onnx_seg.memory_frames) == len(torch_seg.memory_frames) == 3
+
+
+def test_bad_folders_and_options_give_one_clear_error(exported, tmp_path):
+    with pytest.raises(LmrcError, match="no manifest.json"):
+        OnnxModel(tmp_path)
+    with pytest.raises(LmrcError, match="--top-k 5"):
+        open_onnx_model(exported[0], global_read_top_k=5)
+    from lmrc.cli import main
+
+    assert main(["export", "--out", str(exported[0])]) == 2  # graphs already there, no --overwrite
+    assert main(["segment", str(REPO / "demo" / "clip.mp4"), "--mask", str(REPO / "demo" / "first_mask.png"),
+                 "--onnx", str(exported[0]), "--out", str(tmp_path / "out")]) == 2  # --onnx without --runtime
+    assert not (tmp_path / "out").exists()
