@@ -97,6 +97,19 @@ def test_demo_clip_masks_agree_with_pytorch(exported, shipped):
     assert len(onnx_seg.memory_frames) == len(torch_seg.memory_frames) == 3
 
 
+def test_bench_runs_both_runtimes_side_by_side(exported, capsys):
+    import json
+
+    from lmrc.cli import main
+
+    assert main(["bench", "--runtime", "onnxruntime", "--onnx", str(exported[0]), "--size", "64", "--frames", "3",
+                 "--warmup", "1", "--threads", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["runs"]) == ["torch", "onnxruntime"] and report["runtime"] == "torch vs onnxruntime"
+    assert report["runs"]["onnxruntime"]["stages_ms"]["read_and_decode"] > 0 and report["ratio"] > 0
+    assert report["cpu"]["name"]
+
+
 def test_bad_folders_and_options_give_one_clear_error(exported, tmp_path):
     with pytest.raises(LmrcError, match="no manifest.json"):
         OnnxModel(tmp_path)
@@ -108,3 +121,22 @@ def test_bad_folders_and_options_give_one_clear_error(exported, tmp_path):
     assert main(["segment", str(REPO / "demo" / "clip.mp4"), "--mask", str(REPO / "demo" / "first_mask.png"),
                  "--onnx", str(exported[0]), "--out", str(tmp_path / "out")]) == 2  # --onnx without --runtime
     assert not (tmp_path / "out").exists()
+
+
+def test_setting_a_exports_and_segments_like_pytorch(tmp_path):
+    """A graph without local reads or comparator (setting A, value encoding at stage 4 only), random weights."""
+    from lmrc.config import model_config
+    from lmrc.model.network import LMRC
+
+    torch.manual_seed(0)
+    model = LMRC(model_config("lmrc-lite", setting="A"), pretrained_backbone=False).eval()
+    manifest = export_onnx(model, tmp_path, size=(64, 96))
+    assert manifest["value_stages"] == [4] and "local_key2" not in manifest["graphs"]["read_and_decode"]["inputs"]
+    torch_seg, onnx_seg = Segmenter(model, size=64), Segmenter(OnnxModel(tmp_path, threads=1), size=64, optimize=False)
+    rng = np.random.default_rng(0)
+    mask = np.zeros((64, 96), np.uint8)
+    mask[10:30, 10:40], mask[40:60, 50:90] = 1, 2
+    for index in range(7):
+        frame = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+        given = mask if index == 0 else None
+        torch.testing.assert_close(onnx_seg.step(frame, given), torch_seg.step(frame, given), atol=1e-3, rtol=0)
