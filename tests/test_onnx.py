@@ -97,6 +97,15 @@ def test_demo_clip_masks_agree_with_pytorch(exported, shipped):
     assert len(onnx_seg.memory_frames) == len(torch_seg.memory_frames) == 3
 
 
+def test_segment_command_runs_the_graphs(exported, tmp_path):
+    from lmrc.cli import main
+
+    out = tmp_path / "masks"
+    assert main(["segment", str(REPO / "demo" / "clip.mp4"), "--mask", str(REPO / "demo" / "first_mask.png"),
+                 "--runtime", "onnxruntime", "--onnx", str(exported[0]), "--size", "64", "--out", str(out)]) == 0
+    assert len(list(out.glob("*.png"))) == 60
+
+
 def test_bench_runs_both_runtimes_side_by_side(exported, capsys):
     import json
 
