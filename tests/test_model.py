@@ -228,6 +228,47 @@ def test_weights_roundtrip_and_mismatch_errors(tmp_path, monkeypatch):
         load_model("lmrc-r50")
 
 
+def test_lite_value_encoder_reads_masks_and_frame_features_not_the_image():
+    model = _model("lmrc-lite").eval()
+    assert model.config.value_trunk == "mask" and model.config.value_fusion_kernel == 1
+    image = torch.rand(1, 3, 64, 96)
+    masks = torch.zeros(1, 2, 64, 96)
+    masks[:, 0, 10:30, 20:50] = 1
+    masks[:, 1, 35:60, 50:90] = 1
+    with torch.no_grad():
+        frame = model.encode_key(image)
+        values = model.encode_value(image, frame, masks)
+        other_image = model.encode_value(torch.rand(1, 3, 64, 96), frame, masks)
+        other_masks = model.encode_value(image, frame, masks.flip(1))
+    for r in (2, 3, 4):
+        torch.testing.assert_close(other_image[r], values[r])  # the image only enters through F_r
+        assert not torch.allclose(other_masks[r], values[r])
+        # a 1x1 fusion: the frame part at a pixel depends on F_r at that pixel only
+        fused = model.value_encoder.fuse_frame[f"r{r}"]
+        assert fused.kernel_size == (1, 1)
+
+
+def test_older_lite_weights_keep_their_value_encoder():
+    from lmrc.model.encoders import LightValueTrunk
+    from lmrc.model.weights import default_weights_path, weights_config
+
+    path = default_weights_path("lmrc-lite")
+    if path is None:
+        pytest.skip("weights/lmrc-lite.safetensors is absent")
+    if weights_config(path).value_trunk != "image_and_mask":
+        pytest.skip("the shipped lmrc-lite file already holds the mask-only value encoder")
+    model = load_model("lmrc-lite")
+    assert isinstance(model.value_encoder.trunk, LightValueTrunk)
+    assert model.value_encoder.fuse_frame["r2"].kernel_size == (3, 3)
+
+
+def test_value_encoder_options_are_checked():
+    with pytest.raises(LmrcError, match="value_trunk"):
+        ModelConfig(backbone="resnet50", value_trunk="mask")
+    with pytest.raises(LmrcError, match="value_fusion_kernel"):
+        ModelConfig(value_fusion_kernel=5)
+
+
 def test_config_rejects_unknown_settings():
     with pytest.raises(LmrcError, match="Table 4"):
         ModelConfig(setting="G")

@@ -83,10 +83,10 @@ class LMRC(nn.Module):
     def __init__(self, config: ModelConfig, pretrained_backbone: bool = True) -> None:
         super().__init__()
         self.config = config
-        key_trunk, value_trunk = build_trunks(config.backbone, pretrained_backbone)
+        key_trunk, value_trunk = build_trunks(config.backbone, pretrained_backbone, config.value_trunk)
         frame_channels = dict(key_trunk.channels)
         self.key_encoder = KeyEncoder(key_trunk, config.key_dim)
-        self.value_encoder = ValueEncoder(value_trunk, frame_channels, config.value_dims)
+        self.value_encoder = ValueEncoder(value_trunk, frame_channels, config.value_dims, config.value_fusion_kernel)
         value_dims = dict(zip(STAGES, config.value_dims))
 
         self.local_names = [f"L{r}" for r in config.local_read_stages]
