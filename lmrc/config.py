@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 T = TypeVar("T")
 
@@ -43,10 +43,6 @@ class ModelConfig:
     scb_alpha: float = 3.0  # alpha of eq. (9)
     # STCN divides the negative squared distance by sqrt(C^k); the paper uses STCN's similarity ("as in [7]").
     similarity_scale: float | None = None  # None: 1 / sqrt(key_dim)
-    # Inference only (training reads all): keep the 20 best global matches per query, as STCN's inference does;
-    # the readout then gathers 20 value rows per query instead of multiplying all (shipped weights: same J&F).
-    # None keeps all, eq. (2) exactly.
-    global_read_top_k: int | None = 20
 
     def __post_init__(self) -> None:
         if self.setting not in ABLATION_SETTINGS:

@@ -1,5 +1,8 @@
-"""Segment one whole sequence to a results folder: the loop shared by `lmrc segment` and `lmrc eval --run`.
+"""Whole videos: `segment_video` (the public one-call API, frames and masks in memory or on disk, results as an
+iterator) and `segment_sequence` (one sequence to a results folder: the loop of `lmrc segment` and `lmrc eval --run`).
 
+    for index, ids, probs in segment_video("clip.mp4", "first_mask.png", InferenceConfig(size=480)):
+        ...
     stats = segment_sequence(model, "clip.mp4", "first_mask.png", "clip_lmrc", mem_every=5, size=480)
 
 Everything that can be checked before the first output is checked first (frames, masks, output folder, overlay
@@ -13,14 +16,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 
-from lmrc.data.video import DEFAULT_FPS, FrameSource, open_frames
-from lmrc.errors import LmrcError
+from lmrc.data.video import DEFAULT_FPS, Frame, FrameSource, open_frames
+from lmrc.inference.config import InferenceConfig
 from lmrc.inference.io import OverlayWriter, Prompts, ResultWriter, load_prompts
-from lmrc.inference.segmenter import Segmenter, output_prob_to_mask
+from lmrc.inference.segmenter import Segmenter
+from lmrc.utils.errors import LmrcError
 
 
 @dataclass
@@ -49,8 +54,64 @@ def check_overlay_path(path: str | Path, overwrite: bool) -> Path:
     return path
 
 
+def segment_video(
+    video_or_frames: str | Path | FrameSource | Iterable[np.ndarray],
+    masks: str | Path | Prompts | Mapping[int, np.ndarray] | np.ndarray,
+    config: InferenceConfig | None = None,
+    model: str | torch.nn.Module | Segmenter | None = None,
+) -> Iterator[tuple[int, list[int], torch.Tensor]]:
+    """Segment a whole video forward in time; yields (frame index, object ids in channel order, (N+1) x H x W
+    probabilities) frame by frame.
+
+    video_or_frames: a video file or frame folder (as `lmrc segment` reads), or H x W x 3 uint8 RGB frames.
+    masks: the prompts, per frame: {frame index: H x W object ids}, one array (the first frame's), a Prompts, or a
+    mask file / folder of masks named like their frames (with a path as video). config: InferenceConfig (default:
+    its defaults). model: a model name ("lmrc-lite", the default, or "lmrc-r50": its shipped weights), a model
+    (e.g. from `lmrc.load_model`), or a Segmenter to reuse (reset first).
+    Frames before the first prompt come out as background (one channel).
+    """
+    if isinstance(video_or_frames, (str, Path)):
+        video_or_frames = open_frames(video_or_frames)
+    prompts = _prompts(masks, video_or_frames)
+    segmenter = _segmenter(model, config)
+    frames = (video_or_frames if isinstance(video_or_frames, FrameSource)
+              else (Frame(i, f"{i:05d}", rgb) for i, rgb in enumerate(video_or_frames)))
+    for frame, probs in _forward(segmenter, frames, prompts):
+        yield frame.index, list(segmenter.object_ids), probs
+
+
+def _prompts(masks, frames) -> dict[int, np.ndarray]:
+    if isinstance(masks, Prompts):
+        return masks.masks
+    if isinstance(masks, (str, Path)):
+        if not isinstance(frames, FrameSource):
+            raise LmrcError(f"masks {masks}: mask files need the video as a path, to match their frames")
+        return load_prompts(masks, frames).masks
+    if isinstance(masks, Mapping):
+        return {int(i): np.asarray(m) for i, m in masks.items()}
+    return {0: np.asarray(masks)}
+
+
+def _segmenter(model, config: InferenceConfig | None) -> Segmenter:
+    if isinstance(model, Segmenter):
+        model.reset()
+        return model
+    if model is None or isinstance(model, str):
+        from lmrc.model.weights import load_model
+
+        model = load_model(model or "lmrc-lite")
+    return Segmenter(model, config)
+
+
+def _forward(segmenter: Segmenter, frames: Iterable[Frame], prompts: Mapping[int, np.ndarray]
+             ) -> Iterator[tuple[Frame, torch.Tensor]]:
+    """Step through the frames in order, each with its prompt if it has one."""
+    for frame in frames:
+        yield frame, segmenter.step(frame.rgb, prompts.get(frame.index))
+
+
 def segment_sequence(
-    model: torch.nn.Module,
+    model: torch.nn.Module | Segmenter,
     frames_path: str | Path | FrameSource,
     mask_path: str | Path | Prompts,
     out_dir: str | Path,
@@ -66,15 +127,15 @@ def segment_sequence(
     """Segment every frame of `frames_path` (video, frame folder, or an opened FrameSource) from the mask(s) at
     `mask_path` (file, folder of sparse masks, or loaded Prompts) into `out_dir/<frame name>.png`.
 
-    segmenter_options go to `Segmenter` (mem_every, max_memory_frames, size, precision, device). overlay: an mp4
-    path for masks drawn over the frames. With `resume`, frames already in out_dir are run (the memory needs
+    model: a model, or a Segmenter to reuse (it is reset; segmenter_options then must be empty); segmenter_options go
+    to `Segmenter` (an InferenceConfig as `config`, or its fields). overlay: an mp4 path for masks drawn over the frames. With `resume`, frames already in out_dir are run (the memory needs
     them) but not rewritten.
     """
     source = frames_path if isinstance(frames_path, FrameSource) else open_frames(frames_path, skip_bad_frames=skip_bad_frames)
     prompts = mask_path if isinstance(mask_path, Prompts) else load_prompts(mask_path, source)
     if overlay is not None:
         overlay = check_overlay_path(overlay, overwrite or resume)
-    segmenter = Segmenter(model, **segmenter_options)
+    segmenter = _segmenter(model, None) if isinstance(model, Segmenter) else Segmenter(model, **segmenter_options)
     size = source.size
     writer = ResultWriter(out_dir, overwrite=overwrite, resume=resume, save_probs=save_probs, size=size)
     video = OverlayWriter(overlay, source.fps or DEFAULT_FPS, size, overwrite=True) if overlay is not None else None
@@ -86,15 +147,13 @@ def segment_sequence(
     start = time.perf_counter()
     try:
         bar = _progress_bar(source, progress)
-        for frame in bar:
+        for frame, probs in _forward(segmenter, bar, prompts.masks):
             if pending and pending[0] < frame.index:
                 raise LmrcError(f"frame {pending[0]} carries a mask ({prompts.files.get(pending[0])}) but could not "
                                 "be decoded; repair the frame or draw the mask on another frame")
-            mask = prompts.masks.get(frame.index)
-            if mask is not None:
+            if pending and pending[0] == frame.index:
                 pending.pop(0)
-            probs = segmenter.step(frame.rgb, mask)
-            ids = output_prob_to_mask(probs, segmenter.object_ids)
+            ids = segmenter.probs_to_ids(probs)
             if not writer.done(frame.name):
                 writer.write(frame.name, ids, probs[1:] if save_probs else None, segmenter.object_ids)
             if video is not None:
