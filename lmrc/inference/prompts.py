@@ -7,8 +7,8 @@ Seeds OpenCV's GrabCut (colour GMMs + graph cut): a box alone starts it in recta
 background, inside = probable foreground); clicks and strokes are stamped as sure-foreground / sure-background disks
 on a label map and GrabCut runs in mask mode. `previous` (an earlier mask of the same object) starts the label map
 as probable foreground / background, so each new click refines it instead of starting over. Afterwards only the
-connected components that hold a positive click or stroke, or are at least a quarter of the largest one, are kept,
-which drops stray same-coloured specks far from the object, and a region the user clicked
+connected components that hold a positive click or stroke, the largest one, and those at least a quarter of its size
+are kept, which drops stray same-coloured specks far from the object, and a separate region the user clicked
 negative on is dropped whole (GrabCut alone clears only the clicked disk when the region has the object's colours).
 
 Deterministic: fixed iteration count and OpenCV's RNG seeded before each call (GrabCut's k-means uses it).
@@ -205,9 +205,9 @@ def _grabcut(rgb: np.ndarray, labels: np.ndarray | None, rect, iterations: int) 
 
 def _keep_prompted_components(mask: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
     """Which 8-connected components of GrabCut's result are the object: every one holding a positive click or
-    stroke; of the others, those at least a quarter of the largest one's size (an object split by an occluder
-    keeps its parts) unless they touch a negative mark (the user said "not this": GrabCut only cleared the disk
-    itself when the region has the object's colours)."""
+    stroke, and the largest one; of the others, those at least a quarter of the largest one's size (an object split
+    by an occluder keeps its parts) unless they touch a negative mark (the user said "not this": GrabCut alone
+    clears only the clicked disk when the region has the object's colours)."""
     import cv2
 
     count, components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
@@ -219,6 +219,46 @@ def _keep_prompted_components(mask: np.ndarray, positives: np.ndarray, negatives
     if negatives.any():
         near_negative = cv2.dilate(negatives.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
         keep[np.unique(components[near_negative])] = False
+    keep[int(np.argmax(sizes))] = True
     keep[np.unique(components[positives & mask])] = True
     keep[0] = False
     return keep[components]
+
+
+def prompts_from_boxes(frames, boxes: Sequence[Sequence[float]], frame_index: int = 0):
+    """`lmrc segment --box`: one object per box (ids 1..n in the order given), each box made a mask by
+    `mask_from_prompts` on frame `frame_index` of `frames` (a FrameSource) -> `Prompts` for that frame. Where masks
+    overlap, the later box's object wins; an object left with no pixel is an error."""
+    from lmrc.inference.io import MAX_OBJECT_ID, Prompts
+
+    if not boxes:
+        raise LmrcError("no box given; pass --box X0,Y0,X1,Y1 (one per object) or --mask")
+    if len(boxes) > MAX_OBJECT_ID:
+        raise LmrcError(f"{len(boxes)} boxes: at most {MAX_OBJECT_ID} objects")
+    if frame_index < 0:
+        raise LmrcError(f"--prompt-frame must be >= 0, got {frame_index}")
+    rgb = None
+    for frame in frames:
+        if frame.index == frame_index:
+            rgb = frame.rgb
+        if frame.index >= frame_index:
+            break
+    if rgb is None:
+        raise LmrcError(f"--prompt-frame {frame_index}: {frames.path} has no readable frame {frame_index}; "
+                        "choose a frame of the video (0 is the first)")
+    ids = np.zeros(rgb.shape[:2], np.uint8)
+    for k, box in enumerate(boxes, start=1):
+        try:
+            mask = mask_from_prompts(rgb, box=box)
+        except LmrcError as error:
+            raise LmrcError(f"--box {k} on frame {frame_index}: {error}") from None
+        if not mask.any():
+            raise LmrcError(f"--box {k} ({', '.join(f'{v:g}' for v in box)}) found no object on frame {frame_index}; "
+                            "draw the box tightly around the object")
+        ids[mask] = k
+    missing = [k for k in range(1, len(boxes) + 1) if not (ids == k).any()]
+    if missing:
+        raise LmrcError(f"--box {missing[0]}'s object is covered entirely by a later box's object on frame "
+                        f"{frame_index}; make the boxes fit their objects")
+    object_ids = list(range(1, len(boxes) + 1))
+    return Prompts(masks={frame_index: ids}, object_ids=object_ids, first_frame={k: frame_index for k in object_ids})
