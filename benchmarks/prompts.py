@@ -30,6 +30,9 @@ DAVIS_FRAMES = ("00000", "00040")
 def data_root() -> Path:
     if os.environ.get("DATA"):
         return Path(os.environ["DATA"])
+    for parent in Path(__file__).resolve().parents[1:4]:  # beside the repository, or beside its worktrees folder
+        if (parent / "shared" / "data").is_dir():
+            return parent / "shared" / "data"
     return Path(__file__).resolve().parents[2] / "shared" / "data"
 
 

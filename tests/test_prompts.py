@@ -120,14 +120,14 @@ def test_box_sticking_out_is_clipped():
 
 def test_real_davis_frame():
     data = shared_data()
-    if data is None or not (data / "davis2016" / "JPEGImages" / "480p" / "blackswan").is_dir():
+    if data is None or not (data / "davis2016" / "JPEGImages" / "480p" / "bear").is_dir():
         pytest.skip("DAVIS 2016 (../shared/data/davis2016) not found")
     from PIL import Image
 
     from lmrc.data.masks import read_mask
 
-    frame = np.asarray(Image.open(data / "davis2016" / "JPEGImages" / "480p" / "blackswan" / "00000.jpg").convert("RGB"))
-    truth = read_mask(data / "davis2016" / "Annotations" / "480p" / "blackswan" / "00000.png") > 0
+    frame = np.asarray(Image.open(data / "davis2016" / "JPEGImages" / "480p" / "bear" / "00000.jpg").convert("RGB"))
+    truth = read_mask(data / "davis2016" / "Annotations" / "480p" / "bear" / "00000.png") > 0
     box = box_around(truth, margin=5)
     alone = iou(mask_from_prompts(frame, box=box), truth)
     mask = mask_from_prompts(frame, box=box)
