@@ -102,9 +102,8 @@ def segment_sequence(
         bar.close()
         if writer.written:
             raise LmrcError(f"{error}. The masks of the {len(writer.written)} frames finished before it are kept "
-                            f"in {writer.out_dir}: once the frame is repaired, rerun with --resume to continue "
-                            "without rewriting them, or rerun with --resume --skip-bad-frames to go on without "
-                            "the frame") from None
+                            f"in {writer.out_dir}; rerun with --resume to keep them (they are not rewritten), "
+                            "adding --skip-bad-frames to go on without the bad frame") from None
         raise
     except BaseException:
         if video is not None:
