@@ -53,11 +53,17 @@ def test_a_click_or_a_stroke_alone_finds_the_disk():
     assert iou(mask_from_prompts(image, strokes=[([(40, 48), (60, 48)], 4, True)]), disk) >= 0.9
 
 
+def with_red_region(seed: int, rows: slice, columns: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scene(seed) with a second red region (the disk's colour) -> (rgb, disk, region)."""
+    image, disk = scene(seed)
+    region = np.zeros((H, W), bool)
+    region[rows, columns] = True
+    image[region] = (225, 50, 40)
+    return image, disk, region
+
+
 def test_negative_click_removes_a_wrongly_included_region():
-    image, disk = scene(2)
-    square = np.zeros((H, W), bool)
-    square[10:40, 84:114] = True
-    image[square] = (225, 50, 40)  # a second red object inside the box
+    image, disk, square = with_red_region(2, slice(10, 40), slice(84, 114))  # apart from the disk, inside the box
     box = (22, 4, 120, 77)
     before = mask_from_prompts(image, box=box)
     assert (before & square).sum() > 0.8 * square.sum()  # GrabCut takes both red regions
@@ -66,10 +72,7 @@ def test_negative_click_removes_a_wrongly_included_region():
 
 
 def test_eraser_stroke_cuts_an_attached_region_and_keeps_the_object():
-    image, disk = scene(3)
-    bar = np.zeros((H, W), bool)
-    bar[42:54, 70:110] = True
-    image[bar] = (225, 50, 40)  # a red bar attached to the disk
+    image, disk, bar = with_red_region(3, slice(42, 54), slice(70, 110))  # a red bar attached to the disk
     box = (22, 20, 112, 77)
     before = mask_from_prompts(image, box=box)
     assert (before & bar & ~disk).sum() > 0.8 * (bar & ~disk).sum()

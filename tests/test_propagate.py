@@ -94,6 +94,16 @@ def test_objects_joining_at_different_frames_are_each_tracked_over_the_whole_vid
             assert iou(r.ids == object_id, truth[r.index] == object_id) >= MIN_IOU, (r.index, object_id)
 
 
+def test_forward_only_leaves_late_objects_out_before_their_first_mask(model):
+    frames, truth = clip(objects=2)
+    first = np.where(truth[0] == 1, 1, 0).astype(np.uint8)
+    later = np.where(truth[PROMPT] == 2, 2, 0).astype(np.uint8)
+    results = list(propagate_frames(model, frames, {0: first, PROMPT: later}, size=48, backward=False))
+    assert [r.direction for r in results] == ["forward"] * COUNT
+    assert not any((r.ids == 2).any() for r in results[:PROMPT])
+    assert (results[PROMPT].ids == 2).any()
+
+
 def test_frame_folder_buffered_or_spilled_to_disk_matches_a_list(model, tmp_path):
     from lmrc.data.video import open_frames
 

@@ -43,6 +43,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-frame", type=int, default=0, metavar="N",
                         help="with --box: the frame the boxes are drawn on (default: 0); frames before it are "
                              "segmented backward from it")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="do not propagate backward: an object is left out of the frames before its first mask "
+                             "(for objects that enter the scene later)")
     parser.add_argument("--out", help=f"results folder (default: <input name>{OUT_SUFFIX} in the current folder, "
                                       "e.g. ./clip_lmrc for clip.mp4)")
     parser.add_argument("--model", choices=MODELS, default="lmrc-lite", help="model size (default: lmrc-lite)")
@@ -102,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     stats = segment_sequence(
         model, source, prompts, out_dir,
         overwrite=args.overwrite, resume=args.resume, save_probs=args.save_probs, overlay=args.overlay,
-        progress=True, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
+        progress=True, backward=not args.forward_only, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
         size=args.size or None, precision=args.precision, device=device,
     )
     kept = f", {stats.frames - stats.written} kept from the previous run" if args.resume else ""

@@ -27,6 +27,9 @@ ITERATIONS = 5
 # Radius of a click's sure-label disk, as a fraction of the shorter image side (at least 2 pixels).
 CLICK_RADIUS = 0.012
 SEED = 0
+# GrabCut's time grows with the pixel count (12 s for a box over much of an 854x480 frame on a busy 2-core VM):
+# it runs on the frame shrunk to this longer side, and the mask is scaled back with smooth edges.
+WORK_SIZE = 400
 
 Point = tuple[float, float, bool]  # x, y, positive
 Stroke = tuple[Sequence[tuple[float, float]], float, bool]  # points (x, y), radius in pixels, positive
@@ -35,7 +38,7 @@ Stroke = tuple[Sequence[tuple[float, float]], float, bool]  # points (x, y), rad
 def mask_from_prompts(image: np.ndarray, *, box: Sequence[float] | None = None,
                       points: Iterable[Point] = (), strokes: Iterable[Stroke] = (),
                       previous: np.ndarray | None = None, iterations: int = ITERATIONS,
-                      click_radius: float | None = None) -> np.ndarray:
+                      click_radius: float | None = None, work_size: int | None = WORK_SIZE) -> np.ndarray:
     """One object's mask (H x W bool) from prompts on `image` (H x W x 3 uint8 RGB).
 
     box: (x0, y0, x1, y1) in pixels, corners inclusive-exclusive like a slice (x1 > x0, y1 > y0); it is clipped to
@@ -45,6 +48,8 @@ def mask_from_prompts(image: np.ndarray, *, box: Sequence[float] | None = None,
     strokes: (list of (x, y), radius, positive) brush (positive) or eraser (negative) paths: every segment is
     fixed with that radius.
     previous: H x W bool, an earlier mask of this object to refine; its pixels start as probable foreground.
+    work_size: GrabCut runs on the image shrunk so that its longer side is at most this (None: full size); prompts
+    are scaled with it and the mask is resized back (bilinear, threshold 0.5).
     At least one of box, a click, a stroke or previous must be given. Raises LmrcError for bad prompts.
     """
     import cv2
@@ -67,7 +72,35 @@ def mask_from_prompts(image: np.ndarray, *, box: Sequence[float] | None = None,
             raise LmrcError(f"click ({x:g}, {y:g}) is outside the {w}x{h} frame; click on the frame")
     if click_radius is None:
         click_radius = max(2.0, CLICK_RADIUS * min(h, w))
+    scale = 1.0 if work_size is None or max(h, w) <= work_size else work_size / max(h, w)
+    if scale < 1.0:
+        full, full_rect = (h, w), rect
+        h, w = max(2, round(h * scale)), max(2, round(w * scale))
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+        points = [(x * scale, y * scale, p) for x, y, p in points]
+        strokes = [([(x * scale, y * scale) for x, y in path], r * scale, p) for path, r, p in strokes]
+        click_radius = max(1.5, click_radius * scale)
+        if rect is not None:
+            x, y, rw, rh = rect
+            rect = _check_box((x * scale, y * scale, (x + rw) * scale, (y + rh) * scale), w, h)
+        if previous is not None:
+            previous = cv2.resize(previous.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
+        mask = _resize_mask(_segment(rgb, rect, points, strokes, previous, click_radius, iterations), full)
+        if full_rect is not None:  # scaling back must not spill past the box
+            x, y, rw, rh = full_rect
+            inside = np.zeros(full, bool)
+            inside[y:y + rh, x:x + rw] = True
+            mask &= inside
+        return mask
+    return _segment(rgb, rect, points, strokes, previous, click_radius, iterations)
 
+
+def _segment(rgb: np.ndarray, rect, points: list[Point], strokes: list, previous: np.ndarray | None,
+             click_radius: float, iterations: int) -> np.ndarray:
+    """mask_from_prompts on checked inputs at the working size."""
+    import cv2
+
+    h, w = rgb.shape[:2]
     sure = _sure_labels(h, w, points, strokes, click_radius)  # 1 sure fg, 0 sure bg, -1 unknown
     positives = sure == 1
     if previous is None and rect is not None and not (sure >= 0).any():
@@ -82,6 +115,13 @@ def mask_from_prompts(image: np.ndarray, *, box: Sequence[float] | None = None,
             return np.ones((h, w), bool)  # the whole frame is the object: no background model to fit
     result = _grabcut(rgb, labels, rect, iterations)
     return _keep_prompted_components(result, positives, sure == 0)
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    h, w = size
+    return cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
 
 
 def box_around(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:
