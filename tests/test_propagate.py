@@ -154,6 +154,10 @@ def test_cli_mask_after_frame_zero_fills_the_frames_before(model, tmp_path, caps
     assert "segmented 8 frames (1 objects)" in capsys.readouterr().out
     for t in range(COUNT):
         assert iou(read_mask(out / f"{t:05d}.png") == 1, truth[t] == 1) >= MIN_IOU, t
+    # --forward-only: as before this change, the frames before the mask stay empty.
+    assert cli(["segment", str(tmp_path / "clip"), "--mask", str(mask), "--size", "48", "--out", str(out),
+                "--overwrite", "--forward-only"]) == 0
+    assert not any(read_mask(out / f"{t:05d}.png").any() for t in range(PROMPT))
 
 
 def test_cli_box_on_a_prompt_frame(model, tmp_path, capsys):
