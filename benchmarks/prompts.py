@@ -44,7 +44,8 @@ def frames(root: Path) -> dict[str, list[tuple[str, Path, Path]]]:
         for name in DAVIS_FRAMES:
             image = davis / "JPEGImages" / "480p" / seq / f"{name}.jpg"
             if image.exists():
-                sets["DAVIS 2016"].append((f"{seq}/{name}", image, davis / "Annotations" / "480p" / seq / f"{name}.png"))
+                truth = davis / "Annotations" / "480p" / seq / f"{name}.png"
+                sets["DAVIS 2016"].append((f"{seq}/{name}", image, truth))
     sod = root / "sod"
     for image in sorted((sod / "images").glob("*.jpg"))[::10]:
         sets["SOD"].append((image.stem, image, sod / "masks" / f"{image.stem}.png"))
@@ -84,8 +85,9 @@ def main() -> int:
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"CPU: {cpu}; box = true bounding box + {MARGIN} px; clicks at the largest error; each call gets the box and all clicks so far")
-    header = f"| set | frames | box | + 1 click | + 2 clicks | + 3 clicks | s / call |"
+    print(f"CPU: {cpu}; box = true bounding box + {MARGIN} px; clicks at the largest error; "
+          "each call gets the box and all clicks so far")
+    header = "| set | frames | box | + 1 click | + 2 clicks | + 3 clicks | s / call |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     worst: list[tuple[float, str]] = []
