@@ -83,7 +83,8 @@ def segment_videos(model, valid_root: str | Path, predictions: str | Path, **seg
     model: a model, or a Segmenter to use; segmenter_options: for `Segmenter` (an InferenceConfig as `config`, or its
     fields).
     Each video's `Annotations/<video>/` holds sparse masks: an object's memory starts at the frame where its
-    mask is given, as the benchmark asks. Every frame present in `JPEGImages/<video>` is segmented.
+    mask is given and frames before it leave it out (no backward propagation), as the benchmark asks. Every frame
+    present in `JPEGImages/<video>` is segmented.
     """
     from lmrc.inference.run import segment_sequence
     from lmrc.inference.segmenter import Segmenter
@@ -95,6 +96,7 @@ def segment_videos(model, valid_root: str | Path, predictions: str | Path, **seg
     for video in read_meta(root):
         frames += segment_sequence(
             segmenter, root / "JPEGImages" / video, root / "Annotations" / video, predictions / video, overwrite=True,
+            backward=False,
         ).frames
     return frames
 

@@ -1,4 +1,5 @@
-"""`lmrc segment INPUT --mask MASK`: segment a video (file, frame folder or DAVIS/YouTube-VOS sequence).
+"""`lmrc segment INPUT --mask MASK | --box X0,Y0,X1,Y1`: segment a video (file, frame folder or DAVIS/YouTube-VOS
+sequence), forward and, when an object's first mask is after frame 0, backward.
 
 Every check that can fail (input, masks, options, device, weights, output folder, overlay name) runs before the
 first output file is written; problems are reported as one `lmrc segment: error: ...` line naming the fix.
@@ -12,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from lmrc.inference.config import add_inference_arguments, inference_config_from_args
-from lmrc.utils.errors import LmrcWarning
+from lmrc.utils.errors import LmrcError, LmrcWarning
 
 MODELS = ("lmrc-lite", "lmrc-r50")
 OUT_SUFFIX = "_lmrc"
@@ -24,6 +25,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "examples:\n"
         "  lmrc segment clip.mp4 --mask first.png --overlay clip_overlay.mp4\n"
         "  lmrc segment frames/ --mask masks/ --out results/ --precision fp32   (sparse masks: objects may start late)\n"
+        "  lmrc segment clip.mp4 --box 120,40,380,300 --box 400,60,520,290 --prompt-frame 30\n"
         "  lmrc segment DAVIS/JPEGImages/480p/bike --mask DAVIS/Annotations/480p/bike/00000.png --save-probs\n"
         "\n"
         "Writes <out>/<frame name>.png for every frame (DAVIS palette, one id per object; frames of a video are\n"
@@ -31,9 +33,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("input", help="video file (mp4, mov, avi, webm, mkv), folder of jpg/png frames, or a "
                                       "DAVIS/YouTube-VOS sequence folder")
-    parser.add_argument("--mask", required=True,
-                        help="the first frame's mask (palette PNG of object ids, or binary 0/255), or a folder of "
-                             "masks named like their frames (objects appearing later get their own mask)")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--mask",
+                       help="the first frame's mask (palette PNG of object ids, or binary 0/255), or a folder of "
+                            "masks named like their frames (objects appearing later get their own mask); masks "
+                            "after frame 0 are also propagated backward")
+    given.add_argument("--box", action="append", metavar="X0,Y0,X1,Y1",
+                       help="instead of --mask: a box around an object (pixels, on --prompt-frame), made a mask with "
+                            "GrabCut; repeat for more objects (ids 1, 2, ... in order)")
+    parser.add_argument("--prompt-frame", type=int, default=0, metavar="N",
+                        help="with --box: the frame the boxes are drawn on (default: 0); frames before it are "
+                             "segmented backward from it")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="do not propagate backward: an object is left out of the frames before its first mask "
+                             "(for objects that enter the scene later)")
     parser.add_argument("--out", help=f"results folder (default: <input name>{OUT_SUFFIX} in the current folder, "
                                       "e.g. ./clip_lmrc for clip.mp4)")
     parser.add_argument("--model", choices=MODELS, default="lmrc-lite", help="model size (default: lmrc-lite)")
@@ -56,6 +69,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    _check_options(args)
     config = inference_config_from_args(args)
     from lmrc.data.video import open_frames
     from lmrc.inference.io import load_prompts
@@ -69,7 +83,12 @@ def _run(args: argparse.Namespace) -> int:
     if warning:
         warnings.warn(warning, LmrcWarning, stacklevel=2)
     source = open_frames(args.input, skip_bad_frames=args.skip_bad_frames)
-    prompts = load_prompts(args.mask, source)
+    if args.box:
+        from lmrc.inference.prompts import prompts_from_boxes
+
+        prompts = prompts_from_boxes(source, [parse_box(b) for b in args.box], args.prompt_frame)
+    else:
+        prompts = load_prompts(args.mask, source)
     out_dir = Path(args.out) if args.out else default_out_dir(source)
     if args.overlay:
         check_overlay_path(args.overlay, args.overwrite or args.resume)
@@ -77,7 +96,8 @@ def _run(args: argparse.Namespace) -> int:
     segmenter = Segmenter(model, config)
 
     stats = segment_sequence(segmenter, source, prompts, out_dir, overwrite=args.overwrite, resume=args.resume,
-                             save_probs=args.save_probs, overlay=args.overlay, progress=True)
+                             save_probs=args.save_probs, overlay=args.overlay, progress=True,
+                             backward=not args.forward_only)
     kept = f", {stats.frames - stats.written} kept from the previous run" if args.resume else ""
     skipped = f", skipped unreadable frames {stats.skipped}" if stats.skipped else ""
     print(f"segmented {stats.frames} frames ({len(prompts.object_ids)} objects) in {stats.seconds:.1f} s = "
@@ -85,6 +105,24 @@ def _run(args: argparse.Namespace) -> int:
     print(f"precision: {segmenter.precision} ({segmenter.precision_reason})")
     print(f"masks: {out_dir}" + (f"\noverlay: {args.overlay}" if args.overlay else ""))
     return 0
+
+
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """'X0,Y0,X1,Y1' -> four numbers, or LmrcError."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        x0, y0, x1, y1 = (float(p) for p in parts)
+    except ValueError:
+        raise LmrcError(f"--box {text!r}: give four numbers X0,Y0,X1,Y1 (pixels: left, top, right, bottom), "
+                        "e.g. --box 120,40,380,300") from None
+    return x0, y0, x1, y1
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    if args.prompt_frame != 0 and not args.box:
+        raise LmrcError("--prompt-frame goes with --box; with --mask, name the mask file like its frame instead")
 
 
 def default_out_dir(source) -> Path:

@@ -21,9 +21,10 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
-from lmrc.data.video import DEFAULT_FPS, Frame, FrameSource, open_frames
+from lmrc.data.video import DEFAULT_FPS, FrameSource, open_frames
 from lmrc.inference.config import InferenceConfig
 from lmrc.inference.io import OverlayWriter, Prompts, ResultWriter, load_prompts
+from lmrc.inference.propagate import propagate_frames
 from lmrc.inference.segmenter import Segmenter
 from lmrc.utils.errors import LmrcError
 
@@ -59,25 +60,28 @@ def segment_video(
     masks: str | Path | Prompts | Mapping[int, np.ndarray] | np.ndarray,
     config: InferenceConfig | None = None,
     model: str | torch.nn.Module | Segmenter | None = None,
-) -> Iterator[tuple[int, list[int], torch.Tensor]]:
-    """Segment a whole video forward in time; yields (frame index, object ids in channel order, (N+1) x H x W
-    probabilities) frame by frame.
+    *,
+    backward: bool = True,
+) -> Iterator[tuple[int, np.ndarray, torch.Tensor]]:
+    """Segment a whole video from masks on any frames, forward to the end and backward to frame 0; yields (frame
+    index, H x W uint8 object ids, (N+1) x H x W probabilities in the order of the sorted object ids) frame by frame,
+    in frame order.
 
     video_or_frames: a video file or frame folder (as `lmrc segment` reads), or H x W x 3 uint8 RGB frames.
     masks: the prompts, per frame: {frame index: H x W object ids}, one array (the first frame's), a Prompts, or a
     mask file / folder of masks named like their frames (with a path as video). config: InferenceConfig (default:
     its defaults). model: a model name ("lmrc-lite", the default, or "lmrc-r50": its shipped weights), a model
     (e.g. from `lmrc.load_model`), or a Segmenter to reuse (reset first).
-    Frames before the first prompt come out as background (one channel).
+    backward: False gives the streaming result: an object is background before its first mask
+    (`lmrc.inference.propagate` states the rule for both ways).
     """
     if isinstance(video_or_frames, (str, Path)):
         video_or_frames = open_frames(video_or_frames)
     prompts = _prompts(masks, video_or_frames)
     segmenter = _segmenter(model, config)
-    frames = (video_or_frames if isinstance(video_or_frames, FrameSource)
-              else (Frame(i, f"{i:05d}", rgb) for i, rgb in enumerate(video_or_frames)))
-    for frame, probs in _forward(segmenter, frames, prompts):
-        yield frame.index, list(segmenter.object_ids), probs
+    frames = video_or_frames if isinstance(video_or_frames, FrameSource) else list(video_or_frames)
+    for result in propagate_frames(lambda: segmenter, frames, prompts, backward=backward):
+        yield result.index, result.ids, result.probs
 
 
 def _prompts(masks, frames) -> dict[int, np.ndarray]:
@@ -103,13 +107,6 @@ def _segmenter(model, config: InferenceConfig | None) -> Segmenter:
     return Segmenter(model, config)
 
 
-def _forward(segmenter: Segmenter, frames: Iterable[Frame], prompts: Mapping[int, np.ndarray]
-             ) -> Iterator[tuple[Frame, torch.Tensor]]:
-    """Step through the frames in order, each with its prompt if it has one."""
-    for frame in frames:
-        yield frame, segmenter.step(frame.rgb, prompts.get(frame.index))
-
-
 def segment_sequence(
     model: torch.nn.Module | Segmenter,
     frames_path: str | Path | FrameSource,
@@ -122,14 +119,17 @@ def segment_sequence(
     overlay: str | Path | None = None,
     skip_bad_frames: bool = False,
     progress: bool = False,
+    backward: bool = True,
     **segmenter_options: Any,
 ) -> SegmentStats:
     """Segment every frame of `frames_path` (video, frame folder, or an opened FrameSource) from the mask(s) at
     `mask_path` (file, folder of sparse masks, or loaded Prompts) into `out_dir/<frame name>.png`.
 
     model: a model, or a Segmenter to reuse (it is reset; segmenter_options then must be empty); segmenter_options go
-    to `Segmenter` (an InferenceConfig as `config`, or its fields). overlay: an mp4 path for masks drawn over the frames. With `resume`, frames already in out_dir are run (the memory needs
-    them) but not rewritten.
+    to `Segmenter` (an InferenceConfig as `config`, or its fields). overlay: an mp4 path for masks drawn over the
+    frames. backward: propagate objects whose first mask is after frame 0 back to frame 0 too
+    (`lmrc.inference.propagate`); False leaves them out before it. With `resume`, frames already in out_dir are run
+    (the memory needs them) but not rewritten.
     """
     source = frames_path if isinstance(frames_path, FrameSource) else open_frames(frames_path, skip_bad_frames=skip_bad_frames)
     prompts = mask_path if isinstance(mask_path, Prompts) else load_prompts(mask_path, source)
@@ -142,29 +142,33 @@ def segment_sequence(
 
     if segmenter.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(segmenter.device)
-    pending = sorted(prompts.masks)  # prompt frames not reached yet
     frames = 0
     start = time.perf_counter()
+    bar = _progress_bar(source, progress)
     try:
-        bar = _progress_bar(source, progress)
-        for frame, probs in _forward(segmenter, bar, prompts.masks):
-            if pending and pending[0] < frame.index:
-                raise LmrcError(f"frame {pending[0]} carries a mask ({prompts.files.get(pending[0])}) but could not "
-                                "be decoded; repair the frame or draw the mask on another frame")
-            if pending and pending[0] == frame.index:
-                pending.pop(0)
-            ids = segmenter.probs_to_ids(probs)
-            if not writer.done(frame.name):
-                writer.write(frame.name, ids, probs[1:] if save_probs else None, segmenter.object_ids)
+        # Objects whose first mask is after frame 0 are also propagated backward (propagate.py states the rule).
+        for result in propagate_frames(lambda: segmenter, source, prompts.masks, backward=backward,
+                                       on_step=lambda done, total: _advance(bar, total)):
+            name = result.frame.name
+            if not writer.done(name):
+                writer.write(name, result.ids, result.probs[1:] if save_probs else None, result.object_ids)
             if video is not None:
-                video.write(frame.rgb, ids)
+                video.write(result.frame.rgb, result.ids)
             frames += 1
         bar.close()
-        if pending:
-            raise LmrcError(f"the masks name frame {pending[0]}, but {source.path} ends after {frames} frames")
+    except LmrcError as error:
+        if video is not None:
+            video.abort()
+        bar.close()
+        if writer.written:
+            raise LmrcError(f"{error}. The masks of the {len(writer.written)} frames finished before it are kept "
+                            f"in {writer.out_dir}; rerun with --resume to keep them (they are not rewritten), "
+                            "adding --skip-bad-frames to go on without the bad frame") from None
+        raise
     except BaseException:
         if video is not None:
             video.abort()
+        bar.close()
         raise
     if video is not None:
         video.close()
@@ -173,12 +177,18 @@ def segment_sequence(
                         Path(out_dir), list(source.skipped), len(writer.written))
 
 
+def _advance(bar, total: int | None) -> None:
+    if total is not None and bar.total != total:
+        bar.total = total
+    bar.update(1)
+
+
 def _progress_bar(source: FrameSource, enabled: bool):
     from tqdm import tqdm
 
     # tqdm's rate reads "frame/s"; stderr keeps stdout clean for the summary; disable=None hides the bar when
     # stderr is not a terminal (logs), where its carriage returns would only add noise.
-    return tqdm(source, total=source.num_frames, unit="frame", desc=str(getattr(source, "sequence", source.path)),
+    return tqdm(total=source.num_frames, unit="frame", desc=str(getattr(source, "sequence", source.path)),
                 disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
