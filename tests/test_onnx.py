@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed (pip install 'lmrc[onnx]')")
 
-from lmrc.errors import LmrcError  # noqa: E402
 from lmrc.inference.onnx_export import export_copy, export_onnx  # noqa: E402
 from lmrc.inference.onnx_runtime import OnnxModel, open_onnx_model  # noqa: E402
-from lmrc.inference.segmenter import Segmenter, output_prob_to_mask  # noqa: E402
-from lmrc.model.network import MemoryInput, readout_layout  # noqa: E402
+from lmrc.inference.segmenter import Segmenter  # noqa: E402
+from lmrc.model.network import MemoryInput  # noqa: E402
 from lmrc.model.weights import load_model  # noqa: E402
+from lmrc.utils.errors import LmrcError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,9 +27,9 @@ def shipped():
 
 @pytest.fixture(scope="module")
 def exported(shipped, tmp_path_factory):
-    """The shipped lmrc-lite's graphs, traced at 64 x 96 (the graphs take other sizes)."""
+    """The shipped lmrc-lite's graphs (global read top-k 20, the default), traced at 64 x 96 (they take other sizes)."""
     folder = tmp_path_factory.mktemp("onnx")
-    manifest = export_onnx(shipped, folder, size=(64, 96))
+    manifest = export_onnx(shipped, folder, read_top_k=20, size=(64, 96))
     return folder, manifest
 
 
@@ -38,6 +38,7 @@ def test_export_writes_graphs_and_manifest(exported, shipped):
     assert sorted(p.name for p in folder.iterdir()) == ["key_encoding.onnx", "manifest.json", "read_and_decode.onnx",
                                                          "value_encoding.onnx"]
     assert manifest["config"]["setting"] == shipped.config.setting
+    assert manifest["config"]["value_trunk"] == shipped.config.value_trunk and manifest["read_top_k"] == 20
     assert manifest["graphs"]["read_and_decode"]["outputs"][:3] == ["logits", "agg_logits", "probs"]
     assert manifest["check"]["max_abs_difference"] < 1e-3
 
@@ -63,11 +64,12 @@ def test_each_graph_matches_pytorch_on_random_inputs(exported, shipped):
                           for _ in range(3)], 2)
         global_values = torch.randn(1, 3, reference.read_value_channels(4), keys.shape[2], generator=generator)
         local_keys = {r: k + 0.3 * torch.randn(k.shape, generator=generator) for r, k in query.keys.items()}
-        local_values = {r: torch.randn(1, 3, reference.read_value_channels(r) * len(readout_layout(reference.config)[r]),
-                                       *k.shape[-2:], generator=generator) for r, k in query.keys.items()}
+        # as the value encoder writes them: one channel group per read of the stage where values are projected
+        local_values = {r: torch.randn(1, 3, expected_values[r].shape[2], *k.shape[-2:], generator=generator)
+                        for r, k in query.keys.items()}
         memory = MemoryInput(keys, global_values.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
                              local_keys, local_values, global_key_sq=keys.pow(2).sum(1))
-        got, expected = onnx_model.read_and_decode(query, memory), reference.read_and_decode(query, memory)
+        got, expected = onnx_model.read_and_decode(query, memory, 20), reference.read_and_decode(query, memory, 20)
     assert got.logits.shape == (1, 3, 96, 128)
     torch.testing.assert_close(got.logits, expected.logits, atol=1e-3, rtol=0)
     torch.testing.assert_close(got.probs, expected.probs, atol=1e-3, rtol=0)
@@ -82,14 +84,15 @@ def test_demo_clip_masks_agree_with_pytorch(exported, shipped):
     from lmrc.data.video import open_frames
 
     first = read_mask(REPO / "demo" / "first_mask.png")
-    torch_seg = Segmenter(shipped, size=160)
-    onnx_seg = Segmenter(OnnxModel(exported[0], threads=1), size=160, optimize=False)
+    torch_seg = Segmenter(shipped, size=160, precision="fp32", device="cpu")
+    onnx_seg = Segmenter(OnnxModel(exported[0], threads=1), size=160)  # precision auto: fp32, the graphs' own
+    assert onnx_seg.precision == "fp32"
     for index, frame in enumerate(open_frames(REPO / "demo" / "clip.mp4")):
         if index == 15:
             break
         mask = first if index == 0 else None
-        a = output_prob_to_mask(torch_seg.step(frame.rgb, mask), torch_seg.object_ids)
-        b = output_prob_to_mask(onnx_seg.step(frame.rgb, mask), onnx_seg.object_ids)
+        a = torch_seg.probs_to_ids(torch_seg.step(frame.rgb, mask))
+        b = onnx_seg.probs_to_ids(onnx_seg.step(frame.rgb, mask))
         for object_id in torch_seg.object_ids:
             union = np.logical_or(a == object_id, b == object_id).sum()
             iou = np.logical_and(a == object_id, b == object_id).sum() / max(union, 1)
@@ -119,33 +122,59 @@ def test_bench_runs_both_runtimes_side_by_side(exported, capsys):
     assert report["cpu"]["name"]
 
 
-def test_bad_folders_and_options_give_one_clear_error(exported, tmp_path):
+def test_bad_folders_and_options_give_one_clear_error(exported, tmp_path, capsys):
     with pytest.raises(LmrcError, match="no manifest.json"):
         OnnxModel(tmp_path)
+    model = open_onnx_model(exported[0])
+    assert model.read_top_k == 20
+    # the global read's top-k is fixed in the graph: another one (or None, every position) is refused
+    for top_k in (5, None):
+        with pytest.raises(LmrcError, match=f"--top-k {top_k or 0}"):
+            Segmenter(model, top_k=top_k)
+    query = model.encode_key(torch.rand(1, 3, 64, 96))
+    memory = MemoryInput(query.keys[4].flatten(2), torch.rand(1, 1, model.read_value_channels(4), 24), {}, {})
     with pytest.raises(LmrcError, match="--top-k 5"):
-        open_onnx_model(exported[0], global_read_top_k=5)
+        model.read_and_decode(query, memory, 5)
+    with pytest.raises(LmrcError, match="fp32"):
+        Segmenter(model, precision="bf16")
     from lmrc.cli import main
 
     assert main(["export", "--out", str(exported[0])]) == 2  # graphs already there, no --overwrite
-    assert main(["segment", str(REPO / "demo" / "clip.mp4"), "--mask", str(REPO / "demo" / "first_mask.png"),
-                 "--onnx", str(exported[0]), "--out", str(tmp_path / "out")]) == 2  # --onnx without --runtime
+    segment = ["segment", str(REPO / "demo" / "clip.mp4"), "--mask", str(REPO / "demo" / "first_mask.png"),
+               "--out", str(tmp_path / "out")]
+    capsys.readouterr()
+    for extra, message in ((["--onnx", str(exported[0])], "add --runtime onnxruntime"),
+                           (["--runtime", "onnxruntime", "--precision", "bf16"], "fp32"),
+                           (["--runtime", "onnxruntime", "--device", "cuda"], "CPU"),
+                           (["--runtime", "onnxruntime", "--onnx", str(exported[0]), "--top-k", "5"], "--top-k 5")):
+        assert main(segment + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and err.count("error:") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "out").exists()
 
 
 def test_setting_a_exports_and_segments_like_pytorch(tmp_path):
-    """A graph without local reads or comparator (setting A, value encoding at stage 4 only), random weights."""
+    """A graph without local reads or comparator (setting A, value encoding at stage 4 only), random weights of
+    today's lmrc-lite preset (mask-only value trunk, 1x1 fusion), a global read over every position (top-k None),
+    with and without test-time flip."""
     from lmrc.config import model_config
     from lmrc.model.network import LMRC
 
     torch.manual_seed(0)
     model = LMRC(model_config("lmrc-lite", setting="A"), pretrained_backbone=False).eval()
-    manifest = export_onnx(model, tmp_path, size=(64, 96))
+    assert (model.config.value_trunk, model.config.value_fusion_kernel) == ("mask", 1)
+    manifest = export_onnx(model, tmp_path, read_top_k=None, size=(64, 96))
     assert manifest["value_stages"] == [4] and "local_key2" not in manifest["graphs"]["read_and_decode"]["inputs"]
-    torch_seg, onnx_seg = Segmenter(model, size=64), Segmenter(OnnxModel(tmp_path, threads=1), size=64, optimize=False)
+    onnx_model = OnnxModel(tmp_path, threads=1)
+    assert onnx_model.read_top_k is None
     rng = np.random.default_rng(0)
     mask = np.zeros((64, 96), np.uint8)
     mask[10:30, 10:40], mask[40:60, 50:90] = 1, 2
-    for index in range(7):
-        frame = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
-        given = mask if index == 0 else None
-        torch.testing.assert_close(onnx_seg.step(frame, given), torch_seg.step(frame, given), atol=1e-3, rtol=0)
+    for flip, frames in ((False, 7), (True, 3)):
+        options = dict(size=64, top_k=None, flip=flip, device="cpu")
+        torch_seg, onnx_seg = Segmenter(model, precision="fp32", **options), Segmenter(onnx_model, **options)
+        assert onnx_seg.model is onnx_model  # used as it is, not copied
+        for index in range(frames):
+            frame = rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)
+            given = mask if index == 0 else None
+            torch.testing.assert_close(onnx_seg.step(frame, given), torch_seg.step(frame, given), atol=1e-3, rtol=0)

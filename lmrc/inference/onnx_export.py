@@ -5,9 +5,12 @@
 
 Three graphs, the three steps `Segmenter` drives (`lmrc.model.onnx_graphs`): key encoding, value encoding, and
 read-and-decode (global read with its top-k, LMR, SLMR, the memory comparator, decoder, soft aggregation). The
-memory bank stays in Python (`lmrc.inference.onnx_runtime`). The exported model is the inference copy: BatchNorm
-folded into the convolutions and the decoder's readout projections moved into the value encoder
-(`lmrc.model.inference`), so the memory holds the narrower projected values.
+memory bank stays in Python (`lmrc.inference.onnx_runtime`). The exported model is rewritten as the inference
+copy is: BatchNorm folded into the convolutions and the decoder's readout projections moved into the value encoder
+(`lmrc.model.transforms`), so the memory holds the narrower projected values.
+
+The global read's top-k is an inference choice (`InferenceConfig.top_k`) but a constant of the graph: the
+manifest records it (`read_top_k`, null = every position) and `OnnxModel` refuses any other.
 
 Image size, number of objects and memory length are dynamic axes (sides multiples of 16). The TorchScript-based
 exporter is used (`dynamo=False`): the torch.export-based one had not finished the read-and-decode graph (its
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 FORMAT = "lmrc-onnx-1"
 MANIFEST = "manifest.json"
@@ -35,6 +38,7 @@ GRAPH_FILES = {"key_encoding": "key_encoding.onnx", "value_encoding": "value_enc
 
 def configure(parser: argparse.ArgumentParser) -> None:
     from lmrc.config import MODEL_PRESETS
+    from lmrc.inference.config import InferenceConfig
 
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="lmrc-lite", help="model (default: lmrc-lite)")
     parser.add_argument("--weights", metavar="FILE", help="weights file (.safetensors; default: the model's shipped weights)")
@@ -42,9 +46,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=480, metavar="PIXELS",
                         help="shorter side of the example frame the graphs are traced and checked at (default: 480; "
                              "the graphs take any size whose sides are multiples of 16)")
-    parser.add_argument("--top-k", type=int, metavar="K",
-                        help="global read keeps the K best memory matches per pixel (default: 20; 0 keeps all); "
-                             "fixed in the graph")
+    parser.add_argument("--top-k", type=int, default=InferenceConfig().top_k, metavar="K",
+                        help=f"global read keeps the K best memory matches per pixel (default: {InferenceConfig().top_k}, "
+                             "as `lmrc segment`; 0 keeps all); fixed in the graph")
     parser.add_argument("--overwrite", action="store_true", help="replace graphs already in --out")
 
 
@@ -53,12 +57,17 @@ def main(args: argparse.Namespace) -> int:
 
     if args.size < 16:
         raise LmrcError(f"--size must be >= 16 pixels, got {args.size}")
+    if args.top_k < 0:
+        raise LmrcError(f"--top-k must be >= 1, or 0 to keep every memory match, got {args.top_k}")
     out = Path(args.out)
     check_out_dir(out, args.overwrite)
-    model = load_model(args.model, args.weights, global_read_top_k=args.top_k)
+    model = load_model(args.model, args.weights)
     start = time.perf_counter()
-    manifest = export_onnx(model, out, size=example_size(args.size), weights=args.weights or f"{args.model} (shipped)")
-    print(f"exported {args.model} setting {model.config.setting} to {out} in {time.perf_counter() - start:.0f} s: "
+    read_top_k = args.top_k or None
+    manifest = export_onnx(model, out, read_top_k=read_top_k, size=example_size(args.size),
+                           weights=args.weights or f"{args.model} (shipped)")
+    print(f"exported {args.model} setting {model.config.setting} (global read top-k {read_top_k or 'all'}) to {out} "
+          f"in {time.perf_counter() - start:.0f} s: "
           + ", ".join(g["file"] for g in manifest["graphs"].values()) + f", {MANIFEST}")
     check = manifest.get("check")
     if check:
@@ -83,7 +92,7 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
 
 def export_copy(model: torch.nn.Module) -> torch.nn.Module:
     """The copy that is exported: eval mode, projected values, BatchNorm folded (no in-place or kept-buffer tricks)."""
-    from lmrc.model.inference import fold_batch_norms, project_values_before_reading
+    from lmrc.model.transforms import fold_batch_norms, project_values_before_reading
 
     model = copy.deepcopy(model).cpu().float().eval()
     for p in model.parameters():
@@ -145,10 +154,12 @@ def _dynamic_axes(names: list[str]) -> dict[str, dict[int, str]]:
     return axes
 
 
-def export_onnx(model: torch.nn.Module, out: str | Path, *, size: tuple[int, int] = (480, 864),
-                weights: str | None = None, check: bool = True) -> dict:
+def export_onnx(model: torch.nn.Module, out: str | Path, *, read_top_k: int | None = 20,
+                size: tuple[int, int] = (480, 864), weights: str | None = None, check: bool = True) -> dict:
     """Write the three graphs of `model` and manifest.json into `out`; returns the manifest.
 
+    `read_top_k`: the global read keeps each pixel's k best memory matches (None: every position); fixed in the
+    read-and-decode graph and recorded in the manifest beside the model config.
     `size` (H, W, multiples of 16): the example frame the graphs are traced at; they take any size. With `check`
     (and onnxruntime installed) each graph is run once on that example and compared with PyTorch; the largest
     difference goes into the manifest. Files are written under temporary names and renamed at the end, so an
@@ -167,7 +178,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, size: tuple[int, int
     inputs = example_inputs(model, size)
     graphs = {"key_encoding": (KeyEncodingGraph(model), key_encoding_names()),
               "value_encoding": (ValueEncodingGraph(model), value_encoding_names(model)),
-              "read_and_decode": (ReadAndDecodeGraph(model), read_and_decode_names(model))}
+              "read_and_decode": (ReadAndDecodeGraph(model, read_top_k), read_and_decode_names(model))}
     written: dict[str, Path] = {}
     entries = {}
     try:
@@ -185,6 +196,7 @@ def export_onnx(model: torch.nn.Module, out: str | Path, *, size: tuple[int, int
             "format": FORMAT,
             "model": model_name_of(model.config),
             "config": to_dict(model.config),
+            "read_top_k": read_top_k,
             "weights": weights,
             "weights_sha256": digest,
             "projected_stages": sorted(model.projected_stages),

@@ -1,11 +1,13 @@
 """Run exported ONNX graphs (`lmrc export`) with onnxruntime behind the network's three-method contract.
 
     model = OnnxModel("lmrc-lite-onnx/")
-    seg = Segmenter(model, optimize=False)      # the same streaming segmenter; the memory bank stays in Python
+    seg = Segmenter(model)      # the same streaming segmenter, which uses the model as it is; memory bank in Python
 
 `OnnxModel` has what `Segmenter` uses of an `LMRC`: `config`, `encode_key`, `encode_value`, `read_and_decode`,
-`global_memory_value` (and `to` / `eval` / `parameters`, which only place it on the CPU). Tensors cross to
-onnxruntime as numpy views where they are contiguous, so most inputs are not copied.
+`global_memory_value`, and what it asks of a model that is not an `nn.Module`: `runtime`, `precision` (fp32),
+`device` (cpu), `to` (the CPU only), `timer` (a `StageTimer`; the whole read-and-decode graph is one stage) and
+`check_read_top_k` (the global read's top-k is fixed in the graph, `read_top_k`). Tensors cross to onnxruntime as
+numpy views where they are contiguous, so most inputs are not copied.
 """
 from __future__ import annotations
 
@@ -17,10 +19,10 @@ import torch
 from torch import Tensor
 
 from lmrc.config import ModelConfig, from_dict
-from lmrc.errors import LmrcError
-from lmrc.inference.timing import stage
 from lmrc.model.encoders import STAGES
 from lmrc.model.network import LMRC, FrameEncoding, MemoryInput, SegmentOutput
+from lmrc.utils.errors import LmrcError
+from lmrc.utils.timing import StageTimer
 
 
 def _array(t: Tensor) -> np.ndarray:
@@ -31,6 +33,10 @@ class OnnxModel:
     """An exported LMRC network (a folder written by `export_onnx`) run by onnxruntime on the CPU.
 
     threads: onnxruntime's intra-op threads (default: torch's thread count, so both runtimes get the same cores)."""
+
+    runtime = "onnxruntime"
+    precision = "fp32"
+    device = "cpu"
 
     def __init__(self, folder: str | Path, threads: int | None = None) -> None:
         try:
@@ -49,11 +55,15 @@ class OnnxModel:
             raise LmrcError(f"{path} is not valid JSON ({exc}); export the graphs again") from None
         if manifest.get("format") != FORMAT:
             raise LmrcError(f"{path} is not an lmrc ONNX manifest ({FORMAT}); export the graphs again with `lmrc export`")
-        self.manifest = manifest
+        if "read_top_k" not in manifest:
+            raise LmrcError(f"{path} does not say which global-read top-k its graphs keep (an older export); export "
+                            f"the graphs again with `lmrc export --out {folder} --overwrite`")
+        self.manifest, self.folder = manifest, folder
         self.config: ModelConfig = from_dict(ModelConfig, manifest["config"], where=f"config in {path}")
         self.projected_stages = set(manifest["projected_stages"])
         self.value_stages = tuple(manifest["value_stages"])
-        self.training = False
+        self.read_top_k: int | None = manifest["read_top_k"]  # fixed in the graph; None reads every position
+        self.timer = StageTimer()
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -74,12 +84,14 @@ class OnnxModel:
             raise LmrcError("--runtime onnxruntime runs on the CPU here; use --device cpu (or the torch runtime on CUDA)")
         return self
 
-    def eval(self) -> "OnnxModel":
-        return self
-
-    def parameters(self):
-        """One empty CPU tensor: tells `Segmenter` where this model's tensors live."""
-        yield torch.empty(0)
+    def check_read_top_k(self, read_top_k: int | None) -> None:
+        """LmrcError unless `read_top_k` (None: every position) is the top-k the graphs were exported with."""
+        if read_top_k != self.read_top_k:
+            exported = (f"keep the {self.read_top_k} best global matches" if self.read_top_k
+                        else "read every global memory position")
+            asked = read_top_k or 0
+            raise LmrcError(f"the graphs in {self.folder} {exported} (fixed at export), not --top-k {asked}; export "
+                            f"again with `lmrc export --top-k {asked}`, or drop --top-k")
 
     # the same arithmetic as the network's (duck-typed: it only reads config and projected_stages)
     read_value_channels = LMRC.read_value_channels
@@ -106,11 +118,13 @@ class OnnxModel:
         out = self._run("value_encoding", tensors)
         return {r: out[f"value{r}"] for r in stages}
 
-    def read_and_decode(self, query: FrameEncoding, memory: MemoryInput) -> SegmentOutput:
+    def read_and_decode(self, query: FrameEncoding, memory: MemoryInput, read_top_k: int | None = None) -> SegmentOutput:
+        """As `LMRC.read_and_decode`; read_top_k must be the graphs' own (`read_top_k`, fixed at export)."""
+        self.check_read_top_k(read_top_k)
         if memory.valid_objects is not None and not bool(memory.valid_objects.all()):
             raise ValueError("the exported graphs take no padding objects (valid_objects must be all true)")
         positions = memory.global_keys.shape[-1]
-        needed = max(self.config.global_read_top_k or 0, self.config.comparator_top_k if self.config.memory_comparator else 0)
+        needed = max(self.read_top_k or 0, self.config.comparator_top_k if self.config.memory_comparator else 0)
         if positions < needed:
             raise LmrcError(f"the exported global read keeps the {needed} best of at least {needed} memory positions, "
                             f"the memory holds {positions}: process larger frames (--size)")
@@ -123,29 +137,22 @@ class OnnxModel:
             **{f"local_key{r}": memory.local_keys[r] for r in self.config.local_read_stages},
             **{f"local_value{r}": memory.local_values[r] for r in self.config.local_read_stages},
         }
-        with stage("read_and_decode"):
+        with self.timer.stage("read_and_decode"):
             out = self._run("read_and_decode", tensors)
         reliability = {name[len("reliability_"):]: t for name, t in out.items() if name.startswith("reliability_")}
         return SegmentOutput(out["logits"], out["agg_logits"], out["probs"], reliability)
 
 
 def open_onnx_model(folder: str | Path | None, model: torch.nn.Module | None = None, *,
-                    global_read_top_k: int | None = None, threads: int | None = None) -> OnnxModel:
-    """The graphs in `folder`, or with folder None `model` (an LMRC) exported to a temporary folder first (the
-    sessions keep what they need, the folder is removed). global_read_top_k: None takes the graphs' own; else it
-    must be the one they were exported with (0 = every position)."""
+                    read_top_k: int | None = 20, threads: int | None = None) -> OnnxModel:
+    """The graphs in `folder`, or with folder None `model` (an LMRC) exported with the global read's `read_top_k`
+    (None: every position) to a temporary folder first (the sessions keep what they need, the folder is removed)."""
     import tempfile
 
-    if folder is None:
-        from lmrc.inference.onnx_export import export_onnx
+    if folder is not None:
+        return OnnxModel(folder, threads)
+    from lmrc.inference.onnx_export import export_onnx
 
-        with tempfile.TemporaryDirectory(prefix="lmrc-onnx-") as tmp:
-            export_onnx(model, tmp, size=(240, 432), check=False)
-            onnx_model = OnnxModel(tmp, threads)
-    else:
-        onnx_model = OnnxModel(folder, threads)
-    exported = onnx_model.config.global_read_top_k or 0
-    if global_read_top_k is not None and global_read_top_k != exported:
-        raise LmrcError(f"the graphs in {folder} keep the {exported or 'all'} best global matches (fixed at export), "
-                        f"not --top-k {global_read_top_k}; export again with `lmrc export --top-k {global_read_top_k}`")
-    return onnx_model
+    with tempfile.TemporaryDirectory(prefix="lmrc-onnx-") as tmp:
+        export_onnx(model, tmp, read_top_k=read_top_k, size=(240, 432), check=False)
+        return OnnxModel(tmp, threads)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from lmrc.model.aggregate import soft_aggregate
 from lmrc.model.comparator import upsample_global_top_k
 from lmrc.model.encoders import STAGES
-from lmrc.model.network import FrameEncoding, _fold_objects
+from lmrc.model.network import FrameEncoding, fold_objects
 from lmrc.ops.local_window import local_similarity_plain, local_weighted_sum_plain
 
 
@@ -128,46 +128,45 @@ def sequential_keys_values_graph(local_key: Tensor, local_value: Tensor, coarse_
 class ReadAndDecodeGraph(nn.Module):
     """`LMRC.read_and_decode` for one object group: GMR, LMR, SLMR, the comparator (eq. 9-10), the decoder and
     soft aggregation. Inputs and outputs as `read_and_decode_names(model)`; the memory's value is position-major
-    (memory_value_rows 1 x M x N x Cv4) and the local values are 1 x N x C_r x Hr x Wr."""
+    (memory_value_rows 1 x M x N x Cv4) and the local values are 1 x N x C_r x Hr x Wr. read_top_k: the global
+    read's top-k (None: every position), fixed in the graph."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, read_top_k: int | None) -> None:
         super().__init__()
         self.model = model
+        self.read_top_k = read_top_k
         self.input_names = read_and_decode_names(model)[0]
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
         x = dict(zip(self.input_names, inputs))
         model, cfg = self.model, self.model.config
-        k = cfg.comparator_top_k if model.comparator is not None else 0
+        k = model.comparator_top_k
         keys = {r: x[f"key{r}"] for r in STAGES}
         n = x["memory_value_rows"].shape[2]
         readout, global_top = global_read_graph(keys[4], x["memory_keys"], x["memory_key_sq"], x["memory_value_rows"],
-                                                cfg.scale, cfg.global_read_top_k, k)
+                                                cfg.scale, self.read_top_k, k)
         global_top_k = upsample_global_top_k(global_top) if k else {}
         parts: dict[int, list[Tensor]] = {r: [] for r in STAGES}
-        parts[4].append(readout.flatten(1, 2))
-        reliability: dict[str, Tensor] = {}
-
-        def weigh(name: str, readout: Tensor, top: Tensor | None) -> None:
-            r = int(name[1])
-            if model.comparator is not None:
-                reliability[name] = model.comparator.weights[name](top, global_top_k[r])  # eq. (9)
-                readout = readout * reliability[name]  # eq. (10)
-            parts[r].append(readout)
-
         affinity: dict[int, Tensor] = {}
-        for r in sorted(cfg.local_read_stages, reverse=True):
-            values = model._read_value(x[f"local_value{r}"], r, f"L{r}").flatten(1, 2)
-            readout, affinity[r], top = local_read_graph(keys[r], x[f"local_key{r}"], values, cfg.window_radius,
-                                                         cfg.scale, k)
-            weigh(f"L{r}", readout, top)
-        for r in (3, 2) if cfg.sequential_local_read else ():
-            values = model._read_value(x[f"local_value{r}"], r, f"S{r}").flatten(1, 2)
-            key, value = sequential_keys_values_graph(x[f"local_key{r}"], values, affinity[r + 1], cfg.window_radius)
-            readout, _, top = local_read_graph(keys[r], key, value, cfg.window_radius, cfg.scale, k)  # eq. (8)
-            weigh(f"S{r}", readout, top)
+        reliability: dict[str, Tensor] = {}
+        for item in model.readouts:  # G4, L4, L3, L2, S3, S2 as the setting has them
+            r = item.stage
+            if item.kind == "G":
+                parts[r].append(readout.flatten(1, 2))
+                continue
+            values = model.read_value(x[f"local_value{r}"], item).flatten(1, 2)
+            if item.kind == "L":
+                part, affinity[r], top = local_read_graph(keys[r], x[f"local_key{r}"], values, cfg.window_radius,
+                                                          cfg.scale, k)
+            else:
+                key, value = sequential_keys_values_graph(x[f"local_key{r}"], values, affinity[r + 1], cfg.window_radius)
+                part, _, top = local_read_graph(keys[r], key, value, cfg.window_radius, cfg.scale, k)  # eq. (8)
+            if model.comparator is not None:
+                reliability[item.name] = model.comparator.weights[item.name](top, global_top_k[r])  # eq. (9)
+                part = part * reliability[item.name]  # eq. (10)
+            parts[r].append(part)
 
-        per_object = {r: _fold_objects(parts[r], n) for r in STAGES}
+        per_object = {r: fold_objects(parts[r], n) for r in STAGES}
         features = {r: x[f"features{r}"] for r in STAGES}
         logits = model.decoder(features, per_object, n)
         agg_logits, probs = soft_aggregate(logits)
