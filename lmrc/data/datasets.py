@@ -6,7 +6,7 @@ Readers: ``read_davis2016``, ``read_davis2017``, ``read_youtube_vos``, ``read_fr
 validation sequences with ``exclude``). Problems a user can fix raise ``LmrcError``.
 
 Sample dict (what ``VOSTrainingDataset``, ``MixedDataset``, ``StaticImageClips`` and ``PastedObjectClips`` return,
-and what the trainer consumes; T = 3 frames, N = ``max_objects`` (default 2), H x W = crop size (default 384)):
+and what the trainer consumes; T = ``num_frames`` frames (3, the paper's sample, by default), N = ``max_objects`` (default 2), H x W = crop size (default 384)):
 
 | key | value |
 | --- | --- |
@@ -54,6 +54,7 @@ from torch.utils.data import Dataset
 from lmrc.data.augment import ClipAugment, resize_short_side
 from lmrc.data.masks import read_mask
 from lmrc.data.sampling import (
+    SALT_DISTRACTOR,
     SALT_MIX,
     GapSchedule,
     as_schedule,
@@ -484,6 +485,7 @@ class VOSTrainingDataset(Dataset):
         max_short_side: int | None = 480,
         reverse_prob: float = 0.0,
         min_object_pixels: int = 16,
+        distractor_prob: float = 0.0,
         name: str = "",
     ) -> None:
         self.schedule = as_schedule(max_gap)
@@ -499,7 +501,7 @@ class VOSTrainingDataset(Dataset):
         self.batch_size = max(1, int(batch_size))
         self.augment = augment if augment is not None else ClipAugment(crop_size=tuple(crop_size))
         self.max_short_side, self.reverse_prob = max_short_side, reverse_prob
-        self.min_object_pixels = min_object_pixels
+        self.min_object_pixels, self.distractor_prob = min_object_pixels, distractor_prob
         self.name = name or (usable[0].dataset if usable[0].dataset else "video")
         self._order_cache: tuple[int, np.ndarray] | None = None
 
@@ -522,6 +524,11 @@ class VOSTrainingDataset(Dataset):
         seq, frame_idx, ids, candidates = self.draw_clip(index, rng)
         img, msk = self.load_clip(seq, frame_idx, ids)
         objects = choose_objects(candidates, self.max_objects, rng)
+        if self.distractor_prob > 0:
+            from lmrc.data.synthetic import maybe_paste_distractor  # synthetic builds on this module
+
+            img, msk = maybe_paste_distractor(img, msk, objects, self.distractor_prob,
+                                              sample_rng(self.seed, index, SALT_DISTRACTOR))
         info = {"name": seq.name, "frames": torch.tensor(frame_idx, dtype=torch.long), "source": self.name}
         return make_sample(img, msk, objects, rng, self.augment, self.max_objects, info)
 
