@@ -236,3 +236,55 @@ def test_transfer_copies_what_matches_and_reports_the_rest(tmp_path):
         assert "start fresh" in report.summary()
     with pytest.raises(LmrcError, match="not found"):
         transfer_weights(_model("F"), tmp_path / "missing.safetensors")
+
+
+# ------------------------------------------------------------------------------------------- a whole run
+
+def test_a_run_on_every_data_kind_with_clips_and_distractors(tmp_path, monkeypatch):
+    import io
+
+    from PIL import Image
+
+    from lmrc.train.trainer import train
+    from test_data_video_masks import make_video_masks
+
+    monkeypatch.setenv("LMRC_CACHE_DIR", str(tmp_path / "cache"))
+    davis = make_tiny_davis2016(tmp_path / "davis", sequences=2, frames=6)
+    videos = make_video_masks(tmp_path / "videos", count=6)
+    images = tmp_path / "sod"
+    for k in range(3):
+        (images / "images").mkdir(parents=True, exist_ok=True)
+        (images / "masks").mkdir(parents=True, exist_ok=True)
+        rgb = np.full((48, 64, 3), 30, np.uint8)
+        rgb[10:30, 10 + 5 * k:40 + 5 * k] = (200, 180, 40)
+        Image.fromarray(rgb).save(images / "images" / f"{k}.jpg")
+        Image.fromarray(((rgb[..., 0] > 100) * 255).astype(np.uint8), mode="L").save(images / "masks" / f"{k}.png")
+    cfg = config_from_dict(tiny_config(davis, data={
+        "datasets": [{"kind": "davis2016", "root": str(davis), "weight": 1.0},
+                     {"kind": "video_masks", "root": str(videos), "weight": 1.0},
+                     {"kind": "image_masks", "root": str(images), "weight": 1.0}],
+        "holdout": ["seq1"], "num_frames": 4, "max_gap": 4, "distractor_prob": 0.5},
+        clip={"mem_every": 2}, optim={"iterations": 2, "batch_size": 2, "precision": "fp32"},
+        logging={"every": 1, "checkpoint_every": 1, "val_every": 0, "tensorboard": False, "progress_bar": False}))
+    log = io.StringIO()
+    result = train(cfg, tmp_path / "run", device_name="cpu", log_stream=log)
+    assert result.step == 2 and (tmp_path / "run" / "final.safetensors").is_file()
+    assert "3 source(s)" in log.getvalue() and "loss" in log.getvalue()
+    assert "precision fp32 (config)" in log.getvalue()
+
+
+def test_precision_auto_says_which_and_why(monkeypatch):
+    import lmrc.train.trainer as trainer
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(trainer, "cpu_native_bf16", lambda: ["avx512_bf16"])
+    dtype, why = trainer.choose_precision("auto", cpu)
+    assert dtype is None and "avx512_bf16" in why and "slower" in why  # measured: fp32 kept
+    assert trainer.choose_precision("bf16", cpu) == (torch.bfloat16, "bf16 (config)")
+    monkeypatch.setattr(trainer, "cpu_native_bf16", lambda: [])
+    dtype, why = trainer.choose_precision("auto", cpu)
+    assert dtype is None and "no native bf16" in why
+    assert "emulates" in trainer.choose_precision("bf16", cpu)[1]
+    with pytest.raises(LmrcError, match="fp16 needs a CUDA GPU"):
+        trainer.choose_precision("fp16", cpu)
+    assert isinstance(trainer.cpu_native_bf16.__call__(), list)

@@ -77,20 +77,45 @@ def resolve_device(name: str, d: Dist) -> torch.device:
     return torch.device(name)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting (None = fp32). fp16 needs CUDA (and a GradScaler)."""
+def cpu_native_bf16() -> list[str]:
+    """The CPU's native bf16 instruction sets found in /proc/cpuinfo (avx512_bf16, amx_bf16); [] elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in ("avx512_bf16", "amx_bf16") if name in flags]
+    except OSError:
+        pass
+    return []
+
+
+# benchmarks/train_step.py, lmrc-lite F, batch 4, 3 frames at 256x256, 2 threads on a busy 2-core AMD EPYC with
+# avx512_bf16: fp32 47.6 s/step, bf16 autocast 96.1 s/step. The local-window kernels compute in fp32 and the
+# depthwise convolutions gain nothing, so the casts cost more than bf16 saves.
+CPU_BF16_SLOWER = "bf16 autocast measured 2.0x slower than fp32 per training step on such a CPU"
+
+
+def choose_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None for fp32, why) for a precision setting. fp16 needs CUDA (and a GradScaler)."""
     if precision == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # CPUs without native bf16 (AVX512-BF16/AMX) emulate it: measured slower than fp32 on AVX2 machines.
-        return None
+            if torch.cuda.is_bf16_supported():
+                return torch.bfloat16, "auto: bf16 (the GPU supports it)"
+            return torch.float16, "auto: fp16 (the GPU has no bf16)"
+        native = cpu_native_bf16()
+        if native:
+            return None, f"auto: fp32 (the CPU has native bf16, {', '.join(native)}, but {CPU_BF16_SLOWER})"
+        return None, "auto: fp32 (the CPU has no native bf16, AVX512_BF16 or AMX: bf16 would be emulated)"
     if precision == "fp32":
-        return None
+        return None, "fp32 (config)"
     if precision == "bf16":
-        return torch.bfloat16
+        if device.type == "cpu" and not cpu_native_bf16():
+            return torch.bfloat16, "bf16 (config; this CPU emulates bf16, expect it to be slower than fp32)"
+        return torch.bfloat16, "bf16 (config)"
     if device.type != "cuda":
         raise LmrcError("optim.precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-    return torch.float16
+    return torch.float16, "fp16 (config)"
 
 
 # ------------------------------------------------------------------------------------------------ model pieces
@@ -528,7 +553,7 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str
     val = build_validation(cfg) if d.is_main else Validation()
 
     model = build_model(cfg, log).to(device)
-    amp = autocast_dtype(cfg.optim.precision, device)
+    amp, precision_reason = choose_precision(cfg.optim.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -579,7 +604,7 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str
                desc="train", file=sys.stderr)
     log(f"{'resuming' if resume else 'training'} {cfg.model.backbone} setting {cfg.model.setting}: "
         f"{total_iters} iterations, batch {B} ({d.world_size} x {per_process}), crop {list(cfg.data.crop_size)}, "
-        f"precision {str(amp).replace('torch.', '') if amp else 'fp32'}, device {device}, {len(dataset.datasets) if hasattr(dataset, 'datasets') else 1} source(s)")
+        f"precision {precision_reason}, device {device}, {len(dataset.datasets) if hasattr(dataset, 'datasets') else 1} source(s)")
 
     window_loss, window_parts, window_start, window_steps = 0.0, {}, time.perf_counter(), 0
     try:
