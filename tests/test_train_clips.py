@@ -288,3 +288,19 @@ def test_precision_auto_says_which_and_why(monkeypatch):
     with pytest.raises(LmrcError, match="fp16 needs a CUDA GPU"):
         trainer.choose_precision("fp16", cpu)
     assert isinstance(trainer.cpu_native_bf16.__call__(), list)
+
+
+def test_runs_started_before_the_new_options_still_resume(tmp_path):
+    from lmrc.train.config import config_to_dict
+    from lmrc.train.trainer import CHECKPOINT_FORMAT, load_checkpoint
+
+    root = make_tiny_davis2016(tmp_path / "d", sequences=1)
+    cfg = config_from_dict(tiny_config(root))
+    old = config_to_dict(cfg)
+    del old["clip"], old["data"]["num_frames"], old["data"]["distractor_prob"], old["init"]["transfer_from"]
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "config": old, "step": 3}, path)
+    assert load_checkpoint(path, cfg)["step"] == 3  # absent options had their defaults
+    clips = config_from_dict(tiny_config(root, data={"num_frames": 4}))
+    with pytest.raises(LmrcError, match="data.num_frames"):
+        load_checkpoint(path, clips)

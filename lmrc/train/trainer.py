@@ -361,7 +361,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise LmrcError(f"{path} is not an lmrc training checkpoint; delete it or choose another --out")
     # Logging cadence, validation and the run length may change on resume; anything else changes what is trained.
-    stored, current = copy.deepcopy(payload["config"]), config_to_dict(cfg)
+    # Options added after a run started are absent from its stored config: they had their defaults then.
+    stored = _fill_defaults(copy.deepcopy(payload["config"]), config_to_dict(TrainConfig()))
+    current = config_to_dict(cfg)
     for c in (stored, current):
         c.pop("logging", None)
         c.get("optim", {}).pop("iterations", None)
@@ -371,6 +373,15 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
         raise LmrcError(f"checkpoint {path} was written with another config (differs in {', '.join(differ)}); "
                         "resume with the config of that run (saved as config.yaml beside it) or use another --out")
     return payload
+
+
+def _fill_defaults(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    for key, value in defaults.items():
+        if key not in stored:
+            stored[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(stored[key], dict):
+            _fill_defaults(stored[key], value)
+    return stored
 
 
 # ------------------------------------------------------------------------------------------------ validation
