@@ -259,10 +259,15 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
             raise LmrcError(f"{where}: data.datasets[{i}] has no root; set it to the dataset folder")
     if d.max_objects < 1:
         raise LmrcError(f"{where}: data.max_objects must be >= 1")
-    kinds = ("davis2016", "davis2017", "youtube_vos", "folder", "video_masks", "image_masks")
+    from lmrc.data.datasets import IMAGE_READERS, READERS
+
+    kinds = (*READERS, *IMAGE_READERS)
     for i, spec in enumerate(d.datasets):
         if spec.kind not in kinds:
             raise LmrcError(f"{where}: data.datasets[{i}].kind {spec.kind!r} is not one of {', '.join(kinds)}")
+    if isinstance(d.holdout, str):
+        raise LmrcError(f"{where}: data.holdout names a file ({d.holdout}); files are read by load_config, relative "
+                        "to the config file; pass a list of sequence names here")
     if d.num_frames < 3:
         raise LmrcError(f"{where}: data.num_frames must be >= 3 (a global, a local and a query frame)")
     if d.max_gap < d.num_frames - 1 or any(g < d.num_frames - 1 for _, g in d.gap_curriculum or []):
