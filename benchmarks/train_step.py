@@ -1,8 +1,9 @@
 """Seconds per training step of lmrc-lite (forward + backward + Adam), fp32 and bf16 autocast side by side.
 
     PYTHONPATH=. OMP_NUM_THREADS=2 python benchmarks/train_step.py   # 3-frame paper sample, batch 4, 256x256
-    FRAMES=8 STEPS=3 PYTHONPATH=. python benchmarks/train_step.py  # an 8-frame clip (lmrc.train.clip_pass)
-    PRECISIONS=fp32 PYTHONPATH=. python benchmarks/train_step.py
+    FRAMES=3,8 PRECISIONS=fp32 STEPS=2 PYTHONPATH=. python benchmarks/train_step.py   # 3- vs 8-frame clips
+
+Clips run through lmrc.train.clip_pass.clip_forward (3 frames: exactly LMRC.forward), global memory every 5 frames.
 
 Random inputs (the data loader is not timed). Prints the CPU model so every figure says where it came from.
 """
@@ -16,6 +17,7 @@ import torch
 
 from lmrc.config import ModelConfig
 from lmrc.model.network import LMRC
+from lmrc.train.clip_pass import clip_forward
 from lmrc.train.trainer import set_train_mode
 
 
@@ -31,7 +33,7 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    frames = int(os.environ.get("FRAMES", "3"))
+    frame_counts = [int(f) for f in os.environ.get("FRAMES", "3").split(",")]
     steps = int(os.environ.get("STEPS", "4"))
     batch = int(os.environ.get("BATCH", "4"))
     size = int(os.environ.get("SIZE", "256"))
@@ -41,32 +43,31 @@ def main() -> None:
     model = LMRC(ModelConfig(backbone="efficientnet_lite0", setting=setting), pretrained_backbone=False)
     set_train_mode(model)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    images = torch.rand(batch, frames, 3, size, size)
-    masks = (torch.rand(batch, frames, 2, size // 16, size // 16) > 0.7).float()
-    masks = torch.nn.functional.interpolate(masks.flatten(0, 1), size=(size, size)).view(batch, frames, 2, size, size)
+    t_max = max(frame_counts)
+    images = torch.rand(batch, t_max, 3, size, size)
+    masks = (torch.rand(batch, t_max, 2, size // 16, size // 16) > 0.7).float()
+    masks = torch.nn.functional.interpolate(masks.flatten(0, 1), size=(size, size)).view(batch, t_max, 2, size, size)
     valid = torch.ones(batch, 2, dtype=torch.bool)
     print(f"{cpu_name()}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.2f}; lmrc-lite {setting}, "
-          f"batch {batch}, {frames} frames, {size}x{size}")
-    for precision in precisions:
-        dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
-        times = []
-        for i in range(steps + 1):
+          f"batch {batch}, {size}x{size}")
+    # Interleaved (one step of each variant in turn), so a change of load on a shared machine hits all alike.
+    variants = [(p, t) for p in precisions for t in frame_counts]
+    times: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
+    for i in range(steps + 1):
+        for precision, t in variants:
+            dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
             start = time.perf_counter()
             with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
-                if frames == 3:
-                    out = model(images, masks[:, 0], valid)
-                    logits = [out.local_frame.agg_logits, out.query_frame.agg_logits]
-                else:
-                    from lmrc.train.clip_pass import clip_forward
-
-                    logits = [o.agg_logits for o in clip_forward(model, images, masks[:, 0], valid).outputs]
-            loss = sum(l.float().logsumexp(1).mean() for l in logits)
+                out = clip_forward(model, images[:, :t], masks[:, 0], valid, mem_every=5)
+            loss = sum(o.agg_logits.float().logsumexp(1).mean() for o in out.outputs)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if i:  # the first step warms up allocators and kernels
-                times.append(time.perf_counter() - start)
-        print(f"{precision}: {sum(times) / len(times):.2f} s/step (min {min(times):.2f}, {len(times)} steps)", flush=True)
+            if i:  # the first step of each variant warms up allocators and kernels
+                times[(precision, t)].append(time.perf_counter() - start)
+    for (precision, t), ts in times.items():
+        print(f"{precision}, {t} frames: {sum(ts) / len(ts):.2f} s/step (min {min(ts):.2f}, {len(ts)} steps)")
+    print(f"load at the end {os.getloadavg()[0]:.2f}", flush=True)
 
 
 if __name__ == "__main__":
