@@ -279,7 +279,7 @@ def test_precision_auto_says_which_and_why(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(trainer, "cpu_native_bf16", lambda: ["avx512_bf16"])
     dtype, why = trainer.choose_precision("auto", cpu)
-    assert dtype is None and "avx512_bf16" in why and "slower" in why  # measured: fp32 kept
+    assert dtype is torch.bfloat16 and "avx512_bf16" in why and "faster" in why
     assert trainer.choose_precision("bf16", cpu) == (torch.bfloat16, "bf16 (config)")
     monkeypatch.setattr(trainer, "cpu_native_bf16", lambda: [])
     dtype, why = trainer.choose_precision("auto", cpu)
@@ -287,7 +287,22 @@ def test_precision_auto_says_which_and_why(monkeypatch):
     assert "emulates" in trainer.choose_precision("bf16", cpu)[1]
     with pytest.raises(LmrcError, match="fp16 needs a CUDA GPU"):
         trainer.choose_precision("fp16", cpu)
-    assert isinstance(trainer.cpu_native_bf16.__call__(), list)
+    assert trainer.choose_precision("fp32", cpu) == (None, "fp32 (config)")
+
+
+def test_a_bf16_clip_step_gives_finite_loss_and_gradients():
+    from lmrc.train.trainer import training_loss
+
+    model = _model("F")
+    images, masks, valid = _clip(4)
+    cfg = config_from_dict(tiny_config(Path("unused"), data={"num_frames": 4, "max_gap": 3}))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = clip_forward(model, images, masks[:, 0], valid, mem_every=2)
+    loss, parts = training_loss(out, masks, 0, cfg)
+    loss.backward()
+    assert np.isfinite(parts["total"]) and parts["scale"] >= 0
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads) and all(g.dtype == torch.float32 for g in grads)
 
 
 def test_runs_started_before_the_new_options_still_resume(tmp_path):
