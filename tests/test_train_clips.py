@@ -196,6 +196,26 @@ def test_v2_configs_hold_out_the_split_file_and_share_data_and_budget():
 
 # ------------------------------------------------------------------------------------------- init
 
+def test_transfer_sums_a_3x3_fusion_into_the_1x1_one(tmp_path):
+    from lmrc.model.weights import save_weights
+    from lmrc.train.transfer import transfer_weights
+
+    torch.manual_seed(4)
+    old = LMRC(model_config("lmrc-lite", value_trunk="image_and_mask", value_fusion_kernel=3), pretrained_backbone=False)
+    path = tmp_path / "old-lite.safetensors"
+    save_weights(old, path)
+    new = _model("F", seed=5)
+    report = transfer_weights(new, path)
+    assert "value_encoder.fuse_frame.r2.weight" in report.pointwise
+    assert "value_encoder.trunk.stem.0.0.weight" in " ".join(report.fresh)  # 5 input channels there, 2 here
+    # on a constant feature map, away from the zero padding, the 3x3 conv and its 1x1 sum of taps agree
+    features = torch.full((1, 24, 9, 9), 0.7)
+    with torch.no_grad():
+        three = old.value_encoder.fuse_frame["r2"](features)[..., 1:-1, 1:-1]
+        one = new.value_encoder.fuse_frame["r2"](features)[..., 1:-1, 1:-1]
+    torch.testing.assert_close(one, three)
+
+
 def test_transfer_copies_what_matches_and_reports_the_rest(tmp_path):
     from lmrc.model.weights import save_weights
     from lmrc.train.transfer import transfer_weights

@@ -25,6 +25,7 @@ READOUT_SUFFIX = ".readout_conv.weight"
 class TransferReport:
     copied: list[str] = field(default_factory=list)
     partly: list[str] = field(default_factory=list)  # readout projections: the reads both settings have
+    pointwise: list[str] = field(default_factory=list)  # k x k conv weights summed over taps into a 1 x 1 conv
     fresh: list[str] = field(default_factory=list)  # model tensors left as initialised (absent or other shape)
     unused: list[str] = field(default_factory=list)  # file tensors the model has no place for
 
@@ -33,6 +34,8 @@ class TransferReport:
             return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
         text = f"{len(self.copied)} tensors copied, {len(self.partly)} readout projections copied read by read"
+        if self.pointwise:
+            text += f", {len(self.pointwise)} k x k convs summed into 1 x 1 ({names(self.pointwise)})"
         if self.fresh:
             text += f"; {len(self.fresh)} start fresh: {names(self.fresh)}"
         if self.unused:
@@ -81,11 +84,22 @@ def transfer_weights(model: nn.Module, path: str | Path) -> TransferReport:
             elif state[name].shape == tensor.shape:
                 tensor.copy_(state[name])
                 report.copied.append(name)
+            elif _pointwise_of(state[name], tensor):
+                # On features that vary slowly over the kernel's taps, a k x k conv acts as its 1 x 1 sum of taps:
+                # the nearest 1 x 1 start for a fusion conv made cheaper (lmrc-lite's value encoder).
+                tensor.copy_(state[name].sum((2, 3), keepdim=True))
+                report.pointwise.append(name)
             else:
                 report.fresh.append(f"{name} (shape {tuple(state[name].shape)} in the file, "
                                     f"{tuple(tensor.shape)} here)")
         report.unused = sorted(set(state) - set(target))
     return report
+
+
+def _pointwise_of(source: torch.Tensor, dest: torch.Tensor) -> bool:
+    """Whether `dest` is a 1 x 1 conv weight with the channels of the k x k conv weight `source`."""
+    return (source.dim() == dest.dim() == 4 and dest.shape[2:] == (1, 1) and source.shape[2:] != (1, 1)
+            and source.shape[:2] == dest.shape[:2])
 
 
 def _names(layout: list, stage: int) -> list[str]:
