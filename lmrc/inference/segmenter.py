@@ -74,6 +74,10 @@ class Segmenter:
         self.object_ids: list[int] = []
         self.frame_index = 0  # frames stepped so far; the schedule counts in these
         self.start: int | None = None  # frame index of the first mask
+        # APP-MINIMAL (until the refactor's `Segmenter.reliability` merges): the comparator's H maps of the last
+        # predicted frame, {name: 1 x 1 x h x w} at the padded processing size / stride, and that frame's padding.
+        self.last_reliability: dict[str, Tensor] = {}
+        self.last_pads: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.input_size: tuple[int, int] | None = None
         self.process_size: tuple[int, int] | None = None
 
@@ -105,6 +109,7 @@ class Segmenter:
         with torch.inference_mode():
             # Resizing stays in fp32 outside autocast; only the network runs in reduced precision.
             x, pads = pad_to_multiple(self._resize(image, self.process_size))
+            self.last_pads = pads  # APP-MINIMAL
             with self._autocast():
                 with stage("key_encoding"):
                     query = self.model.encode_key(x)
@@ -140,6 +145,8 @@ class Segmenter:
             with stage("memory"):
                 memory = self.memory.memory_for(group)
             result = self.model.read_and_decode(query, memory)
+            if not logits:  # APP-MINIMAL: keys are shared by all groups; keep the first group's maps
+                self.last_reliability = result.reliability
             if len(self.memory.groups) == 1:
                 return result.probs.float()
             logits.append(result.logits)
