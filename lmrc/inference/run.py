@@ -20,7 +20,8 @@ import torch
 from lmrc.data.video import DEFAULT_FPS, FrameSource, open_frames
 from lmrc.errors import LmrcError
 from lmrc.inference.io import OverlayWriter, Prompts, ResultWriter, load_prompts
-from lmrc.inference.segmenter import Segmenter, output_prob_to_mask
+from lmrc.inference.propagate import propagate_frames
+from lmrc.inference.segmenter import Segmenter
 
 
 @dataclass
@@ -81,31 +82,34 @@ def segment_sequence(
 
     if segmenter.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(segmenter.device)
-    pending = sorted(prompts.masks)  # prompt frames not reached yet
     frames = 0
     start = time.perf_counter()
+    bar = _progress_bar(source, progress)
     try:
-        bar = _progress_bar(source, progress)
-        for frame in bar:
-            if pending and pending[0] < frame.index:
-                raise LmrcError(f"frame {pending[0]} carries a mask ({prompts.files.get(pending[0])}) but could not "
-                                "be decoded; repair the frame or draw the mask on another frame")
-            mask = prompts.masks.get(frame.index)
-            if mask is not None:
-                pending.pop(0)
-            probs = segmenter.step(frame.rgb, mask)
-            ids = output_prob_to_mask(probs, segmenter.object_ids)
-            if not writer.done(frame.name):
-                writer.write(frame.name, ids, probs[1:] if save_probs else None, segmenter.object_ids)
+        # Objects whose first mask is after frame 0 are also propagated backward (propagate.py states the rule).
+        for result in propagate_frames(lambda: segmenter, source, prompts.masks,
+                                       on_step=lambda done, total: _advance(bar, total)):
+            name = result.frame.name
+            if not writer.done(name):
+                writer.write(name, result.ids, result.probs[1:] if save_probs else None, result.object_ids)
             if video is not None:
-                video.write(frame.rgb, ids)
+                video.write(result.frame.rgb, result.ids)
             frames += 1
         bar.close()
-        if pending:
-            raise LmrcError(f"the masks name frame {pending[0]}, but {source.path} ends after {frames} frames")
+    except LmrcError as error:
+        if video is not None:
+            video.abort()
+        bar.close()
+        if writer.written:
+            raise LmrcError(f"{error}. The masks of the {len(writer.written)} frames finished before it are kept "
+                            f"in {writer.out_dir}: once the frame is repaired, rerun with --resume to continue "
+                            "without rewriting them, or rerun with --resume --skip-bad-frames to go on without "
+                            "the frame") from None
+        raise
     except BaseException:
         if video is not None:
             video.abort()
+        bar.close()
         raise
     if video is not None:
         video.close()
@@ -114,12 +118,18 @@ def segment_sequence(
                         Path(out_dir), list(source.skipped), len(writer.written))
 
 
+def _advance(bar, total: int | None) -> None:
+    if total is not None and bar.total != total:
+        bar.total = total
+    bar.update(1)
+
+
 def _progress_bar(source: FrameSource, enabled: bool):
     from tqdm import tqdm
 
     # tqdm's rate reads "frame/s"; stderr keeps stdout clean for the summary; disable=None hides the bar when
     # stderr is not a terminal (logs), where its carriage returns would only add noise.
-    return tqdm(source, total=source.num_frames, unit="frame", desc=str(getattr(source, "sequence", source.path)),
+    return tqdm(total=source.num_frames, unit="frame", desc=str(getattr(source, "sequence", source.path)),
                 disable=None if enabled else True, file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
