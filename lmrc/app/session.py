@@ -50,8 +50,7 @@ class Limits:
     max_upload_bytes: int = 2 << 30
 
     def describe(self) -> str:
-        return (f"at most {self.max_frames} frames of at most {self.max_pixels / 1e6:.1f} megapixels "
-                f"(e.g. 1920x1080)")
+        return f"at most {self.max_frames} frames of at most {self.max_pixels / 1e6:.1f} megapixels each"
 
 
 @dataclass
