@@ -243,8 +243,8 @@ def test_box_propagate_export_reaches_the_last_frame(server, open_browser, tmp_p
 
 def test_correct_a_frame_and_repropagate(server, open_browser, tmp_path, short_clip):
     """A box on frame 4 propagates backward to frame 0 and forward to the end; a second object added on frame 6
-    and a second propagation: frame 6 keeps exactly the mask drawn there (it is a prompt), the object reaches
-    frame 0, and the first object's masks are unchanged where the new object is absent."""
+    and a second propagation: frame 6 keeps exactly the mask drawn there (it is a prompt), the new object reaches
+    frames 0 and 7, and frame 4 (the first prompt) keeps its object."""
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     driver = open_browser(downloads)
@@ -262,7 +262,7 @@ def test_correct_a_frame_and_repropagate(server, open_browser, tmp_path, short_c
     go_to_frame(driver, 6)
     driver.find_element(By.ID, "add-object").click()
     wait(driver, lambda d: "object 2" in d.find_element(By.ID, "objects").text, 10, "a second object")
-    drag_box(driver, (560, 20, 760, 140), 854, 480)  # a patch of background, as a second object
+    drag_box(driver, (600, 150, 800, 400), 854, 480)  # the jump obstacle on the right
     wait(driver, lambda d: (session.ids(6) == 2).any(), 30, "object 2 on frame 6")
     drawn = session.ids(6).copy()
     assert json.loads(driver.execute_script("return JSON.stringify(status.prompt_frames)")) == [4, 6]
