@@ -274,6 +274,56 @@ def test_correct_a_frame_and_repropagate(server, open_browser, tmp_path, short_c
     assert iou(after[4] == 1, before[4] == 1) > 0.95  # frame 4 is still its own prompt
 
 
+def choose_tool(driver, tool: str) -> None:
+    driver.find_element(By.CSS_SELECTOR, f"input[name=tool][value={tool}]").click()
+
+
+def stroke(driver, path: list[tuple[float, float]], width: int, height: int) -> None:
+    """A mouse drag along `path` (frame pixels) on the canvas."""
+    canvas = driver.find_element(By.ID, "canvas")
+    rect = canvas.rect
+    sx, sy = rect["width"] / width, rect["height"] / height
+    chain = ActionChains(driver).move_to_element_with_offset(
+        canvas, int(path[0][0] * sx - rect["width"] / 2), int(path[0][1] * sy - rect["height"] / 2)).click_and_hold()
+    for (xa, ya), (xb, yb) in zip(path, path[1:]):
+        chain = chain.move_by_offset(int((xb - xa) * sx), int((yb - ya) * sy))
+    chain.release().perform()
+
+
+def test_clicks_brush_and_eraser_edit_the_mask(server, open_browser, short_clip):
+    driver = open_browser()
+    sid = load_page(driver, server.url)
+    open_path(driver, short_clip, 8)
+    session = server.app.sessions[sid]
+    drag_box(driver, (130, 130, 482, 400), 854, 480)
+    wait_masked(driver, 1)
+    boxed = session.ids(0) == 1
+    assert not boxed[:100, 600:].any()  # the trees top right are outside the box
+
+    def edited(before: np.ndarray):
+        wait(driver, lambda d: not np.array_equal(session.ids(0) == 1, before), 30,
+             f"the mask to change; the page says {message(driver)!r}")
+        return session.ids(0) == 1
+
+    choose_tool(driver, "brush")
+    stroke(driver, [(650, 40), (700, 40), (750, 40)], 854, 480)
+    painted = edited(boxed)
+    assert painted[40, 650:750].all()  # brushed pixels are the object
+
+    choose_tool(driver, "eraser")
+    stroke(driver, [(300, 150), (300, 250), (300, 350)], 854, 480)
+    edited_after = edited(painted)
+    assert not edited_after[160:340, 300].any()  # erased pixels are not
+
+    ys, xs = np.nonzero(edited_after[200:, 340:])  # an object pixel away from both strokes
+    x, y = int(xs[len(xs) // 2]) + 340, int(ys[len(ys) // 2]) + 200
+    choose_tool(driver, "negative")
+    stroke(driver, [(x, y)], 854, 480)  # a click: press and release in place
+    clicked = edited(edited_after)
+    assert not clicked[y - 2:y + 3, x - 2:x + 3].any()  # "not the object" there
+    assert clicked[40, 650:750].all()  # the brushed strip stays
+
+
 # --- bad input, limits, sessions ---------------------------------------------------------------------------------------
 
 def test_bad_input_is_reported_in_the_page_and_the_server_goes_on(server, engine, open_browser, tmp_path,
