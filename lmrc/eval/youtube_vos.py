@@ -81,7 +81,8 @@ def segment_videos(model, valid_root: str | Path, predictions: str | Path, **seg
     """Segment every video of meta.json into `predictions/<video>/<frame>.png`; returns the frames written.
 
     Each video's `Annotations/<video>/` holds sparse masks: an object's memory starts at the frame where its
-    mask is given, as the benchmark asks. Every frame present in `JPEGImages/<video>` is segmented.
+    mask is given and frames before it leave it out (no backward propagation), as the benchmark asks. Every frame
+    present in `JPEGImages/<video>` is segmented.
     """
     from lmrc.inference.run import segment_sequence
 
@@ -90,7 +91,7 @@ def segment_videos(model, valid_root: str | Path, predictions: str | Path, **seg
     for video in read_meta(root):
         frames += segment_sequence(
             model, root / "JPEGImages" / video, root / "Annotations" / video, predictions / video,
-            overwrite=True, **segmenter_options,
+            overwrite=True, backward=False, **segmenter_options,
         ).frames
     return frames
 

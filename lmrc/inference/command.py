@@ -24,6 +24,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "examples:\n"
         "  lmrc segment clip.mp4 --mask first.png --overlay clip_overlay.mp4\n"
         "  lmrc segment frames/ --mask masks/ --out results/ --precision bf16   (sparse masks: objects may start late)\n"
+        "  lmrc segment clip.mp4 --box 120,40,380,300 --box 400,60,520,290 --prompt-frame 30\n"
         "  lmrc segment DAVIS/JPEGImages/480p/bike --mask DAVIS/Annotations/480p/bike/00000.png --save-probs\n"
         "\n"
         "Writes <out>/<frame name>.png for every frame (DAVIS palette, one id per object; frames of a video are\n"
@@ -31,9 +32,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("input", help="video file (mp4, mov, avi, webm, mkv), folder of jpg/png frames, or a "
                                       "DAVIS/YouTube-VOS sequence folder")
-    parser.add_argument("--mask", required=True,
-                        help="the first frame's mask (palette PNG of object ids, or binary 0/255), or a folder of "
-                             "masks named like their frames (objects appearing later get their own mask)")
+    given = parser.add_mutually_exclusive_group(required=True)
+    given.add_argument("--mask",
+                       help="the first frame's mask (palette PNG of object ids, or binary 0/255), or a folder of "
+                            "masks named like their frames (objects appearing later get their own mask); masks "
+                            "after frame 0 are also propagated backward")
+    given.add_argument("--box", action="append", metavar="X0,Y0,X1,Y1",
+                       help="instead of --mask: a box around an object (pixels, on --prompt-frame), made a mask with "
+                            "GrabCut; repeat for more objects (ids 1, 2, ... in order)")
+    parser.add_argument("--prompt-frame", type=int, default=0, metavar="N",
+                        help="with --box: the frame the boxes are drawn on (default: 0); frames before it are "
+                             "segmented backward from it")
+    parser.add_argument("--forward-only", action="store_true",
+                        help="do not propagate backward: an object is left out of the frames before its first mask "
+                             "(for objects that enter the scene later)")
     parser.add_argument("--out", help=f"results folder (default: <input name>{OUT_SUFFIX} in the current folder, "
                                       "e.g. ./clip_lmrc for clip.mp4)")
     parser.add_argument("--model", choices=MODELS, default="lmrc-lite", help="model size (default: lmrc-lite)")
@@ -79,7 +91,12 @@ def _run(args: argparse.Namespace) -> int:
     from lmrc.model.weights import load_model
 
     source = open_frames(args.input, skip_bad_frames=args.skip_bad_frames)
-    prompts = load_prompts(args.mask, source)
+    if args.box:
+        from lmrc.inference.prompts import prompts_from_boxes
+
+        prompts = prompts_from_boxes(source, [parse_box(b) for b in args.box], args.prompt_frame)
+    else:
+        prompts = load_prompts(args.mask, source)
     out_dir = Path(args.out) if args.out else default_out_dir(source)
     if args.overlay:
         check_overlay_path(args.overlay, args.overwrite or args.resume)
@@ -88,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
     stats = segment_sequence(
         model, source, prompts, out_dir,
         overwrite=args.overwrite, resume=args.resume, save_probs=args.save_probs, overlay=args.overlay,
-        progress=True, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
+        progress=True, backward=not args.forward_only, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
         size=args.size or None, precision=args.precision, device=device,
     )
     kept = f", {stats.frames - stats.written} kept from the previous run" if args.resume else ""
@@ -99,7 +116,22 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_box(text: str) -> tuple[float, float, float, float]:
+    """'X0,Y0,X1,Y1' -> four numbers, or LmrcError."""
+    parts = text.replace(" ", "").split(",")
+    try:
+        if len(parts) != 4:
+            raise ValueError
+        x0, y0, x1, y1 = (float(p) for p in parts)
+    except ValueError:
+        raise LmrcError(f"--box {text!r}: give four numbers X0,Y0,X1,Y1 (pixels: left, top, right, bottom), "
+                        "e.g. --box 120,40,380,300") from None
+    return x0, y0, x1, y1
+
+
 def _check_options(args: argparse.Namespace) -> None:
+    if args.prompt_frame != 0 and not args.box:
+        raise LmrcError("--prompt-frame goes with --box; with --mask, name the mask file like its frame instead")
     if args.mem_every < 1:
         raise LmrcError(f"--mem-every must be >= 1, got {args.mem_every}")
     if args.max_memory_frames is not None and args.max_memory_frames < 2:

@@ -7,8 +7,8 @@ Seeds OpenCV's GrabCut (colour GMMs + graph cut): a box alone starts it in recta
 background, inside = probable foreground); clicks and strokes are stamped as sure-foreground / sure-background disks
 on a label map and GrabCut runs in mask mode. `previous` (an earlier mask of the same object) starts the label map
 as probable foreground / background, so each new click refines it instead of starting over. Afterwards only the
-connected components that hold a positive click or stroke, or are at least a quarter of the largest one, are kept,
-which drops stray same-coloured specks far from the object, and a region the user clicked
+connected components that hold a positive click or stroke, the largest one, and those at least a quarter of its size
+are kept, which drops stray same-coloured specks far from the object, and a separate region the user clicked
 negative on is dropped whole (GrabCut alone clears only the clicked disk when the region has the object's colours).
 
 Deterministic: fixed iteration count and OpenCV's RNG seeded before each call (GrabCut's k-means uses it).
@@ -27,6 +27,9 @@ ITERATIONS = 5
 # Radius of a click's sure-label disk, as a fraction of the shorter image side (at least 2 pixels).
 CLICK_RADIUS = 0.012
 SEED = 0
+# GrabCut's time grows with the pixel count (12 s for a box over much of an 854x480 frame on a busy 2-core VM):
+# it runs on the frame shrunk to this longer side, and the mask is scaled back with smooth edges.
+WORK_SIZE = 400
 
 Point = tuple[float, float, bool]  # x, y, positive
 Stroke = tuple[Sequence[tuple[float, float]], float, bool]  # points (x, y), radius in pixels, positive
@@ -35,7 +38,7 @@ Stroke = tuple[Sequence[tuple[float, float]], float, bool]  # points (x, y), rad
 def mask_from_prompts(image: np.ndarray, *, box: Sequence[float] | None = None,
                       points: Iterable[Point] = (), strokes: Iterable[Stroke] = (),
                       previous: np.ndarray | None = None, iterations: int = ITERATIONS,
-                      click_radius: float | None = None) -> np.ndarray:
+                      click_radius: float | None = None, work_size: int | None = WORK_SIZE) -> np.ndarray:
     """One object's mask (H x W bool) from prompts on `image` (H x W x 3 uint8 RGB).
 
     box: (x0, y0, x1, y1) in pixels, corners inclusive-exclusive like a slice (x1 > x0, y1 > y0); it is clipped to
@@ -45,6 +48,8 @@ def mask_from_prompts(image: np.ndarray, *, box: Sequence[float] | None = None,
     strokes: (list of (x, y), radius, positive) brush (positive) or eraser (negative) paths: every segment is
     fixed with that radius.
     previous: H x W bool, an earlier mask of this object to refine; its pixels start as probable foreground.
+    work_size: GrabCut runs on the image shrunk so that its longer side is at most this (None: full size); prompts
+    are scaled with it and the mask is resized back (bilinear, threshold 0.5).
     At least one of box, a click, a stroke or previous must be given. Raises LmrcError for bad prompts.
     """
     import cv2
@@ -67,7 +72,35 @@ def mask_from_prompts(image: np.ndarray, *, box: Sequence[float] | None = None,
             raise LmrcError(f"click ({x:g}, {y:g}) is outside the {w}x{h} frame; click on the frame")
     if click_radius is None:
         click_radius = max(2.0, CLICK_RADIUS * min(h, w))
+    scale = 1.0 if work_size is None or max(h, w) <= work_size else work_size / max(h, w)
+    if scale < 1.0:
+        full, full_rect = (h, w), rect
+        h, w = max(2, round(h * scale)), max(2, round(w * scale))
+        rgb = cv2.resize(rgb, (w, h), interpolation=cv2.INTER_AREA)
+        points = [(x * scale, y * scale, p) for x, y, p in points]
+        strokes = [([(x * scale, y * scale) for x, y in path], r * scale, p) for path, r, p in strokes]
+        click_radius = max(1.5, click_radius * scale)
+        if rect is not None:
+            x, y, rw, rh = rect
+            rect = _check_box((x * scale, y * scale, (x + rw) * scale, (y + rh) * scale), w, h)
+        if previous is not None:
+            previous = cv2.resize(previous.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.5
+        mask = _resize_mask(_segment(rgb, rect, points, strokes, previous, click_radius, iterations), full)
+        if full_rect is not None:  # scaling back must not spill past the box
+            x, y, rw, rh = full_rect
+            inside = np.zeros(full, bool)
+            inside[y:y + rh, x:x + rw] = True
+            mask &= inside
+        return mask
+    return _segment(rgb, rect, points, strokes, previous, click_radius, iterations)
 
+
+def _segment(rgb: np.ndarray, rect, points: list[Point], strokes: list, previous: np.ndarray | None,
+             click_radius: float, iterations: int) -> np.ndarray:
+    """mask_from_prompts on checked inputs at the working size."""
+    import cv2
+
+    h, w = rgb.shape[:2]
     sure = _sure_labels(h, w, points, strokes, click_radius)  # 1 sure fg, 0 sure bg, -1 unknown
     positives = sure == 1
     if previous is None and rect is not None and not (sure >= 0).any():
@@ -82,6 +115,13 @@ def mask_from_prompts(image: np.ndarray, *, box: Sequence[float] | None = None,
             return np.ones((h, w), bool)  # the whole frame is the object: no background model to fit
     result = _grabcut(rgb, labels, rect, iterations)
     return _keep_prompted_components(result, positives, sure == 0)
+
+
+def _resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    h, w = size
+    return cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
 
 
 def box_around(mask: np.ndarray, margin: int = 0) -> tuple[int, int, int, int] | None:
@@ -205,9 +245,9 @@ def _grabcut(rgb: np.ndarray, labels: np.ndarray | None, rect, iterations: int) 
 
 def _keep_prompted_components(mask: np.ndarray, positives: np.ndarray, negatives: np.ndarray) -> np.ndarray:
     """Which 8-connected components of GrabCut's result are the object: every one holding a positive click or
-    stroke; of the others, those at least a quarter of the largest one's size (an object split by an occluder
-    keeps its parts) unless they touch a negative mark (the user said "not this": GrabCut only cleared the disk
-    itself when the region has the object's colours)."""
+    stroke, and the largest one; of the others, those at least a quarter of the largest one's size (an object split
+    by an occluder keeps its parts) unless they touch a negative mark (the user said "not this": GrabCut alone
+    clears only the clicked disk when the region has the object's colours)."""
     import cv2
 
     count, components = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
@@ -219,6 +259,46 @@ def _keep_prompted_components(mask: np.ndarray, positives: np.ndarray, negatives
     if negatives.any():
         near_negative = cv2.dilate(negatives.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
         keep[np.unique(components[near_negative])] = False
+    keep[int(np.argmax(sizes))] = True
     keep[np.unique(components[positives & mask])] = True
     keep[0] = False
     return keep[components]
+
+
+def prompts_from_boxes(frames, boxes: Sequence[Sequence[float]], frame_index: int = 0):
+    """`lmrc segment --box`: one object per box (ids 1..n in the order given), each box made a mask by
+    `mask_from_prompts` on frame `frame_index` of `frames` (a FrameSource) -> `Prompts` for that frame. Where masks
+    overlap, the later box's object wins; an object left with no pixel is an error."""
+    from lmrc.inference.io import MAX_OBJECT_ID, Prompts
+
+    if not boxes:
+        raise LmrcError("no box given; pass --box X0,Y0,X1,Y1 (one per object) or --mask")
+    if len(boxes) > MAX_OBJECT_ID:
+        raise LmrcError(f"{len(boxes)} boxes: at most {MAX_OBJECT_ID} objects")
+    if frame_index < 0:
+        raise LmrcError(f"--prompt-frame must be >= 0, got {frame_index}")
+    rgb = None
+    for frame in frames:
+        if frame.index == frame_index:
+            rgb = frame.rgb
+        if frame.index >= frame_index:
+            break
+    if rgb is None:
+        raise LmrcError(f"--prompt-frame {frame_index}: {frames.path} has no readable frame {frame_index}; "
+                        "choose a frame of the video (0 is the first)")
+    ids = np.zeros(rgb.shape[:2], np.uint8)
+    for k, box in enumerate(boxes, start=1):
+        try:
+            mask = mask_from_prompts(rgb, box=box)
+        except LmrcError as error:
+            raise LmrcError(f"--box {k} on frame {frame_index}: {error}") from None
+        if not mask.any():
+            raise LmrcError(f"--box {k} ({', '.join(f'{v:g}' for v in box)}) found no object on frame {frame_index}; "
+                            "draw the box tightly around the object")
+        ids[mask] = k
+    missing = [k for k in range(1, len(boxes) + 1) if not (ids == k).any()]
+    if missing:
+        raise LmrcError(f"--box {missing[0]}'s object is covered entirely by a later box's object on frame "
+                        f"{frame_index}; make the boxes fit their objects")
+    object_ids = list(range(1, len(boxes) + 1))
+    return Prompts(masks={frame_index: ids}, object_ids=object_ids, first_frame={k: frame_index for k in object_ids})

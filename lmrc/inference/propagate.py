@@ -72,11 +72,13 @@ def propagate(model: torch.nn.Module | Callable[[], Segmenter], frames: FrameSou
 
 
 def propagate_frames(model: torch.nn.Module | Callable[[], Segmenter], frames: FrameSource | Sequence[np.ndarray],
-                     prompts: Mapping[int, np.ndarray], *, buffer_bytes: int = BUFFER_BYTES,
+                     prompts: Mapping[int, np.ndarray], *, backward: bool = True, buffer_bytes: int = BUFFER_BYTES,
                      on_step: Callable[[int, int | None], None] | None = None,
                      **segmenter_options: Any) -> Iterator[PropagatedFrame]:
     """As `propagate`, yielding `PropagatedFrame`s (the frame, ids, combined probabilities).
 
+    backward: False skips the backward pass: frames before an object's first prompt leave it out (the YouTube-VOS
+    protocol, where objects enter the scene at their first mask).
     on_step(done, total): called after every frame the network segments (total: frames both passes will segment,
     None when the video's length is unknown); raise from it to cancel. Stopping the iteration early also stops.
     """
@@ -94,7 +96,7 @@ def propagate_frames(model: torch.nn.Module | Callable[[], Segmenter], frames: F
         raise LmrcError("the prompt masks hold no object (only background); draw at least one object")
     object_ids = sorted(first)
     start = min(prompts)  # forward pass starts here
-    turn = max(first.values())  # backward pass starts here (B)
+    turn = max(first.values()) if backward else 0  # backward pass starts here (B); 0: no backward pass
     segmenter = model() if callable(model) and not isinstance(model, torch.nn.Module) else Segmenter(model, **segmenter_options)
     reader = _Reader(frames, buffer_bytes)
     count = reader.count
@@ -150,7 +152,7 @@ def _combine(frame: Frame, object_ids: list[int], first: dict[int, int], forward
     """One frame's objects from the pass the rule picks for each -> combined probabilities and ids."""
     h, w = frame.rgb.shape[:2]
     t = frame.index
-    from_backward = [o for o in object_ids if first[o] > t]
+    from_backward = [o for o in object_ids if first[o] > t] if backward is not None else []
     forward = forward.float().cpu() if forward is not None else None
     if not from_backward:
         # Every object from the forward pass: its own channels, reordered to sorted ids.

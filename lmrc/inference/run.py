@@ -62,13 +62,15 @@ def segment_sequence(
     overlay: str | Path | None = None,
     skip_bad_frames: bool = False,
     progress: bool = False,
+    backward: bool = True,
     **segmenter_options: Any,
 ) -> SegmentStats:
     """Segment every frame of `frames_path` (video, frame folder, or an opened FrameSource) from the mask(s) at
     `mask_path` (file, folder of sparse masks, or loaded Prompts) into `out_dir/<frame name>.png`.
 
     segmenter_options go to `Segmenter` (mem_every, max_memory_frames, size, precision, device). overlay: an mp4
-    path for masks drawn over the frames. With `resume`, frames already in out_dir are run (the memory needs
+    path for masks drawn over the frames. backward: propagate objects whose first mask is after frame 0 back to
+    frame 0 too (`lmrc.inference.propagate`); False leaves them out before it. With `resume`, frames already in out_dir are run (the memory needs
     them) but not rewritten.
     """
     source = frames_path if isinstance(frames_path, FrameSource) else open_frames(frames_path, skip_bad_frames=skip_bad_frames)
@@ -87,7 +89,7 @@ def segment_sequence(
     bar = _progress_bar(source, progress)
     try:
         # Objects whose first mask is after frame 0 are also propagated backward (propagate.py states the rule).
-        for result in propagate_frames(lambda: segmenter, source, prompts.masks,
+        for result in propagate_frames(lambda: segmenter, source, prompts.masks, backward=backward,
                                        on_step=lambda done, total: _advance(bar, total)):
             name = result.frame.name
             if not writer.done(name):
@@ -102,9 +104,8 @@ def segment_sequence(
         bar.close()
         if writer.written:
             raise LmrcError(f"{error}. The masks of the {len(writer.written)} frames finished before it are kept "
-                            f"in {writer.out_dir}: once the frame is repaired, rerun with --resume to continue "
-                            "without rewriting them, or rerun with --resume --skip-bad-frames to go on without "
-                            "the frame") from None
+                            f"in {writer.out_dir}; rerun with --resume to keep them (they are not rewritten), "
+                            "adding --skip-bad-frames to go on without the bad frame") from None
         raise
     except BaseException:
         if video is not None:
