@@ -36,9 +36,6 @@ from lmrc.fileio import atomic_path
 
 JPEG_QUALITY = 95
 MAX_OBJECTS = 20
-# Shorter side at which GrabCut turns prompts into a mask: about 1 s per click on a CPU, same box-only IoU on the
-# demo clip's first frame as at 480 (0.60 vs 0.67; 240: 0.62).
-PROMPT_SIZE = 320
 
 
 @dataclass(frozen=True)
@@ -95,27 +92,28 @@ class Edit:
     previous: np.ndarray | None = None  # the object's mask on this frame before the edit began (e.g. propagated)
 
 
-def _check_in_frame(edit: Edit, w: int, h: int) -> None:
-    if edit.box is not None:
-        x0, y0, x1, y1 = edit.box
-        if not (x1 > x0 and y1 > y0):
-            raise LmrcError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) is empty: x1 must exceed x0 and y1 exceed y0")
-        if x1 <= 0 or y1 <= 0 or x0 >= w or y0 >= h:
-            raise LmrcError(f"box ({x0:g}, {y0:g}, {x1:g}, {y1:g}) lies outside the {w}x{h} frame; draw it on the "
-                            f"frame (x in 0..{w}, y in 0..{h})")
-    for x, y, _ in edit.points:
-        if not (0 <= x < w and 0 <= y < h):
-            raise LmrcError(f"click ({x:g}, {y:g}) is outside the {w}x{h} frame; click on the frame")
+def paint_strokes(mask: np.ndarray, strokes) -> np.ndarray:
+    """Brush and eraser are exact, as in a paint program: over GrabCut's mask (which they also seed), brushed pixels
+    are the object and erased ones are not, later strokes over earlier ones. (GrabCut alone may drop a thin brushed
+    strip that its colour model or its working size does not keep.)"""
+    import cv2
+
+    painted = mask.astype(np.uint8)
+    for path, radius, positive in strokes:
+        points = np.round(np.array(path, np.float64)).astype(np.int32).reshape(-1, 1, 2)
+        thickness = max(1, int(round(2 * radius)))
+        cv2.polylines(painted, [points], False, int(positive), thickness)
+        for x, y in points[:, 0]:  # a single-point stroke is a dot
+            cv2.circle(painted, (int(x), int(y)), max(1, int(round(radius))), int(positive), -1)
+    return painted.astype(bool)
 
 
 class Session:
     """State of one tab. `segment` runs the network: `segment(session, job, on_frame)` (see `lmrc.app.server`)."""
 
-    def __init__(self, session_id: str, limits: Limits, root: str | Path | None = None,
-                 prompt_size: int = PROMPT_SIZE) -> None:
+    def __init__(self, session_id: str, limits: Limits, root: str | Path | None = None) -> None:
         self.id = session_id
         self.limits = limits
-        self.prompt_size = prompt_size
         self.dir = Path(tempfile.mkdtemp(prefix=f"lmrc-app-{session_id[:8]}-", dir=root))
         self.lock = threading.RLock()
         self.video: Video | None = None
@@ -283,29 +281,11 @@ class Session:
             return ids
 
     def _mask_from_prompts(self, index: int, edit: Edit) -> np.ndarray:
-        """GrabCut at a working size of `prompt_size` pixels (shorter side), so that a click answers in about a
-        second on a CPU (at 854x480 one box takes several); the mask is scaled back to the frame."""
-        import cv2
+        from lmrc.inference.prompts import mask_from_prompts  # GrabCut at a working size: about 1 s a click
 
-        from lmrc.inference.prompts import mask_from_prompts
-
-        rgb = self.frame_rgb(index)
-        h, w = rgb.shape[:2]
-        _check_in_frame(edit, w, h)  # here, so that messages give the frame's own coordinates
-        scale = min(1.0, self.prompt_size / min(h, w))
-        if scale == 1.0:
-            return mask_from_prompts(rgb, box=edit.box, points=edit.points, strokes=edit.strokes,
-                                     previous=edit.previous)
-        size = (max(2, round(w * scale)), max(2, round(h * scale)))
-        small = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
-        sx, sy = size[0] / w, size[1] / h
-        box = None if edit.box is None else (edit.box[0] * sx, edit.box[1] * sy, edit.box[2] * sx, edit.box[3] * sy)
-        points = [(x * sx, y * sy, p) for x, y, p in edit.points]
-        strokes = [([(x * sx, y * sy) for x, y in path], max(1.0, radius * sx), p) for path, radius, p in edit.strokes]
-        previous = None if edit.previous is None else \
-            cv2.resize(edit.previous.astype(np.float32), size, interpolation=cv2.INTER_AREA) > 0.5
-        mask = mask_from_prompts(small, box=box, points=points, strokes=strokes, previous=previous)
-        return cv2.resize(mask.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR) > 0.5
+        mask = mask_from_prompts(self.frame_rgb(index), box=edit.box, points=edit.points, strokes=edit.strokes,
+                                 previous=edit.previous)
+        return paint_strokes(mask, edit.strokes)
 
     def clear(self, index: int, object_id: int) -> None:
         """Remove `object_id` from frame `index` and forget its prompts there."""
