@@ -397,9 +397,11 @@ class Session:
                     raise LmrcError("export cancelled")
                 name = video.frame_names[index]
                 if cutout:
-                    rgba = np.dstack([self.frame_rgb(index), np.where(self.ids(index) > 0, 255, 0).astype(np.uint8)])
+                    keep = self.ids(index) > 0
+                    # transparent pixels hold black: a smaller file, and nothing of the background leaks out
+                    rgba = np.dstack([self.frame_rgb(index) * keep[..., None], keep * np.uint8(255)])
                     buffer = io.BytesIO()
-                    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+                    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG", compress_level=1)  # 6: 2.4x slower
                     archive.writestr(f"{video.name}/{name}.png", buffer.getvalue())
                 else:  # the stored masks already are DAVIS palette PNGs
                     archive.write(self.mask_path(index), f"{video.name}/{name}.png")

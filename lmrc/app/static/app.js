@@ -13,6 +13,7 @@ let selected = null;      // object id being edited
 let version = 0;          // bumps when masks may have changed, so the browser fetches them again
 let polling = false;
 let drag = null;          // the gesture in progress on the canvas
+let awaitingExport = false;  // an export was asked for: download its file once it is built
 const images = {frame: null, mask: null, reliability: null};
 
 // --- talking to the server ---------------------------------------------------------------------------------------
@@ -112,6 +113,10 @@ function renderJob() {
     ? `${job.kind}: ${job.done}${job.total ? " / " + job.total : ""} frames` +
       (job.rate ? `, ${job.rate.toFixed(1)} frames/s` : "") + (job.state === "running" ? "" : ` (${job.state})`)
     : "";
+  if (awaitingExport && job && job.kind.startsWith("export") && job.state !== "running") {
+    awaitingExport = false;  // a fast export may be done before the first poll
+    if (job.state === "done" && job.result) offerDownload(job.result);
+  }
   if (job && job.state === "error") say(job.message, "error");
   else if (job && job.state !== "running" && job.message) say(job.message, "info");
   if (running && !polling) poll();
@@ -124,12 +129,8 @@ async function poll() {
       await new Promise((resolve) => setTimeout(resolve, 300));
       const response = await fetch(`/api/status?sid=${sid}`);
       const next = await answer(response);
-      const job = next.job, wasRunning = status.job && status.job.state === "running";
       apply(next);
-      if (!job || job.state !== "running") {
-        if (wasRunning && job && job.state === "done" && job.result) offerDownload(job.result);
-        break;
-      }
+      if (!next.job || next.job.state !== "running") break;
     }
   } catch (e) { say(e.message, "error"); }
   polling = false;
@@ -322,7 +323,11 @@ $("clear-object").onclick = () => act(async () => {
 $("propagate").onclick = () => act(async () => apply(await api("propagate")));
 $("cancel").onclick = () => act(async () => apply(await api("cancel")));
 for (const kind of ["masks", "overlay", "cutout"]) {
-  $(`export-${kind}`).onclick = () => act(async () => apply(await api("export", {kind})));
+  $(`export-${kind}`).onclick = () => act(async () => {
+    const next = await api("export", {kind});
+    awaitingExport = true;
+    apply(next);
+  });
 }
 
 // --- the session -----------------------------------------------------------------------------------------------------
