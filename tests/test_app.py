@@ -277,7 +277,9 @@ def test_two_tabs_never_share_objects_and_closing_removes_the_cache(server, open
     assert second != first
     assert driver.find_element(By.ID, "frame-label").text == "no video"
     assert driver.find_element(By.ID, "objects").text == ""
-    open_path(driver, short_clip, 8)
+    driver.find_element(By.ID, "upload-folder").send_keys(str(short_clip))  # this tab uploads the folder
+    wait(driver, lambda d: body(d, "job") == "open:done" and body(d, "frames") == "8", 60,
+         f"the uploaded folder to open; the page says {message(driver)!r}")
     assert body(driver, "masked") == "0" and driver.find_element(By.ID, "objects").text == ""
 
     cache = server.app.sessions[first].dir

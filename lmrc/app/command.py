@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from lmrc.errors import LmrcError
@@ -51,6 +52,11 @@ def main(args: argparse.Namespace) -> int:
     server = make_server(app, args.host, args.port, verbose=args.verbose)
     host, port = server.server_address[:2]
     print(f"lmrc app: open http://{host}:{port}/ in a browser (Ctrl+C stops the server)", file=sys.stderr)
+
+    def stop(signum, frame):  # `kill` ends the server as Ctrl+C does: caches deleted
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
