@@ -12,7 +12,7 @@ from lmrc.errors import LmrcError
 
 # command -> module exposing `configure(parser)` and `main(args) -> int`; imported only when used.
 COMMANDS = {
-    "segment": ("lmrc.inference.command", "segment a video from the mask(s) of its first frame(s)"),
+    "segment": ("lmrc.inference.command", "segment a video from masks or boxes on any of its frames"),
     "eval": ("lmrc.eval.command", "score results with the official DAVIS protocol, or segment a split and score it"),
     "train": ("lmrc.train.command", "train a model from a YAML config"),
     "bench": ("lmrc.eval.bench", "time every stage of the streaming segmenter"),

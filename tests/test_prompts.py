@@ -115,6 +115,12 @@ def test_bad_image_is_a_clear_error():
         mask_from_prompts(np.zeros((H, W), np.uint8), box=(1, 1, 20, 20))
 
 
+def test_box_over_the_whole_frame_takes_the_rim_as_background():
+    image, disk = scene(4)
+    assert iou(mask_from_prompts(image, box=(0, 0, W, H)), disk) >= 0.9
+    assert iou(mask_from_prompts(image, box=(-10, -10, W + 10, H + 10), points=[(50, 48, True)]), disk) >= 0.9
+
+
 def test_box_sticking_out_is_clipped():
     image, disk = scene()
     x0, y0, x1, y1 = box_around(disk, margin=3)
@@ -132,12 +138,12 @@ def test_real_davis_frame():
     frame = np.asarray(Image.open(data / "davis2016" / "JPEGImages" / "480p" / "bear" / "00000.jpg").convert("RGB"))
     truth = read_mask(data / "davis2016" / "Annotations" / "480p" / "bear" / "00000.png") > 0
     box = box_around(truth, margin=5)
-    alone = iou(mask_from_prompts(frame, box=box), truth)
     mask = mask_from_prompts(frame, box=box)
+    scores = [iou(mask, truth)]
     points = []
     for _ in range(3):
         points.append(next_click(mask, truth))
-        mask = mask_from_prompts(frame, box=box, points=points, previous=mask)
-    clicked = iou(mask, truth)
-    # Measured: THRESHOLDS
-    assert alone >= 0.8 and clicked >= alone - 0.01
+        mask = mask_from_prompts(frame, box=box, points=points)
+        scores.append(iou(mask, truth))
+    # Measured on this frame: 0.835 from the box, then 0.875, 0.903, 0.915 after each click.
+    assert scores[0] >= 0.8 and scores[-1] >= 0.88 and scores[-1] > scores[0] + 0.04

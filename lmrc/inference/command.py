@@ -1,4 +1,5 @@
-"""`lmrc segment INPUT --mask MASK`: segment a video (file, frame folder or DAVIS/YouTube-VOS sequence).
+"""`lmrc segment INPUT --mask MASK | --box X0,Y0,X1,Y1`: segment a video (file, frame folder or DAVIS/YouTube-VOS
+sequence), forward and, when an object's first mask is after frame 0, backward.
 
 Every check that can fail (input, masks, options, device, weights, output folder, overlay name) runs before the
 first output file is written; problems are reported as one `lmrc segment: error: ...` line naming the fix.
@@ -105,7 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     stats = segment_sequence(
         model, source, prompts, out_dir,
         overwrite=args.overwrite, resume=args.resume, save_probs=args.save_probs, overlay=args.overlay,
-        progress=True, backward=not args.forward_only, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
+        progress=True, backward=not args.forward_only,
+        mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
         size=args.size or None, precision=args.precision, device=device,
     )
     kept = f", {stats.frames - stats.written} kept from the previous run" if args.resume else ""

@@ -97,7 +97,8 @@ def propagate_frames(model: torch.nn.Module | Callable[[], Segmenter], frames: F
     object_ids = sorted(first)
     start = min(prompts)  # forward pass starts here
     turn = max(first.values()) if backward else 0  # backward pass starts here (B); 0: no backward pass
-    segmenter = model() if callable(model) and not isinstance(model, torch.nn.Module) else Segmenter(model, **segmenter_options)
+    factory = callable(model) and not isinstance(model, torch.nn.Module)
+    segmenter = model() if factory else Segmenter(model, **segmenter_options)
     reader = _Reader(frames, buffer_bytes)
     count = reader.count
     total = None if count is None else (turn + 1 if turn > 0 else 0) + count - start
