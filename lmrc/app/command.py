@@ -5,7 +5,8 @@ import argparse
 import signal
 import sys
 
-from lmrc.errors import LmrcError
+from lmrc.inference.config import add_inference_arguments, inference_config_from_args
+from lmrc.utils.errors import LmrcError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -16,9 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                              "file the server can, so expose it to a network you trust only)")
     parser.add_argument("--model", choices=("lmrc-lite", "lmrc-r50"), default="lmrc-lite")
     parser.add_argument("--weights", help="weights file (.safetensors) for --model (default: its shipped weights)")
-    parser.add_argument("--size", type=int, default=480, metavar="PIXELS",
-                        help="shorter side while segmenting (default: 480; smaller is faster and coarser)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_inference_arguments(parser)  # --size, --precision, --mem-every, --top-k, --flip, --device: as `lmrc segment`
     parser.add_argument("--max-frames", type=int, default=1000, metavar="N",
                         help="longest video a page may open, in frames (default: 1000)")
     parser.add_argument("--max-pixels", type=int, default=1920 * 1080, metavar="N",
@@ -30,24 +29,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from lmrc.app.engine import Engine
     from lmrc.app.server import App, make_server
     from lmrc.app.session import Limits
     from lmrc.data.video import open_frames
     from lmrc.model.weights import load_model
+    from lmrc.utils.device import choose_device, half_precision_warning
 
-    if args.size < 16:
-        raise LmrcError(f"--size {args.size} is too small; use at least 16 (e.g. 480, or 240 for speed)")
+    config = inference_config_from_args(args)  # bad values -> LmrcError naming the option
     if args.max_frames < 1 or args.max_pixels < 1 or args.idle_minutes <= 0:
         raise LmrcError("--max-frames, --max-pixels and --idle-minutes must be positive")
     if args.video is not None:
         open_frames(args.video)  # a bad VIDEO is reported now, not in every page
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-        "cpu" if args.device == "auto" else args.device
-    model = load_model(args.model, args.weights, device=device)
-    app = App(Engine(model, size=args.size), Limits(args.max_frames, args.max_pixels), video=args.video,
+    device = choose_device(config.device)  # --device cuda without a GPU is reported now, not at the first run
+    if device.type == "cpu" and (warning := half_precision_warning(config.precision)):
+        print(f"lmrc app: warning: {warning}", file=sys.stderr)
+    model = load_model(args.model, args.weights)  # each propagation's segmenter runs a copy on config.device
+    app = App(Engine(model, config), Limits(args.max_frames, args.max_pixels), video=args.video,
               idle_seconds=args.idle_minutes * 60)
     server = make_server(app, args.host, args.port, verbose=args.verbose)
     host, port = server.server_address[:2]

@@ -1,10 +1,13 @@
 """The network side of `lmrc app`: propagate a session's prompts over its cached frames, frame by frame.
 
-One model is loaded per server and shared by every session (inference only, read-only weights); each propagation
-makes its own `Segmenter`, so sessions never share memory banks.
+One model is loaded per server and shared by every session (inference only, read-only weights). A propagation
+takes a `Segmenter` of its own from a pool (reset for it, returned when it ends): sessions never share memory
+banks or an inference copy's buffers, and an idle inference copy is reused instead of being built again.
 """
 from __future__ import annotations
 
+import dataclasses
+import threading
 import weakref
 
 import numpy as np
@@ -13,24 +16,31 @@ import torch.nn.functional as F
 
 from lmrc.app.session import Job, Session
 from lmrc.data.video import FolderSource
+from lmrc.inference.config import InferenceConfig
 from lmrc.inference.propagate import propagate_frames
 from lmrc.inference.segmenter import Segmenter
-from lmrc.model.network import crop_padding
 
 
 class Engine:
-    """model: an LMRC from `load_model`; size: shorter side while segmenting (smaller is faster, coarser)."""
+    """model: an LMRC from `load_model` (left as it is: each segmenter builds its inference copy on
+    `config.device`); config: how frames are segmented (`InferenceConfig`: size, precision, mem_every, ...);
+    keyword `settings` replace its fields (`Engine(model, size=240)`)."""
 
-    def __init__(self, model: torch.nn.Module, size: int = 480, mem_every: int = 5) -> None:
+    def __init__(self, model: torch.nn.Module, config: InferenceConfig | None = None, **settings) -> None:
         self.model = model
-        self.size = size
-        self.mem_every = mem_every
+        self.config = dataclasses.replace(config or InferenceConfig(), **settings)
+        self._idle: list[_MapKeeper] = []
+        self._lock = threading.Lock()
 
     def propagate(self, session: Session, job: Job) -> None:
         """Propagate the session's prompts forward and backward over its cached frames (`lmrc.inference.propagate`
         states the rule); writes each frame's ids and the comparator's maps of the pass that finished it."""
         frames = CachedFrames(session)
-        segmenter = _MapKeeper(self.model, frames, session, size=self.size, mem_every=self.mem_every)
+        with self._lock:
+            segmenter = self._idle.pop() if self._idle else None
+        if segmenter is None:
+            segmenter = _MapKeeper(self.model, self.config)
+        segmenter.attach(frames, session)
 
         def on_step(done: int, total: int | None) -> None:
             job.done, job.total = done, total or job.total
@@ -42,6 +52,11 @@ class Engine:
                 session.write_ids(result.index, result.ids)
         except _Cancelled:
             pass
+        finally:
+            segmenter.attach(None, None)
+            segmenter.reset()  # an idle segmenter keeps no video's memory
+            with self._lock:
+                self._idle.append(segmenter)
 
 
 class _Cancelled(Exception):
@@ -74,14 +89,17 @@ class _MapKeeper(Segmenter):
     """A Segmenter that saves the comparator's maps of every frame it predicts to the session's cache (a later
     pass over the same frame overwrites an earlier one's)."""
 
-    def __init__(self, model: torch.nn.Module, frames: CachedFrames, session: Session, **options) -> None:
-        super().__init__(model, **options)
+    frames: CachedFrames | None = None  # the propagation it serves (`attach`)
+    session: Session | None = None
+
+    def attach(self, frames: CachedFrames | None, session: Session | None) -> None:
         self.frames, self.session = frames, session
 
     def step(self, frame, mask=None, objects=None):
-        self.last_reliability = {}
+        predicted = bool(self.object_ids)  # before the first mask nothing is predicted (no maps)
         probs = super().step(frame, mask, objects)
-        index = self.frames.index_of(frame) if isinstance(frame, np.ndarray) else None
+        known = predicted and self.frames is not None and isinstance(frame, np.ndarray)
+        index = self.frames.index_of(frame) if known else None
         maps = reliability_maps(self) if index is not None else {}
         if maps:
             np.savez_compressed(self.session.reliability_path(index), **maps)
@@ -89,13 +107,11 @@ class _MapKeeper(Segmenter):
 
 
 def reliability_maps(segmenter: Segmenter) -> dict[str, np.ndarray]:
-    """The comparator's H maps (eq. 10) of the segmenter's last frame as uint8 (H * 255) at the processing size,
-    padding removed: {readout name: h x w}. Empty when the frame was not predicted (e.g. the first prompt)."""
+    """The comparator's H maps (eq. 10) of the segmenter's last frame (`Segmenter.reliability`) as uint8 (H * 255)
+    at the processing size, where they carry all their detail (smaller on disk than at the frame's size):
+    {readout name: h x w}. Empty when the model has no comparator or no frame was predicted yet."""
     maps = {}
-    h, w = segmenter.process_size
-    left, right, top, bottom = segmenter.last_pads
-    for name, weight in segmenter.last_reliability.items():
-        full = F.interpolate(weight.float(), size=(h + top + bottom, w + left + right), mode="bilinear",
-                             align_corners=False)
-        maps[name] = (crop_padding(full, segmenter.last_pads)[0, 0].clamp(0, 1) * 255).round().byte().cpu().numpy()
+    for name, weight in segmenter.reliability.items():
+        small = F.interpolate(weight[None, None].float(), size=segmenter.process_size, mode="area")[0, 0]
+        maps[name] = (small.clamp(0, 1) * 255).round().byte().cpu().numpy()
     return maps

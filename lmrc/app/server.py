@@ -40,7 +40,7 @@ from PIL import Image
 from lmrc.app.engine import Engine
 from lmrc.app.session import Limits, Session
 from lmrc.data.masks import davis_palette
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 STATIC = Path(__file__).parent / "static"
 

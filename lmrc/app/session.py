@@ -31,7 +31,7 @@ from PIL import Image
 
 from lmrc.data.masks import davis_palette, write_mask
 from lmrc.data.video import DEFAULT_FPS, open_frames
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 from lmrc.fileio import atomic_path
 
 JPEG_QUALITY = 95

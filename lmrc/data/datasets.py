@@ -60,7 +60,7 @@ from lmrc.data.sampling import (
     pack_sample,
     sample_rng,
 )
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 

@@ -25,7 +25,7 @@ from lmrc.data.augment import FILL_RGB, ClipAugment, resize_ids, resize_short_si
 from lmrc.data.datasets import VideoSequence, VOSTrainingDataset, load_image, make_sample, stack_clip
 from lmrc.data.masks import read_mask
 from lmrc.data.sampling import GapSchedule, choose_objects, epoch_permutation, objects_present, sample_rng
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 
 def annotated_frames(sequences: Sequence[VideoSequence], stride: int = 1) -> list[tuple[Path, Path]]:

@@ -8,7 +8,7 @@
 The video is synthetic (moving textured shapes generated in memory, 854 x 480 like DAVIS) unless `--input` names
 one. Without `--weights` the model is randomly initialised: speed does not depend on the weights' values.
 Times are wall-clock medians over the frames after `--warmup`; each frame's stages are timed by
-`lmrc.inference.timing` (no-op unless recording), `other` is the rest of the frame (resizing, aggregation, glue).
+the segmenter's `StageTimer` (`lmrc.utils.timing`), `other` is the rest of the frame (resizing, aggregation, glue).
 Per-stage figures are medians over frames, so a stage that runs on some frames only (value encoding in setting A,
 every `--mem-every`-th frame) can show 0; `ms_per_frame_mean` / `fps` include it.
 With `--compare A F` both settings run in one process on the same frames, alternating which goes first, so a
@@ -34,8 +34,9 @@ import numpy as np
 import torch
 
 from lmrc.config import ABLATION_SETTINGS, MODEL_PRESETS, model_config
-from lmrc.errors import LmrcError
-from lmrc.inference import timing
+from lmrc.inference.config import add_inference_arguments, inference_config_from_args
+from lmrc.utils import timing
+from lmrc.utils.errors import LmrcError
 
 CHECKPOINTS = (200, 500, 1000, 2000, 5000, 10000)
 DEFAULT_SIZE = (480, 854)  # H x W of the synthetic video (DAVIS 480p)
@@ -45,18 +46,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="lmrc-lite", help="model size (default: lmrc-lite)")
     parser.add_argument("--setting", choices=sorted(ABLATION_SETTINGS), default="F",
                         help="ablation setting of Table 4 (default: F, the full model)")
-    parser.add_argument("--size", type=int, default=480, metavar="PIXELS", help="shorter side during processing (default: 480)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
     parser.add_argument("--frames", type=int, default=40, metavar="N", help="frames to segment (default: 40)")
     parser.add_argument("--warmup", type=int, default=5, metavar="N", help="first frames left out of the medians (default: 5)")
     parser.add_argument("--objects", type=int, default=2, metavar="N", help="objects in the synthetic video (default: 2)")
     parser.add_argument("--weights", metavar="FILE", help="weights file (default: random initialisation)")
     parser.add_argument("--input", metavar="VIDEO_OR_FOLDER", help="segment this video instead of the synthetic one")
     parser.add_argument("--mask", metavar="PNG", help="first-frame mask for --input (default: an ellipse in the middle)")
-    parser.add_argument("--mem-every", type=int, default=5, metavar="N", help="global-memory interval (default: 5)")
-    parser.add_argument("--max-memory-frames", type=int, metavar="N", help="bound the global memory to N frames")
-    parser.add_argument("--top-k", type=int, metavar="K",
-                        help="global read keeps the K best memory matches per pixel (default: 20, as STCN; 0 keeps all)")
+    add_inference_arguments(parser)  # --mem-every, --max-memory-frames, --size, --precision, --top-k, --flip, --device
     parser.add_argument("--compare", nargs=2, metavar=("A", "F"), choices=sorted(ABLATION_SETTINGS),
                         help="run two settings side by side (alternating per frame) and print the cost ratio")
     parser.add_argument("--checkpoints", metavar="N,N,...",
@@ -130,20 +126,19 @@ def input_frames(args, count: int) -> Iterator[tuple[np.ndarray, np.ndarray | No
 
 # --- models --------------------------------------------------------------------------------------------------------
 
-def build_model(name: str, setting: str, weights: str | None = None, top_k: int | None = None) -> torch.nn.Module:
-    """`name` in `setting` with random weights (speed does not depend on them), or loaded from `weights`;
-    `top_k`: the global read's top-k (None: the default, 20; 0: every position)."""
+def build_model(name: str, setting: str, weights: str | None = None) -> torch.nn.Module:
+    """`name` in `setting` with random weights (speed does not depend on them), or loaded from `weights`."""
     from lmrc.model.network import LMRC
-    from lmrc.model.weights import load_model, with_global_read_top_k
+    from lmrc.model.weights import load_model
 
     if weights is not None:
-        model = load_model(name, weights, global_read_top_k=top_k)
+        model = load_model(name, weights)
         if model.config.setting != setting:
             raise LmrcError(f"weights {weights} are setting {model.config.setting}, not {setting}; "
                             f"pass --setting {model.config.setting}")
         return model
     torch.manual_seed(0)
-    return LMRC(with_global_read_top_k(model_config(name, setting=setting), top_k), pretrained_backbone=False).eval()
+    return LMRC(model_config(name, setting=setting), pretrained_backbone=False).eval()
 
 
 # --- measurement ---------------------------------------------------------------------------------------------------
@@ -198,7 +193,7 @@ def measure(segmenters: dict[str, "Segmenter"], frames: Iterator[tuple[np.ndarra
     last = {label: warmup for label in segmenters}
     for index, (rgb, mask) in enumerate(frames):
         for label in order if index % 2 == 0 else order[::-1]:
-            with timing.record() as times:
+            with segmenters[label].timer.record() as times:
                 start = time.perf_counter()
                 segmenters[label].step(rgb, mask)
                 total = time.perf_counter() - start
@@ -285,17 +280,17 @@ def main(args) -> int:
     if args.compare and args.compare[0] == args.compare[1]:
         raise LmrcError("--compare needs two different settings")
 
-    from lmrc.inference.command import half_precision_warning
+    from lmrc.utils.device import half_precision_warning
 
-    warning = half_precision_warning(args.precision)
-    if warning:
-        print(f"lmrc bench: warning: {warning}", file=sys.stderr)
+    config = inference_config_from_args(args)
     segmenters = {}
     for setting in settings:
-        model = build_model(args.model, setting, args.weights, args.top_k)
-        segmenters[setting] = Segmenter(model, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
-                                        size=args.size, precision=args.precision, optimize=not args.no_optimize,
-                                        compile=args.compile)
+        model = build_model(args.model, setting, args.weights)
+        segmenters[setting] = Segmenter(model, config, optimize=not args.no_optimize, compile=args.compile)
+    first = next(iter(segmenters.values()))
+    warning = half_precision_warning(first.precision) if first.device.type == "cpu" else None
+    if warning:
+        print(f"lmrc bench: warning: {warning}", file=sys.stderr)
     frames = input_frames(args, args.frames)
     load_before = _loadavg()
     start = time.perf_counter()
@@ -308,7 +303,6 @@ def main(args) -> int:
         checkpoints = tuple(c for c in CHECKPOINTS if c <= args.frames)
     runs = measure(segmenters, frames, args.warmup, checkpoints, on_checkpoint=_print_checkpoint)
     wall = time.perf_counter() - start
-    first = next(iter(segmenters.values()))
     process_size = list(first.process_size or ())  # before --macs resets the segmenters
 
     results = {label: {**runs[label].summary(args.warmup), "checkpoints": runs[label].checkpoints} for label in runs}
@@ -324,14 +318,17 @@ def main(args) -> int:
         "model": args.model,
         "setting": main_label,
         "weights": args.weights or "random (speed does not depend on the weights)",
-        "precision": args.precision,
-        "size": args.size,
+        "precision": first.precision,
+        "precision_reason": first.precision_reason,
+        "device": str(first.device),
+        "flip": config.flip,
+        "size": config.size,
         "process_size": process_size,
         "input": args.input or f"synthetic {DEFAULT_SIZE[1]}x{DEFAULT_SIZE[0]}, {args.objects} objects",
         "frames": len(runs[main_label].totals),
         "warmup": args.warmup,
         "max_memory_frames": args.max_memory_frames,
-        "global_read_top_k": first.model.config.global_read_top_k,
+        "global_read_top_k": config.top_k,
         "threads": torch.get_num_threads(),
         "cpu": cpu_description(),
         "optimized": not args.no_optimize,
@@ -367,10 +364,11 @@ def _print_checkpoint(label: str, c: dict) -> None:
 def _print_table(report: dict, results: dict[str, dict]) -> None:
     out = sys.stdout
     load = report["load_average"]
-    print(f"lmrc bench: {report['model']}, {report['precision']}, processed at "
+    print(f"lmrc bench: {report['model']}, {report['precision']} ({report['precision_reason']}), processed at "
           f"{'x'.join(map(str, report['process_size'][::-1]))} (padded to 16), {report['threads']} thread(s), "
           f"{'optimized' if report['optimized'] else 'unoptimized'}{', compiled' if report['compiled'] else ''}, "
-          f"global read top-k {report['global_read_top_k'] or 'all'}", file=out)
+          f"global read top-k {report['global_read_top_k'] or 'all'}{', test-time flip' if report['flip'] else ''}",
+          file=out)
     print(f"  weights: {report['weights']}; input: {report['input']}; cpu: {report['cpu']['name']} "
           f"({report['cpu']['capability']})", file=out)
     print(f"  {report['frames']} frames, medians over the last {report['frames'] - report['warmup']}; "

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from lmrc.data.masks import davis_palette, read_mask, write_mask
-from lmrc.data.video import FrameSource, LmrcWarning, natural_key
-from lmrc.errors import LmrcError
+from lmrc.data.video import FrameSource, natural_key
+from lmrc.utils.errors import LmrcError, LmrcWarning
 from lmrc.fileio import atomic_path
 
 # Id 255 is DAVIS' "void" label, so results can hold ids 1..254.

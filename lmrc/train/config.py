@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmrc.config import ModelConfig, from_dict, load_yaml, to_dict
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 SCHEDULES = ("constant", "step", "cosine")

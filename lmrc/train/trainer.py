@@ -25,7 +25,7 @@ import yaml
 from torch import Tensor, nn
 
 from lmrc.config import ABLATION_SETTINGS
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 from lmrc.fileio import atomic_path
 from lmrc.train.config import TrainConfig, config_differences, config_to_dict
 from lmrc.train.losses import lmrc_loss
@@ -63,17 +63,15 @@ def setup_distributed(device: str) -> Dist:
 
 
 def resolve_device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LmrcError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{d.local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    elif name != "cpu":
-        raise LmrcError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
+    """`lmrc.utils.device.choose_device`, with "cuda" meaning this process' GPU (its local rank)."""
+    from lmrc.utils.device import choose_device
+
+    device = choose_device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -404,9 +402,11 @@ def validate_videos(model: nn.Module, sequences, cfg: TrainConfig, device: torch
     from lmrc.data.masks import read_mask
     from lmrc.eval.davis import Evaluation, ObjectScores
     from lmrc.eval.metrics import score_objects
-    from lmrc.inference.segmenter import Segmenter, output_prob_to_mask
+    from lmrc.inference.segmenter import Segmenter
 
     v = cfg.data.validation
+    # one inference copy of the model for every video (fp32: validation scores stay comparable across machines)
+    segmenter = Segmenter(model, size=v.short_side, device=device, precision="fp32")
     objects = []
     for seq in sequences:
         if 0 not in seq.masks:
@@ -416,13 +416,13 @@ def validate_videos(model: nn.Module, sequences, cfg: TrainConfig, device: torch
         scored = [t for t in range(1, count - 1 if whole else count) if t in seq.masks]
         if not scored:
             continue
-        segmenter = Segmenter(model, size=v.short_side, device=device)
+        segmenter.reset()
         first = read_mask(seq.masks[0])
         preds, gts = [], []
         for t in range(scored[-1] + 1):
             probs = segmenter.step(load_image(seq.frames[t]), first if t == 0 else None)
             if t in scored:
-                preds.append(output_prob_to_mask(probs, segmenter.object_ids))
+                preds.append(segmenter.probs_to_ids(probs))
                 gts.append(read_mask(seq.masks[t]))
         pred, gt = np.stack(preds), np.stack(gts)
         for k in (int(i) for i in np.unique(first) if i != 0):
