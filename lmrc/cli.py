@@ -1,4 +1,4 @@
-"""`lmrc segment | eval | train | bench | baseline`: one entry point; each command lives beside the code it drives."""
+"""`lmrc segment | eval | train | bench | baseline | app`: one entry point; each command lives beside the code it drives."""
 from __future__ import annotations
 
 import argparse
@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("lmrc.train.command", "train a model from a YAML config"),
     "bench": ("lmrc.eval.bench", "time every stage of the streaming segmenter"),
     "baseline": ("lmrc.eval.baselines", "copy or optical-flow baselines, for comparison"),
+    "app": ("lmrc.app.command", "a local web page: segment a video from a box, clicks and strokes"),
 }
 
 
