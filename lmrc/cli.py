@@ -1,4 +1,4 @@
-"""`lmrc segment | eval | train | bench | baseline`: one entry point; each command lives beside the code it drives."""
+"""`lmrc segment | eval | train | bench | baseline | app`: one entry point; each command lives beside the code it drives."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ COMMANDS = {
     "bench": ("lmrc.eval.bench", "time every stage of the streaming segmenter"),
     "baseline": ("lmrc.eval.baselines", "copy or optical-flow baselines, for comparison"),
     "export": ("lmrc.inference.onnx_export", "write the per-frame graphs as ONNX (run them with --runtime onnxruntime)"),
+    "app": ("lmrc.app.command", "a local web page: segment a video from a box, clicks and strokes"),
 }
 
 

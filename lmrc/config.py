@@ -35,9 +35,11 @@ class ModelConfig:
     value_dims: tuple[int, int, int] = (64, 128, 256)  # C^v_r at stages 2, 3, 4
     decoder_dims: tuple[int, int, int] = (32, 64, 128)  # decoder widths at stages 2, 3, 4 (paper leaves them open)
     # What the value encoder's own trunk sees: "image_and_mask" (the paper's: image, object mask, other objects) or
-    # "mask" (lmrc-lite: the masks alone; the frame enters through the key encoder's features F_r, already computed).
-    value_trunk: str = "image_and_mask"
-    value_fusion_kernel: int = 3  # kernel of the convs fusing trunk and frame features into V_r (1: far cheaper)
+    # "mask" (the masks alone; the frame enters through the key encoder's features F_r, already computed).
+    # None: the backbone's own, "mask" for efficientnet_lite0 (lmrc-lite), "image_and_mask" for resnet50.
+    value_trunk: str | None = None
+    # Kernel of the convs fusing trunk and frame features into V_r; None: 1 for lmrc-lite (far cheaper), else 3.
+    value_fusion_kernel: int | None = None
     window_radius: int = 2  # d: the local window is (2d+1) x (2d+1)
     comparator_top_k: int = 5  # k of the memory comparator
     scb_alpha: float = 3.0  # alpha of eq. (9)
@@ -51,6 +53,11 @@ class ModelConfig:
             raise LmrcError(f"model backbone {self.backbone!r} is not 'resnet50' or 'efficientnet_lite0'")
         self.value_dims = tuple(self.value_dims)
         self.decoder_dims = tuple(self.decoder_dims)
+        lite = self.backbone == "efficientnet_lite0"
+        if self.value_trunk is None:
+            self.value_trunk = "mask" if lite else "image_and_mask"
+        if self.value_fusion_kernel is None:
+            self.value_fusion_kernel = 1 if lite else 3
         if self.value_trunk not in ("image_and_mask", "mask"):
             raise LmrcError(f"value_trunk {self.value_trunk!r} is not 'image_and_mask' or 'mask'")
         if self.value_trunk == "mask" and self.backbone != "efficientnet_lite0":
@@ -82,7 +89,7 @@ class ModelConfig:
 # that cost small (docs/PERFORMANCE.md). Weights files store their own config, so older lmrc-lite files still load.
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "lmrc-r50": ModelConfig(backbone="resnet50"),
-    "lmrc-lite": ModelConfig(backbone="efficientnet_lite0", value_trunk="mask", value_fusion_kernel=1),
+    "lmrc-lite": ModelConfig(backbone="efficientnet_lite0"),
 }
 
 

@@ -41,7 +41,7 @@ def _tiny_model():
 
 # --------------------------------------------------------------------------------------------- configs
 
-SHIPPED = sorted((REPO / "configs").rglob("*.yaml"))
+SHIPPED = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.parent.name != "splits")  # splits: name lists
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[str(p.relative_to(REPO / "configs")) for p in SHIPPED])

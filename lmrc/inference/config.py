@@ -1,5 +1,5 @@
 """`InferenceConfig`: every inference setting in one place, and its command-line arguments, declared once for
-`lmrc segment`, `lmrc eval --run`, `lmrc bench` (and any other front end).
+`lmrc segment`, `lmrc eval --run`, `lmrc bench`, `lmrc app` (and any other front end).
 
     parser = argparse.ArgumentParser(); add_inference_arguments(parser)
     config = inference_config_from_args(parser.parse_args())   # LmrcError naming the flag on bad values

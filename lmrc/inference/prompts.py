@@ -20,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 # Iterations of GrabCut's GMM re-estimation + graph cut; 5 is where the box-only IoU stops improving on DAVIS/SOD
 # (benchmarks/prompts.py).

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from lmrc.data.video import Frame, FrameSource
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 from lmrc.inference.segmenter import Segmenter, output_prob_to_mask
 
 BUFFER_BYTES = 1 << 30

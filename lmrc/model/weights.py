@@ -19,6 +19,8 @@ FORMAT = "lmrc-weights-1"
 # Keys older files store in their config that are not part of the model (the global read's top-k is an inference
 # choice, `InferenceConfig.top_k`): ignored when reading a file.
 RETIRED_CONFIG_KEYS = {"global_read_top_k"}
+# Files written before the value encoder became a config choice hold the first one (image and masks, 3x3 fusion).
+LEGACY_CONFIG_DEFAULTS = {"value_trunk": "image_and_mask", "value_fusion_kernel": 3}
 _REPO_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
 
@@ -79,9 +81,11 @@ def read_weights_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def weights_config(path: str | Path, meta: dict[str, Any] | None = None) -> ModelConfig:
-    """The config stored with the weights (keys of RETIRED_CONFIG_KEYS ignored)."""
+    """The config stored with the weights (keys of RETIRED_CONFIG_KEYS ignored, LEGACY_CONFIG_DEFAULTS for keys older
+    files lack)."""
     meta = read_weights_metadata(path) if meta is None else meta
     stored = {k: v for k, v in json.loads(meta["config"]).items() if k not in RETIRED_CONFIG_KEYS}
+    stored = {**LEGACY_CONFIG_DEFAULTS, **stored}
     return from_dict(ModelConfig, stored, where=f"config stored in {path}")
 
 
