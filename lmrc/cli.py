@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("lmrc.train.command", "train a model from a YAML config"),
     "bench": ("lmrc.eval.bench", "time every stage of the streaming segmenter"),
     "baseline": ("lmrc.eval.baselines", "copy or optical-flow baselines, for comparison"),
+    "export": ("lmrc.inference.onnx_export", "write the per-frame graphs as ONNX (run them with --runtime onnxruntime)"),
     "app": ("lmrc.app.command", "a local web page: segment a video from a box, clicks and strokes"),
 }
 

@@ -4,6 +4,7 @@
     lmrc bench --model lmrc-r50 --compare A F --json
     lmrc bench --max-memory-frames 10 --frames 2000 --size 240     # time and memory stay flat
     lmrc bench --compare A F --macs                                # + multiply-adds: the ratio's arithmetic floor
+    lmrc bench --runtime onnxruntime                               # the same model in torch and in onnxruntime
 
 The video is synthetic (moving textured shapes generated in memory, 854 x 480 like DAVIS) unless `--input` names
 one. Without `--weights` the model is randomly initialised: speed does not depend on the weights' values.
@@ -16,10 +17,14 @@ load change on a shared machine hits both alike; `ratio` is the second setting's
 With `--macs` the multiply-adds of each setting are counted too (`multiply_adds_per_frame`): a machine-independent
 figure, and with `--compare` the ratio of the two settings' arithmetic, which is the cost ratio an implementation
 running both at equal efficiency gets.
+With `--runtime onnxruntime` one setting runs twice side by side in the same way: in PyTorch (the optimized
+inference copy) and as the exported ONNX graphs in onnxruntime (`lmrc export`, or `--onnx DIR`), with the same
+number of threads; `ratio` is onnxruntime's mean frame time over torch's.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -34,6 +39,7 @@ import numpy as np
 import torch
 
 from lmrc.config import ABLATION_SETTINGS, MODEL_PRESETS, model_config
+from lmrc.inference.command import check_runtime_options, onnx_runtime_overrides
 from lmrc.inference.config import add_inference_arguments, inference_config_from_args
 from lmrc.utils import timing
 from lmrc.utils.errors import LmrcError
@@ -55,6 +61,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_inference_arguments(parser)  # --mem-every, --max-memory-frames, --size, --precision, --top-k, --flip, --device
     parser.add_argument("--compare", nargs=2, metavar=("A", "F"), choices=sorted(ABLATION_SETTINGS),
                         help="run two settings side by side (alternating per frame) and print the cost ratio")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="onnxruntime: run the setting in torch and as ONNX graphs in onnxruntime side by side "
+                             "(alternating per frame) and print the cost ratio")
+    parser.add_argument("--onnx", metavar="DIR", help="with --runtime onnxruntime: graphs written by `lmrc export` "
+                                                       "(default: export the benchmarked model first)")
     parser.add_argument("--checkpoints", metavar="N,N,...",
                         help="frames at which to print time per frame and memory (default: 200,500,1000,2000,... up to --frames)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's own choice)")
@@ -279,14 +290,34 @@ def main(args) -> int:
         raise LmrcError("--compare builds both settings with random weights; drop --weights")
     if args.compare and args.compare[0] == args.compare[1]:
         raise LmrcError("--compare needs two different settings")
+    runtimes = args.runtime == "onnxruntime"
+    if runtimes and (args.compare or args.macs or args.no_optimize or args.compile):
+        raise LmrcError("--runtime onnxruntime compares fp32 torch with onnxruntime for one setting: drop --compare, "
+                        "--macs, --no-optimize and --compile")
+    check_runtime_options(args)
 
     from lmrc.utils.device import half_precision_warning
 
-    config = inference_config_from_args(args)
+    config = inference_config_from_args(args, **onnx_runtime_overrides(args))
+    onnx_model = None
+    if runtimes:
+        from lmrc.inference.onnx_runtime import open_onnx_model
+
+        if args.onnx:
+            onnx_model = open_onnx_model(args.onnx)
+            if onnx_model.config.setting != args.setting:
+                raise LmrcError(f"the graphs in {args.onnx} are setting {onnx_model.config.setting}; "
+                                f"pass --setting {onnx_model.config.setting}")
+            if args.top_k is None:  # not asked for: the graphs' own, for both runtimes
+                config = dataclasses.replace(config, top_k=onnx_model.read_top_k)
     segmenters = {}
     for setting in settings:
         model = build_model(args.model, setting, args.weights)
         segmenters[setting] = Segmenter(model, config, optimize=not args.no_optimize, compile=args.compile)
+    if runtimes:  # the same setting in torch and in onnxruntime, side by side
+        if onnx_model is None:
+            onnx_model = open_onnx_model(None, model, read_top_k=config.top_k)
+        segmenters = {"torch": segmenters[args.setting], "onnxruntime": Segmenter(onnx_model, config)}
     first = next(iter(segmenters.values()))
     warning = half_precision_warning(first.precision) if first.device.type == "cpu" else None
     if warning:
@@ -313,10 +344,11 @@ def main(args) -> int:
                 raise LmrcError(f"--macs needs at least 2 frames of {args.input}")
             result["gmac_per_frame"] = macs
             result["gmac_per_second"] = round(macs["total"] / (result["ms_per_frame_mean"] / 1000), 2)
-    main_label = settings[-1]
+    main_label = list(segmenters)[-1]
     report = {
         "model": args.model,
-        "setting": main_label,
+        "setting": settings[-1],
+        "runtime": "torch vs onnxruntime" if runtimes else "torch",
         "weights": args.weights or "random (speed does not depend on the weights)",
         "precision": first.precision,
         "precision_reason": first.precision_reason,
@@ -339,8 +371,8 @@ def main(args) -> int:
         "peak_memory_mb": round(peak_rss_mb(), 1),
         "torch": torch.__version__,
     }
-    if args.compare:
-        a, f = settings
+    if args.compare or runtimes:
+        a, f = list(segmenters)
         report["runs"] = results
         # Mean frame time (= 1/throughput): setting A encodes values only on memory frames (every mem_every-th),
         # a cost a median frame does not show; the ratio of medians is given too.
@@ -377,7 +409,7 @@ def _print_table(report: dict, results: dict[str, dict]) -> None:
     present = {s for r in results.values() for s in r["stages_ms"]}
     stages = [s for s in (*timing.STAGES, "other") if s in present]
     width = max(len(s) for s in stages + ["ms per frame"]) + 2
-    print("  " + "stage (ms)".ljust(width) + "".join(f"{'setting ' + l:>12}" for l in labels), file=out)
+    print("  " + "stage (ms)".ljust(width) + "".join(f"{'setting ' + l if l in ABLATION_SETTINGS else l:>12}" for l in labels), file=out)
     for s in stages:
         print("  " + s.ljust(width) + "".join(f"{results[l]['stages_ms'].get(s, 0.0):12.1f}" for l in labels), file=out)
     print("  " + "ms per frame".ljust(width) + "".join(f"{results[l]['ms_per_frame']:12.1f}" for l in labels), file=out)

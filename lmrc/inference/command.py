@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 import warnings
 from pathlib import Path
@@ -52,6 +53,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=MODELS, default="lmrc-lite", help="model size (default: lmrc-lite)")
     parser.add_argument("--weights", help="weights file (.safetensors) for --model (default: its shipped weights)")
     add_inference_arguments(parser)
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="torch (default), or onnxruntime: the ONNX graphs of `lmrc export` (CPU, fp32), the "
+                             "memory bank in Python")
+    parser.add_argument("--onnx", metavar="DIR",
+                        help="with --runtime onnxruntime: the folder `lmrc export` wrote (default: export --model / "
+                             "--weights to a temporary folder first, about a minute)")
     parser.add_argument("--overlay", metavar="VIDEO.mp4", help="also write the masks drawn over the frames as a video")
     parser.add_argument("--save-probs", action="store_true",
                         help="also write soft maps, <out>/probs/<frame>.npz (probs K x H x W uint8, object_ids K)")
@@ -70,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     _check_options(args)
-    config = inference_config_from_args(args)
+    config = inference_config_from_args(args, **onnx_runtime_overrides(args))
     from lmrc.data.video import open_frames
     from lmrc.inference.io import load_prompts
     from lmrc.inference.run import check_overlay_path, segment_sequence
@@ -92,7 +99,16 @@ def _run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else default_out_dir(source)
     if args.overlay:
         check_overlay_path(args.overlay, args.overwrite or args.resume)
-    model = load_model(args.model, args.weights)  # no weights -> LmrcError, before any output exists
+    if args.runtime == "onnxruntime":
+        from lmrc.inference.onnx_runtime import open_onnx_model
+
+        # no weights or graphs -> LmrcError, before any output exists
+        model = open_onnx_model(args.onnx, None if args.onnx else load_model(args.model, args.weights),
+                                read_top_k=config.top_k)
+        if args.top_k is None:  # not asked for: the graphs' own
+            config = dataclasses.replace(config, top_k=model.read_top_k)
+    else:
+        model = load_model(args.model, args.weights)  # no weights -> LmrcError, before any output exists
     segmenter = Segmenter(model, config)
 
     stats = segment_sequence(segmenter, source, prompts, out_dir, overwrite=args.overwrite, resume=args.resume,
@@ -123,6 +139,28 @@ def parse_box(text: str) -> tuple[float, float, float, float]:
 def _check_options(args: argparse.Namespace) -> None:
     if args.prompt_frame != 0 and not args.box:
         raise LmrcError("--prompt-frame goes with --box; with --mask, name the mask file like its frame instead")
+    check_runtime_options(args)
+    if args.onnx and args.weights:
+        raise LmrcError("--onnx graphs carry their own weights: drop --weights (or export them with "
+                        "`lmrc export --weights FILE`)")
+
+
+def check_runtime_options(args: argparse.Namespace) -> None:
+    """--runtime / --onnx against the inference options (`lmrc segment` and `lmrc bench`): one LmrcError."""
+    if args.onnx and args.runtime != "onnxruntime":
+        raise LmrcError("--onnx names exported graphs: add --runtime onnxruntime")
+    if args.runtime == "onnxruntime":
+        wrong = ([f"--precision {args.precision}"] if args.precision not in ("auto", "fp32") else []) + (
+            [f"--device {args.device}"] if args.device == "cuda" else [])
+        if wrong:
+            raise LmrcError(f"--runtime onnxruntime runs the fp32 graphs on the CPU: drop {' and '.join(wrong)} "
+                            "(or use the torch runtime)")
+
+
+def onnx_runtime_overrides(args: argparse.Namespace) -> dict:
+    """InferenceConfig fields the onnxruntime runtime fixes: fp32 on the CPU (precision and device "auto" become
+    those quietly; anything else was refused by `check_runtime_options`)."""
+    return {"precision": "fp32", "device": "cpu"} if args.runtime == "onnxruntime" else {}
 
 
 def default_out_dir(source) -> Path:

@@ -35,6 +35,7 @@ from lmrc.inference.memory_bank import MemoryBank
 from lmrc.model.aggregate import soft_aggregate
 from lmrc.model.network import FrameEncoding, crop_padding, pad_to_multiple
 from lmrc.utils.device import choose_device, choose_precision
+from lmrc.utils.errors import LmrcError
 from lmrc.utils.timing import StageTimer
 
 
@@ -42,7 +43,8 @@ class Segmenter:
     """Streaming LMRC inference for one video at a time; `reset()` starts the next with the same inference copy.
 
     model: an `LMRC` (e.g. from `lmrc.load_model`); it is not changed (not moved, retyped or put in eval mode):
-    the segmenter builds its own inference copy once, on the config's device. config: `InferenceConfig`;
+    the segmenter builds its own inference copy once, on the config's device. Or a network another runtime runs
+    (`lmrc.inference.onnx_runtime.OnnxModel`): used as it is. config: `InferenceConfig`;
     keyword `settings` replace its fields (`Segmenter(model, size=240)`). optimize: the inference fast path
     (`lmrc.inference.fast_path`: same results up to float rounding); False runs the plain network, the reference.
     compile: also torch.compile its encoders and decoder (slow first frames).
@@ -55,6 +57,13 @@ class Segmenter:
                  compile: bool = False, **settings) -> None:
         self.config = dataclasses.replace(config or InferenceConfig(), **settings)
         self.device = choose_device(self.config.device)
+        if isinstance(model, torch.nn.Module):
+            self._build_inference_copy(model, optimize, compile)
+        else:
+            self._use_runtime(model)
+        self.reset()
+
+    def _build_inference_copy(self, model: torch.nn.Module, optimize: bool, compile: bool) -> None:
         choice = choose_precision(self.config.precision, self.device)
         self.precision, self.precision_reason = choice.name, choice.reason
         self._autocast_dtype = choice.autocast_dtype
@@ -64,7 +73,22 @@ class Segmenter:
                                                compile=compile, device=self.device, timer=self.timer)
         else:  # the plain network, on a copy: the caller's model stays as it is
             self.model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
-        self.reset()
+
+    def _use_runtime(self, model) -> None:
+        """A network run by another runtime behind the same methods (`lmrc.inference.onnx_runtime.OnnxModel`): used
+        as given (not copied; optimize / compile do not apply), in the one precision it computes in (its
+        `precision`), timed by its own `timer`."""
+        fixed = model.precision
+        if self.config.precision not in ("auto", fixed):
+            raise LmrcError(f"{model.runtime} runs the {fixed} graphs only: use precision {fixed} (or auto), "
+                            f"not {self.config.precision}")
+        if self.config.device == "auto":
+            self.device = torch.device(model.device)
+        self.model = model.to(self.device)  # LmrcError on a device the runtime does not run on
+        model.check_read_top_k(self.config.top_k)  # LmrcError if the graphs keep another top-k
+        self.precision, self.precision_reason = fixed, f"{model.runtime} runs the exported {fixed} graphs"
+        self._autocast_dtype = None
+        self.timer = model.timer
 
     def reset(self) -> None:
         """Forget the video: memory, objects and frame counter (the inference copy is kept)."""

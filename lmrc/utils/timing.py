@@ -23,7 +23,7 @@ from torch.profiler import record_function
 
 # The order `lmrc bench` prints them in.
 STAGES = ("key_encoding", "value_encoding", "global_read", "local_reads", "sequential_local_reads", "comparator",
-          "decoder", "memory")
+          "decoder", "memory", "read_and_decode")  # read_and_decode: the whole ONNX graph (onnxruntime runtime)
 
 
 def stage(name: str) -> record_function:
