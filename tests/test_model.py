@@ -260,7 +260,7 @@ def test_older_lite_weights_keep_their_value_encoder():
     if weights_config(path).value_trunk != "image_and_mask":
         pytest.skip("the shipped lmrc-lite file already holds the mask-only value encoder")
     model = load_model("lmrc-lite")
-    assert isinstance(model.value_encoder.trunk, LightValueTrunk)
+    assert type(model.value_encoder.trunk) is LightValueTrunk and model.value_encoder.trunk.reads_image
     assert model.value_encoder.fuse_frame["r2"].kernel_size == (3, 3)
 
 

@@ -124,7 +124,7 @@ def _fold_symmetric_padding(module: nn.Module) -> None:
 
 
 class LightValueTrunk(nn.Module):
-    """lmrc-lite's value encoder: strided 3x3 convs on (image, mask, other objects) to 1/4, 1/8, 1/16.
+    """lmrc-lite's first value encoder: strided 3x3 convs on (image, mask, other objects) to 1/4, 1/8, 1/16.
 
     The value already receives the key encoder's frame features F^L_r through the fusion conv, so this
     encoder only has to describe the mask; it costs about a tenth of an EfficientNet trunk and runs once
@@ -132,6 +132,7 @@ class LightValueTrunk(nn.Module):
     """
 
     channels = {2: 16, 3: 32, 4: 64}
+    reads_image = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -139,41 +140,28 @@ class LightValueTrunk(nn.Module):
         def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
 
-        self.stem = nn.Sequential(conv(5, 16, 2), conv(16, self.channels[2], 2))
+        inputs = 5 if self.reads_image else 2
+        self.stem = nn.Sequential(conv(inputs, 16, 2), conv(16, self.channels[2], 2))
         self.stage3 = conv(self.channels[2], self.channels[3], 2)
         self.stage4 = nn.Sequential(conv(self.channels[3], self.channels[4], 2), conv(self.channels[4], self.channels[4], 1))
-        self.normalize = _Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+        if self.reads_image:
+            self.normalize = _Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
-    def forward(self, image: Tensor, masks: Tensor, others: Tensor) -> dict[int, Tensor]:
-        f2 = self.stem(torch.cat([self.normalize(image), masks, others], 1))
+    def forward(self, image: Tensor | None, masks: Tensor, others: Tensor) -> dict[int, Tensor]:
+        inputs = [self.normalize(image), masks, others] if self.reads_image else [masks, others]
+        f2 = self.stem(torch.cat(inputs, 1))
         f3 = self.stage3(f2)
         return {2: f2, 3: f3, 4: self.stage4(f3)}
 
 
-class MaskValueTrunk(nn.Module):
-    """lmrc-lite's value encoder: strided 3x3 convs on the masks alone (object, other objects) to 1/4, 1/8, 1/16.
+class MaskValueTrunk(LightValueTrunk):
+    """lmrc-lite's value encoder: the same convs on the masks alone (object, other objects).
 
     The frame's appearance reaches the value through F^L_r, the key encoder's features of the same frame, which are
     computed anyway; re-reading the image here cost most of the value encoding, which F pays on every frame.
     """
 
-    channels = {2: 16, 3: 32, 4: 64}
     reads_image = False
-
-    def __init__(self) -> None:
-        super().__init__()
-
-        def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
-
-        self.stem = nn.Sequential(conv(2, 16, 2), conv(16, self.channels[2], 2))
-        self.stage3 = conv(self.channels[2], self.channels[3], 2)
-        self.stage4 = nn.Sequential(conv(self.channels[3], self.channels[4], 2), conv(self.channels[4], self.channels[4], 1))
-
-    def forward(self, image: Tensor | None, masks: Tensor, others: Tensor) -> dict[int, Tensor]:
-        f2 = self.stem(torch.cat([masks, others], 1))
-        f3 = self.stage3(f2)
-        return {2: f2, 3: f3, 4: self.stage4(f3)}
 
 
 def build_trunks(backbone: str, pretrained: bool, value_trunk: str = "image_and_mask") -> tuple[nn.Module, nn.Module]:
