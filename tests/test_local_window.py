@@ -379,3 +379,48 @@ def test_scratch_buffers_are_reused_per_name_shape_and_dtype():
         lw.scratch(f"n{i}", (1,), torch.float32)
     assert lw.scratch("x", (2, 3), torch.float32) is not a
     lw.clear_scratch()
+
+
+# --- runtime dispatch: every ISA variant this CPU can run gives the reference's results ---------------------------
+
+
+def test_isa_choice_follows_the_cpu_and_the_env(monkeypatch):
+    supported = _native.supported_isas()
+    assert supported[-1] == "generic" and supported[0] == _native.chosen_isa()
+    if "avx512f" in _native.cpu_features() and "avx512bw" in _native.cpu_features():
+        assert "avx512" in supported
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", "generic")
+    assert _native.chosen_isa() == "generic"
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", "sse9")
+    with pytest.raises(ValueError, match="LMRC_LOCAL_WINDOW_ISA"):
+        _native.chosen_isa()
+    missing = [name for name in _native.ISA_VARIANTS if name not in supported]
+    if missing:
+        monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", missing[0])
+        with pytest.raises(RuntimeError, match="lacks"):
+            _native.chosen_isa()
+
+
+@pytest.mark.parametrize("isa", _native.supported_isas())
+def test_each_isa_variant_matches_the_reference(native, monkeypatch, isa):
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
+    lib = _native.load(torch.float32)
+    assert lib.isa == isa and lib.vector_bytes == _native.ISA_VARIANTS[isa][1]
+    # widths below, at and above 4, 8 and 16 floats: the per-pixel path, border shuffles and the last block
+    for (h, w), dilation in [((5, 3), 1), ((6, 17), 1), ((7, 40), 2), ((4, 16), 1)]:
+        q, k, v = _inputs(2, 9, 11, h, w, seed=w)
+        scale = 0.6
+        read_ref, sim_ref, aff_ref = local_memory_read_reference(q.double(), k.double(), v.double(), 2, scale, dilation)
+        with torch.no_grad():
+            read, aff, top, _ = lw.local_attention_inference(q, k, v, 2, dilation, scale, top_k=4, affinity=True)
+            assert _max_diff(read, read_ref) <= TOL
+            assert _max_diff(window_to_4d(aff, 2, dilation).reshape(2, h * w, h * w), aff_ref) <= TOL
+            sim = lw.local_similarity_plain(q.double(), k.double(), 2, dilation, scale)
+            assert _max_diff(top, sim.topk(4, dim=1).values) <= TOL
+            weights = torch.rand(2, 25, h, w)
+            (wsum,) = lw.local_weighted_sums_inference(weights, [v], 2, dilation)
+            assert _max_diff(wsum, lw.local_weighted_sum_plain(weights.double(), v.double(), 2, dilation)) <= TOL
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        read_g, sim_g, _ = lw.local_attention(*leaves, 2, dilation, scale)
+        assert _is_native(read_g) and _max_diff(read_g.detach(), read_ref) <= TOL
+        assert _max_diff(sim_g.detach(), lw.local_similarity_plain(q, k, 2, dilation, scale)) <= TOL

@@ -436,7 +436,12 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
 #include <stdlib.h>
 
 #define LW_MAX_TOPK 16 /* largest k of the fused top-k (the Python wrapper checks it) */
-#define LW_CB 8        /* value channels per readout pass */
+#ifndef LW_PREFETCH_BLOCKS
+#define LW_PREFETCH_BLOCKS 2 /* how far ahead (in vector blocks) the readout prefetches value rows */
+#endif
+#ifndef LW_CB
+#define LW_CB 8 /* value channels per readout pass */
+#endif
 #if defined(__clang__)
 static inline vreal vshuf(vreal v, vmask i) {
     vreal r;
@@ -506,9 +511,12 @@ static int inf_taps(const geom *g, long y, itap *t) {
     return n;
 }
 
-/* Sum over channels of (q - k)^2 for n (<= 5, a compile-time constant) taps of one block. */
+/* Similarities of n (<= 5, a compile-time constant) taps of one block in dot form, as the plain path computes
+ * them: -scale (|q|^2 + |k|^2 - 2 q.k), one FMA per multiply-add (the difference form needs two). qn: |q|^2 of the
+ * block; knp[j]: |k|^2 at tap j's load start (shuffled like the keys for border taps). */
 static inline __attribute__((always_inline)) void sim_chunk(const int n, long C, long HW, const real *qp,
-                                                            const real *const *kp, const int *border,
+                                                            const real *const *kp, const real *qn,
+                                                            const real *const *knp, const int *border,
                                                             const vmask *idx, const vmask *valid, real scale,
                                                             vreal *out) {
     vreal a[5] = {0};
@@ -517,10 +525,7 @@ static inline __attribute__((always_inline)) void sim_chunk(const int n, long C,
     if (!any) {
         for (long c = 0; c < C; c++) {
             vreal qv = vload(qp + c * HW);
-            for (int j = 0; j < n; j++) {
-                vreal d = qv - vload(kp[j] + c * HW);
-                a[j] += d * d;
-            }
+            for (int j = 0; j < n; j++) a[j] += qv * vload(kp[j] + c * HW);
         }
     } else {
         for (long c = 0; c < C; c++) {
@@ -528,15 +533,26 @@ static inline __attribute__((always_inline)) void sim_chunk(const int n, long C,
             for (int j = 0; j < n; j++) {
                 vreal kv = vload(kp[j] + c * HW);
                 if (border[j]) kv = vshuf(kv, idx[j]);
-                vreal d = qv - kv;
-                a[j] += d * d;
+                a[j] += qv * kv;
             }
         }
     }
+    const vreal qnv = vload(qn);
     for (int j = 0; j < n; j++) {
-        vreal s = a[j] * -scale;
+        vreal knv = vload(knp[j]);
+        if (border[j]) knv = vshuf(knv, idx[j]);
+        vreal s = (a[j] + a[j] - qnv - knv) * scale;
         out[j] = border[j] ? vsel(valid[j], s, vsplat((real)-INFINITY)) : s;
     }
+}
+
+/* out[(y - y0) W + x] = sum_c x(c, y, x)^2 for rows y0 .. y1 - 1 (rows of a plane are contiguous). */
+static void sq_norm_rows(const real *x, long C, long HW, long W, long y0, long y1, real *out) {
+    const long n = (y1 - y0) * W;
+    const real *x0 = x + y0 * W;
+    for (long i = 0; i < n; i++) out[i] = 0;
+    for (long c = 0; c < C; c++)
+        for (long i = 0; i < n; i++) out[i] += x0[c * HW + i] * x0[c * HW + i];
 }
 
 /* Where block bi of a row reads the neighbour row of each offset o (border tables, the same for every row). */
@@ -642,6 +658,13 @@ static void read_band(const geom *g, long C, long y0, long nr, const rowtaps *rt
             for (long bi = 0; bi < nb; bi++) {
                 long xs = block_start(bi, W), y = y0 + r;
                 const blocktap *tb = tab + bi * O;
+                /* the band's leading row (the other window rows were read by the rows above) comes from memory:
+                 * fetch it a few blocks ahead; the hardware prefetcher does not follow this many streams */
+                const long reach = g->R * g->D, lx = xs + LW_PREFETCH_BLOCKS * VL;
+                if (lx < W)
+                    for (long ly = r ? y + reach : y - reach; ly <= y + reach; ly += g->D)
+                        if (ly >= 0 && ly < g->H)
+                            for (long j = 0; j < m; j++) __builtin_prefetch(vc + j * HW + ly * W + lx, 0, 3);
                 switch (m) {
                 case 8: read_chunk(8, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
                 case 7: read_chunk(7, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
@@ -678,10 +701,14 @@ static void read_band_plain(const geom *g, long C, long y0, long nr, const rowta
     }
 }
 
-/* Rows per band: the band's weight rows (O x W each) stay within ~128 KB, at most 16 rows, and every thread
- * gets a band. */
+/* Rows per band: the band's weight rows (O x W each) stay within LW_BAND_KB (in L2 with the value rows they
+ * read), at most 16 rows, and every thread gets a band. A band reads its value rows from memory once, plus 2 R D
+ * rows of halo: taller bands cost less memory traffic. */
+#ifndef LW_BAND_KB
+#define LW_BAND_KB 128
+#endif
 static long band_rows(const geom *g, long B, int nthreads) {
-    long rows = (128L * 1024) / (g->O * g->W * (long)sizeof(real));
+    long rows = (LW_BAND_KB * 1024L) / (g->O * g->W * (long)sizeof(real));
     if (rows > 16) rows = 16;
     long per_thread = (B * g->H + nthreads - 1) / (nthreads > 0 ? nthreads : 1);
     if (rows > per_thread) rows = per_thread;
@@ -720,24 +747,29 @@ static inline vreal reliability_block(long K, const vreal *top, const vreal *G, 
     return vsigmoid(z);
 }
 
-/* Similarity rows of row y into s (O rows of W, -inf outside), W >= VL. */
-static void sim_row_inf(const geom *g, long C, const real *q, const real *k, real scale, real *s, long b,
-                        long y) {
+/* Similarity rows of row y into s (O rows of W, -inf outside), W >= VL. qn: |q|^2 of row y; kn: |k|^2 with row
+ * y' at kn + y' W (the rows of the window). The key rows come from memory only as the band's leading row: they
+ * are prefetched a few blocks ahead. */
+static void sim_row_inf(const geom *g, long C, const real *q, const real *k, const real *qn, const real *kn,
+                        real scale, real *s, long b, long y) {
     const long W = g->W, HW = g->HW, O = g->O, K = g->K, nb = (W + VL - 1) / VL;
     const real *qb = q + b * C * HW + y * W, *kb = k + b * C * HW;
+    const long ly = y + g->R * g->D;
     for (long o = 0; o < O; o++) {
         long dy = g->oy[o];
         if (y + dy < 0 || y + dy >= g->H)
             for (long x = 0; x < W; x++) s[o * W + x] = (real)-INFINITY;
     }
     for (long bi = 0; bi < nb; bi++) {
-        long xs = block_start(bi, W);
+        long xs = block_start(bi, W), lx = xs + LW_PREFETCH_BLOCKS * VL;
+        if (ly < g->H && lx < W)
+            for (long c = 0; c < C; c++) __builtin_prefetch(kb + c * HW + ly * W + lx, 0, 3);
         for (long r0 = 0; r0 < O; r0 += K) { /* one window row (same dy) at a time */
             long dy = g->oy[r0];
             if (y + dy < 0 || y + dy >= g->H) continue;
             for (long j0 = 0; j0 < K; j0 += 5) {
                 const int n = K - j0 < 5 ? (int)(K - j0) : 5;
-                const real *kp[5];
+                const real *kp[5], *knp[5];
                 int border[5];
                 vmask idx[5], valid[5];
                 vreal out[5];
@@ -745,14 +777,17 @@ static void sim_row_inf(const geom *g, long C, const real *q, const real *k, rea
                     long st;
                     border[j] = block_src(xs, g->ox[r0 + j0 + j], W, &st, &idx[j], &valid[j]);
                     kp[j] = kb + (y + dy) * W + st;
+                    knp[j] = kn + (y + dy) * W + st;
                 }
+#define LW_SIM_CHUNK(N) sim_chunk(N, C, HW, qb + xs, kp, qn + xs, knp, border, idx, valid, scale, out)
                 switch (n) {
-                case 5: sim_chunk(5, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
-                case 4: sim_chunk(4, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
-                case 3: sim_chunk(3, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
-                case 2: sim_chunk(2, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
-                default: sim_chunk(1, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
+                case 5: LW_SIM_CHUNK(5); break;
+                case 4: LW_SIM_CHUNK(4); break;
+                case 3: LW_SIM_CHUNK(3); break;
+                case 2: LW_SIM_CHUNK(2); break;
+                default: LW_SIM_CHUNK(1); break;
                 }
+#undef LW_SIM_CHUNK
                 for (int j = 0; j < n; j++) vstore(s + (r0 + j0 + j) * W + xs, out[j]);
             }
         }
@@ -802,14 +837,22 @@ void LW_FN(lw_attention_inf)(const real *q, const real *k, const real *v, real *
         /* per thread: the similarity rows of one image row, the affinity rows of a band (unless written to aff) */
         real *s = malloc(sizeof(real) * ((1 + Y) * O * W + Y * W));
         real *abuf = s + O * W, *hbuf = abuf + Y * O * W;
+        /* and the squared norms of the band's query rows and of the key rows its windows reach */
+        const long reach = R * D, krows = Y + 2 * reach < H ? Y + 2 * reach : H;
+        real *qn = malloc(sizeof(real) * (Y + krows) * W), *knb = qn + Y * W;
         rowtaps *rt = malloc(sizeof(rowtaps) * Y);
 #pragma omp for schedule(static)
         for (long i = 0; i < B * bands; i++) {
             const long b = i / bands, y0 = (i % bands) * Y, nr = H - y0 < Y ? H - y0 : Y;
+            const long k0 = y0 - reach > 0 ? y0 - reach : 0, k1 = y0 + nr + reach < H ? y0 + nr + reach : H;
+            if (W >= VL) {
+                sq_norm_rows(q + b * Ck * HW, Ck, HW, W, y0, y0 + nr, qn);
+                sq_norm_rows(k + b * Ck * HW, Ck, HW, W, k0, k1, knb);
+            }
             for (long r = 0; r < nr; r++) {
                 const long y = y0 + r;
                 if (W >= VL)
-                    sim_row_inf(&g, Ck, q, k, (real)scale, s, b, y);
+                    sim_row_inf(&g, Ck, q, k, qn + r * W, knb - k0 * W, (real)scale, s, b, y);
                 else
                     sim_row_inf_plain(&g, Ck, q, k, (real)scale, s, b, y);
                 real *arow = aff ? aff + b * O * HW + y * W : abuf + r * O * W;
@@ -875,6 +918,7 @@ void LW_FN(lw_attention_inf)(const real *q, const real *k, const real *v, real *
                 read_band_plain(&g, Cv, y0, nr, rt, v, &ol, b);
         }
         free(rt);
+        free(qn);
         free(s);
     }
     free(any);
