@@ -21,6 +21,7 @@ STAGES = ("key_encoding", "value_encoding", "global_read", "local_reads", "seque
 
 _active: dict[str, float] | None = None
 _sync = None
+_listener = None  # called as listener(name, entering) at every stage boundary while a record is active
 
 
 class _Null:
@@ -46,11 +47,15 @@ class _Timer:
     def __enter__(self) -> None:
         if _sync is not None:
             _sync()
+        if _listener is not None:
+            _listener(self.name, True)
         self.start = time.perf_counter()
 
     def __exit__(self, *exc) -> bool:
         if _sync is not None:
             _sync()
+        if _listener is not None:
+            _listener(self.name, False)
         self.times[self.name] = self.times.get(self.name, 0.0) + time.perf_counter() - self.start
         return False
 
@@ -66,12 +71,13 @@ def enabled() -> bool:
 
 
 @contextmanager
-def record(sync: bool = False) -> Iterator[dict[str, float]]:
-    """Collect stage times (seconds, summed per name) into the yielded dict while the block runs."""
-    global _active, _sync
-    previous, previous_sync = _active, _sync
+def record(sync: bool = False, listener=None) -> Iterator[dict[str, float]]:
+    """Collect stage times (seconds, summed per name) into the yielded dict while the block runs. `listener(name,
+    entering)` is called when each stage starts and ends (e.g. to attribute counted operations to stages)."""
+    global _active, _sync, _listener
+    previous, previous_sync, previous_listener = _active, _sync, _listener
     times: dict[str, float] = {}
-    _active = times
+    _active, _listener = times, listener
     if sync:
         import torch
 
@@ -79,4 +85,4 @@ def record(sync: bool = False) -> Iterator[dict[str, float]]:
     try:
         yield times
     finally:
-        _active, _sync = previous, previous_sync
+        _active, _sync, _listener = previous, previous_sync, previous_listener

@@ -119,7 +119,7 @@ class NativeLibrary:
         self.path = path
         self.flags = flags
         self.isa = isa
-        self.vector_bytes = ISA_VARIANTS[isa][1]
+        self.vector_bytes = ISA_VARIANTS[isa][1] if isa in ISA_VARIANTS else None  # None: built elsewhere
         self.openmp = "-fopenmp" in flags
         lib = ctypes.CDLL(str(path))
         self._functions = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,29 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lmrc.ops import _native
+
+
+_mac_count: list[float] | None = None  # [multiply-adds] while count_multiply_adds() is active
+
+
+@contextmanager
+def count_multiply_adds():
+    """Count the nominal multiply-adds of the local-window ops called in the block (forward only, whichever path
+    runs them): similarity B H W (2d+1)^2 C, weighted sum B H W (2d+1)^2 C, attention B H W (2d+1)^2 (Ck + Cv).
+    Yields a one-element list holding the running count. The native kernels run outside PyTorch, so its FLOP
+    counter does not see them."""
+    global _mac_count
+    previous, counter = _mac_count, [0.0]
+    _mac_count = counter
+    try:
+        yield counter
+    finally:
+        _mac_count = previous
+
+
+def _count_macs(pixels_times_window: int, channels: int) -> None:
+    if _mac_count is not None:
+        _mac_count[0] += float(pixels_times_window) * channels
 
 
 def window_offsets(radius: int) -> list[tuple[int, int]]:
@@ -232,6 +256,7 @@ def local_similarity(query: Tensor, key: Tensor, radius: int, dilation: int = 1,
     _check(radius, dilation, ("query", query), ("key", key))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
+    _count_macs(query.shape[0] * query.shape[2] * query.shape[3] * _window_size(radius), query.shape[1])
     lib = _native_for(radius, query, key)
     if lib is None:
         return local_similarity_plain(query, key, radius, dilation, scale)
@@ -243,6 +268,7 @@ def local_weighted_sum(weights: Tensor, value: Tensor, radius: int, dilation: in
     _check(radius, dilation, ("value", value), ("weights", weights))
     if weights.shape[1] != _window_size(radius):
         raise ValueError(f"weights need {_window_size(radius)} channels for radius {radius}, got {weights.shape[1]}")
+    _count_macs(value.shape[0] * value.shape[2] * value.shape[3] * _window_size(radius), value.shape[1])
     lib = _native_for(radius, weights, value)
     if lib is None:
         return local_weighted_sum_plain(weights, value, radius, dilation)
@@ -256,6 +282,7 @@ def local_attention(
     _check(radius, dilation, ("query", query), ("key", key), ("value", value))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
+    _count_macs(query.shape[0] * query.shape[2] * query.shape[3] * _window_size(radius), query.shape[1] + value.shape[1])
     lib = _native_for(radius, query, key, value)
     if lib is None:
         sim = local_similarity_plain(query, key, radius, dilation, scale)
@@ -356,6 +383,7 @@ def local_attention_inference(
     q, kk, v = _prep(query, dtype), _prep(key, dtype), _prep(value, dtype)
     b, ck, h, w = q.shape
     cv = v.shape[1]
+    _count_macs(b * h * w * _window_size(radius), ck + cv)
     layout = _out_layout(out, b, cv, h, w, dtype)
     readout, bstride, gstride, cper = layout if layout else (torch.empty_like(v), cv * h * w, cv * h * w, cv)
     aff = torch.empty(b, _window_size(radius), h, w, dtype=dtype) if affinity else None
@@ -414,6 +442,7 @@ def local_weighted_sums_inference(
         return [local_weighted_sum(full, v, radius, dilation) for v in values]
     dtype = _compute_dtype(weights, *values)
     wt, vs = _prep(weights, dtype), [_prep(v, dtype) for v in values]
+    _count_macs(b * h * w * _window_size(radius), sum(v.shape[1] for v in vs))
     outs = [_output(None if out is None else o, v.shape, dtype) for o, v in zip(out or [None] * len(vs), vs)]
     second = (vs[1], outs[1], vs[1].shape[1]) if len(vs) == 2 else (None, None, 0)
     lib("lw_wsum_inf", _ptr(wt), _ptr(vs[0]), _ptr(outs[0]), vs[0].shape[1], _ptr(second[0]), _ptr(second[1]),
