@@ -299,18 +299,23 @@ def kernel_rates(peak, repeats, baseline=None, clock="wall"):
     print(f"\nnative kernels, median of {repeats}, {clock} clock" + (
         " (CPU time of this process: other processes' share of the machine left out; spinning OpenMP threads count, "
         "so with several threads the rate is understated)" if clock == "cpu" else ""))
-    print(f"{'scale':>9} {'kernel':>20} {'build':>14} {'ms':>8} {'GMAC/s':>8} {'of peak':>8}")
+    print(f"{'scale':>9} {'kernel':>22} {'build':>14} {'ms':>8} {'GMAC/s':>8} {'of peak':>8}   (fp32 peak: bf16 "
+          f"inputs are computed in fp32)")
     for scale_name, (h, w, cv) in SCALES.items():
         inputs = make_inputs(h, w, cv)
         q, k, v, _ = inputs
         g = torch.Generator().manual_seed(2)
         weights = torch.softmax(torch.randn(1, (2 * RADIUS + 1) ** 2, h // 2, w // 2, generator=g), 1)
         gmac = lmr_gmac(h, w, cv)
+        qh, kh, vh = q.bfloat16(), k.bfloat16(), v.bfloat16()
         cases = {
             "LMR fwd": (lambda: run_once(attention_fast, inputs, False), gmac),
             "LMR fwd+bwd": (lambda: run_once(attention_fast, inputs, True), 3 * gmac),
             "lw_attention_inf": (lambda: inference_attention(q, k, v), gmac),
             "lw_wsum_inf (SLMR)": (lambda: inference_wsum(weights, k, v), gmac),
+            # bf16 inputs (bf16 autocast): read as bf16 by this tree's kernels, copied to float32 by older ones
+            "lw_attention_inf bf16": (lambda: inference_attention(qh, kh, vh), gmac),
+            "lw_wsum_inf bf16": (lambda: inference_wsum(weights, kh, vh), gmac),
         }
         for kernel, (fn, macs) in cases.items():
             times = {label: [] for label in builds}
@@ -325,11 +330,11 @@ def kernel_rates(peak, repeats, baseline=None, clock="wall"):
             for label in builds:
                 sec = statistics.median(times[label])
                 out[(scale_name, kernel, label)] = sec * 1e3
-                print(f"{scale_name:>9} {kernel:>20} {label:>14} {sec * 1e3:8.2f} {macs / sec:8.1f} "
+                print(f"{scale_name:>9} {kernel:>22} {label:>14} {sec * 1e3:8.2f} {macs / sec:8.1f} "
                       f"{peak.fraction(macs / sec):8.1%}", flush=True)
             if baseline is not None:
                 ratio = out[(scale_name, kernel, baseline.isa)] / out[(scale_name, kernel, "this tree")]
-                print(f"{'':>9} {'':>20} {'speedup':>14} {ratio:8.2f}")
+                print(f"{'':>9} {'':>22} {'speedup':>14} {ratio:8.2f}")
     return out
 
 

@@ -424,3 +424,33 @@ def test_each_isa_variant_matches_the_reference(native, monkeypatch, isa):
         read_g, sim_g, _ = lw.local_attention(*leaves, 2, dilation, scale)
         assert _is_native(read_g) and _max_diff(read_g.detach(), read_ref) <= TOL
         assert _max_diff(sim_g.detach(), lw.local_similarity_plain(q, k, 2, dilation, scale)) <= TOL
+
+
+@pytest.mark.parametrize("isa", _native.supported_isas())
+def test_bf16_inputs_are_read_natively_by_the_inference_kernels(native, monkeypatch, isa):
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
+    assert _native.load(torch.float32).bf16_inputs
+    q, k, v = _inputs(1, 16, 10, 9, 37, seed=3)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    g = torch.Generator().manual_seed(5)
+    weights = torch.rand(1, 25, 5, 10, generator=g)
+    fine = [torch.randn(1, c, 10, 20, generator=g).bfloat16() for c in (16, 6)]
+    calls = []
+    lib = _native.load(torch.float32)
+    original = type(lib).__call__
+    monkeypatch.setattr(type(lib), "__call__", lambda self, name, *a: (calls.append(name), original(self, name, *a)))
+    with torch.no_grad():
+        read, aff, top, _ = lw.local_attention_inference(qb, kb, vb, 2, 1, 0.5, top_k=3, affinity=True)
+        sk, sv = lw.local_weighted_sums_inference(weights, fine, 2, 2, upsample=2)
+        # the same kernels on float32 copies of the bf16 values: the same arithmetic, bit for bit
+        read32, aff32, top32, _ = lw.local_attention_inference(qb.float(), kb.float(), vb.float(), 2, 1, 0.5, top_k=3,
+                                                               affinity=True)
+        sk32, sv32 = lw.local_weighted_sums_inference(weights, [t.float() for t in fine], 2, 2, upsample=2)
+    assert calls == ["lw_attention_inf_bf16", "lw_wsum_inf_bf16", "lw_attention_inf", "lw_wsum_inf"]
+    for a, b in ((read, read32), (aff, aff32), (top, top32)):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.bfloat16())
+    assert torch.equal(sk, sk32) and torch.equal(sv, sv32)  # float32 weights: float32 results
+    # and against the float64 reference on the unrounded inputs: bf16 rounding of the inputs only
+    read_ref, _, aff_ref = local_memory_read_reference(q.double(), k.double(), v.double(), 2, 0.5)
+    assert (read.double() - read_ref).abs().max().item() <= 0.05 * read_ref.abs().max().item()
+    assert _max_diff(window_to_4d(aff.float(), 2).reshape(1, 9 * 37, 9 * 37), aff_ref) <= 0.02

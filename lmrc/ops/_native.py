@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("local_window.c", "top_k.c"))  # one library
-HEADERS = (Path(__file__).with_name("kernels.h"),)  # included by the sources: part of the cache key
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("kernels.h", "local_window_inf.h"))  # in the cache key
 
 # Tried in order: the first set is the intended build, the second keeps a working (single-threaded) kernel when the
 # compiler has no OpenMP (e.g. Apple clang).
@@ -57,6 +57,9 @@ _SIGNATURES = {
     "lw_wsum_inf": [_P] * 3 + [_L] + [_P] * 2 + [_L] * 7 + [_I],
     "tk_rows": [_P] + [_L] * 3 + [_P, _P, _I],
 }
+# float build only: the inference kernels reading bfloat16 inputs (same arguments)
+_BF16_SIGNATURES = {"lw_attention_inf_bf16": _SIGNATURES["lw_attention_inf"],
+                    "lw_wsum_inf_bf16": _SIGNATURES["lw_wsum_inf"]}
 
 _lock = threading.Lock()
 _loaded: dict[tuple[torch.dtype, str], "NativeLibrary | None"] = {}
@@ -123,7 +126,9 @@ class NativeLibrary:
         self.openmp = "-fopenmp" in flags
         lib = ctypes.CDLL(str(path))
         self._functions = {}
-        for name, argtypes in _SIGNATURES.items():
+        signatures = {**_SIGNATURES, **(_BF16_SIGNATURES if hasattr(lib, "lw_attention_inf_bf16" + suffix) else {})}
+        self.bf16_inputs = len(signatures) > len(_SIGNATURES)
+        for name, argtypes in signatures.items():
             fn = getattr(lib, name + suffix)
             fn.argtypes = argtypes
             fn.restype = None
@@ -163,6 +168,8 @@ def _build(cc: list[str], real: str, suffix: str, isa: str) -> tuple[Path | None
     for flags in _FLAG_SETS:
         full = _COMMON_FLAGS + flags + isa_flags + [f"-DLW_REAL={real}", f"-DLW_SUFFIX={suffix}",
                                                     f"-DLW_VBYTES={vector_bytes}"]
+        if real == "float":
+            full.append("-DLW_BF16_INPUTS=1")
         key = hashlib.sha256(
             b"\0".join([source, " ".join(cc).encode(), version.encode(), " ".join(full).encode(),
                         platform.machine().encode()])

@@ -145,6 +145,11 @@ def _prep(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype).contiguous()
 
 
+def _bf16_inputs(lib, *tensors: Tensor) -> bool:
+    """True when the inference kernels read these tensors as bfloat16 (all bf16, and the library has the variant)."""
+    return getattr(lib, "bf16_inputs", False) and all(t.dtype == torch.bfloat16 for t in tensors)
+
+
 def _ptr(t: Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
@@ -380,12 +385,15 @@ def local_attention_inference(
             readout = readout * weight
         return readout, aff if affinity else None, top, weight
     dtype = _compute_dtype(query, key, value)
-    q, kk, v = _prep(query, dtype), _prep(key, dtype), _prep(value, dtype)
+    # bf16 inputs (bf16 autocast) are read as they are, without float32 copies; all else computes in `dtype`
+    bf16 = _bf16_inputs(lib, query, key, value)
+    q, kk, v = (t.contiguous() if bf16 else _prep(t, dtype) for t in (query, key, value))
     b, ck, h, w = q.shape
     cv = v.shape[1]
     _count_macs(b * h * w * _window_size(radius), ck + cv)
     layout = _out_layout(out, b, cv, h, w, dtype)
-    readout, bstride, gstride, cper = layout if layout else (torch.empty_like(v), cv * h * w, cv * h * w, cv)
+    readout, bstride, gstride, cper = layout if layout else (torch.empty(b, cv, h, w, dtype=dtype), cv * h * w,
+                                                             cv * h * w, cv)
     aff = torch.empty(b, _window_size(radius), h, w, dtype=dtype) if affinity else None
     top = torch.empty(b, k, h, w, dtype=dtype) if k > 0 else None
     gtop = relw = weight = None
@@ -394,7 +402,8 @@ def local_attention_inference(
         gtop, relw = _prep(reliability[0], dtype), _prep(reliability[1].reshape(-1), dtype)
         bias, alpha = float(reliability[2]), float(reliability[3])
         weight = torch.empty(b, 1, h, w, dtype=dtype)
-    lib("lw_attention_inf", _ptr(q), _ptr(kk), _ptr(v), _ptr(readout), _ptr(aff), _ptr(top),
+    lib("lw_attention_inf_bf16" if bf16 else "lw_attention_inf", _ptr(q), _ptr(kk), _ptr(v), _ptr(readout),
+        _ptr(aff), _ptr(top),
         k, b, ck, cv, h, w, int(radius), int(dilation), float(scale), bstride, gstride, cper,
         _ptr(gtop), _ptr(relw), bias, alpha, _ptr(weight))
     out_dtype = _result_dtype(query, key, value)
@@ -441,10 +450,11 @@ def local_weighted_sums_inference(
         full = F.interpolate(weights, size=(h, w), mode="nearest") if upsample == 2 else weights
         return [local_weighted_sum(full, v, radius, dilation) for v in values]
     dtype = _compute_dtype(weights, *values)
-    wt, vs = _prep(weights, dtype), [_prep(v, dtype) for v in values]
+    bf16 = _bf16_inputs(lib, *values)  # values read as bf16; the (small) weights in float32
+    wt, vs = _prep(weights, dtype), [v.contiguous() if bf16 else _prep(v, dtype) for v in values]
     _count_macs(b * h * w * _window_size(radius), sum(v.shape[1] for v in vs))
     outs = [_output(None if out is None else o, v.shape, dtype) for o, v in zip(out or [None] * len(vs), vs)]
     second = (vs[1], outs[1], vs[1].shape[1]) if len(vs) == 2 else (None, None, 0)
-    lib("lw_wsum_inf", _ptr(wt), _ptr(vs[0]), _ptr(outs[0]), vs[0].shape[1], _ptr(second[0]), _ptr(second[1]),
+    lib("lw_wsum_inf_bf16" if bf16 else "lw_wsum_inf", _ptr(wt), _ptr(vs[0]), _ptr(outs[0]), vs[0].shape[1], _ptr(second[0]), _ptr(second[1]),
         second[2], vs[0].shape[0], h, w, int(radius), int(dilation), int(upsample))
     return [o.to(_result_dtype(weights, v)) for o, v in zip(outs, values)]
