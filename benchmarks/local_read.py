@@ -260,20 +260,36 @@ def inference_wsum(weights, k, v):
 
 
 def baseline_library(rev: str):
-    """The float32 kernels of git revision `rev`, compiled as that revision did (-O3 -march=native -fopenmp)."""
+    """The float32 kernels of git revision `rev`, compiled as that revision did: -O3 -march=native -fopenmp before
+    the per-ISA builds, else with the flags of the ISA variant this tree picks."""
+    import shutil
     import subprocess
     import tempfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+
+    def show(path):
+        return subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True).stdout
+
+    names = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, "lmrc/ops/"], check=True,
+                           capture_output=True, text=True).stdout.split()
     out = Path(tempfile.mkdtemp(prefix="lmrc-baseline-"))
-    for name in ("local_window.c", "top_k.c", "kernels.h"):
-        (out / name).write_bytes(subprocess.run(["git", "-C", str(root), "show", f"{rev}:lmrc/ops/{name}"],
-                                                check=True, capture_output=True).stdout)
-    flags = ["-O3", "-march=native", "-fopenmp"]
-    subprocess.run(["cc", "-std=gnu11", "-shared", "-fPIC", *flags, "-DLW_REAL=float", "-DLW_SUFFIX=_f32",
-                    str(out / "local_window.c"), str(out / "top_k.c"), "-o", str(out / "baseline.so"), "-lm"], check=True)
-    return _native.NativeLibrary(out / "baseline.so", "_f32", flags, isa=f"git {rev}")
+    try:
+        for name in names:
+            if name.endswith((".c", ".h")):
+                (out / Path(name).name).write_bytes(show(name))
+        if b"ISA_VARIANTS" in show("lmrc/ops/_native.py"):
+            isa = _native.chosen_isa()
+            isa_flags, vector_bytes, _ = _native.ISA_VARIANTS[isa]
+            flags = ["-O3", "-fopenmp", *isa_flags, f"-DLW_VBYTES={vector_bytes}", "-DLW_BF16_INPUTS=1"]
+        else:
+            flags = ["-O3", "-march=native", "-fopenmp"]
+        subprocess.run(["cc", "-std=gnu11", "-shared", "-fPIC", *flags, "-DLW_REAL=float", "-DLW_SUFFIX=_f32",
+                        *(str(p) for p in sorted(out.glob("*.c"))), "-o", str(out / "baseline.so"), "-lm"], check=True)
+        return _native.NativeLibrary(out / "baseline.so", "_f32", flags, isa=f"git {rev}")
+    finally:
+        shutil.rmtree(out)  # the loaded library stays mapped
 
 
 def with_library(lib, fn):

@@ -371,9 +371,10 @@ void LW_FN(lw_wsum_bwd)(const real *gout, const real *w, const real *v, real *gw
     }
 }
 
-/* Fused LMR (eq. 4-5): similarity, affinity and readout of one row while its data is in cache. */
-void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *s, real *a, real *out, long B,
-                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
+/* Fused LMR (eq. 4-5), rows narrower than a vector: similarity, affinity and readout of one row while its data is
+ * in cache. Wider rows take lw_attention_fwd (after the inference kernels, whose loops it shares). */
+static void attention_fwd_rows(const real *q, const real *k, const real *v, real *s, real *a, real *out, long B,
+                               long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
     geom g = make_geom(H, W, R, D);
     LW_ROWS_PARALLEL
     for (long i = 0; i < B * H; i++) {
@@ -645,3 +646,51 @@ static inline real ld_bf16(const lw_bf16 *p) {
 #include "local_window_inf.h"
 #endif
 
+/* Fused LMR (eq. 4-5) for autograd: writes the similarity s and affinity a (B x O x H x W, kept for the backward
+ * pass) and the readout. Bands of rows as lw_attention_inf: the similarity in dot form from the band's squared
+ * norms (sim_row_inf), softmax_row, then the register-blocked readout of the band (read_band). */
+void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *s, real *a, real *out, long B,
+                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
+    if (W < VL) {
+        attention_fwd_rows(q, k, v, s, a, out, B, Ck, Cv, H, W, R, D, scale, nthreads);
+        return;
+    }
+    geom g = make_geom(H, W, R, D);
+    const olayout ol = {out, Cv * g.HW, Cv * g.HW, Cv > 0 ? Cv : 1};
+    const long O = g.O, HW = g.HW, nb = (W + VL - 1) / VL, Y = band_rows(&g, B, nthreads), bands = (H + Y - 1) / Y;
+    blocktap *tab = alloc_tables(nb * O);
+    int *any = malloc(sizeof(int) * nb);
+    if (!tab || !any) {
+        free(any);
+        free(tab);
+        attention_fwd_rows(q, k, v, s, a, out, B, Ck, Cv, H, W, R, D, scale, nthreads);
+        return;
+    }
+    block_tables(&g, tab, any);
+#pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
+    {
+        const long reach = R * D, krows = Y + 2 * reach < H ? Y + 2 * reach : H;
+        real *qn = malloc(sizeof(real) * (Y + krows + 1) * W), *knb = qn + Y * W, *tmp = knb + krows * W;
+        rowtaps *rt = malloc(sizeof(rowtaps) * Y);
+#pragma omp for schedule(static)
+        for (long i = 0; i < B * bands; i++) {
+            const long b = i / bands, y0 = (i % bands) * Y, nr = H - y0 < Y ? H - y0 : Y;
+            const long k0 = y0 - reach > 0 ? y0 - reach : 0, k1 = y0 + nr + reach < H ? y0 + nr + reach : H;
+            sq_norm_rows(q + b * Ck * HW, Ck, HW, W, y0, y0 + nr, qn);
+            sq_norm_rows(k + b * Ck * HW, Ck, HW, W, k0, k1, knb);
+            for (long r = 0; r < nr; r++) {
+                const long y = y0 + r;
+                sim_row_inf(&g, Ck, q, k, qn + r * W, knb - k0 * W, (real)scale, s + b * O * HW + y * W, HW, b, y);
+                softmax_row(&g, s, a, tmp, b, y);
+                rt[r].n = inf_taps(&g, y, rt[r].t);
+                for (int j = 0; j < rt[r].n; j++) rt[r].wr[j] = a + b * O * HW + rt[r].t[j].o * HW + y * W;
+                rt[r].h = NULL;
+            }
+            read_band(&g, Cv, y0, nr, rt, tab, any, v, &ol, b);
+        }
+        free(rt);
+        free(qn);
+    }
+    free(any);
+    free(tab);
+}

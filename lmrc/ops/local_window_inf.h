@@ -144,18 +144,18 @@ static void LW_INF(read_band_plain)(const geom *g, long C, long y0, long nr, con
     }
 }
 
-/* Similarity rows of row y into s (O rows of W, -inf outside), W >= VL. qn: |q|^2 of row y; kn: |k|^2 with row
+/* Similarity rows of row y into s (O rows of W, sst apart, -inf outside), W >= VL. qn: |q|^2 of row y; kn: |k|^2 with row
  * y' at kn + y' W (the rows of the window). The key rows come from memory only as the band's leading row: they
  * are prefetched a few blocks ahead. */
 static void LW_INF(sim_row_inf)(const geom *g, long C, const LW_IN *q, const LW_IN *k, const real *qn, const real *kn,
-                        real scale, real *s, long b, long y) {
+                        real scale, real *s, long sst, long b, long y) {
     const long W = g->W, HW = g->HW, O = g->O, K = g->K, nb = (W + VL - 1) / VL;
     const LW_IN *qb = q + b * C * HW + y * W, *kb = k + b * C * HW;
     const long ly = y + g->R * g->D;
     for (long o = 0; o < O; o++) {
         long dy = g->oy[o];
         if (y + dy < 0 || y + dy >= g->H)
-            for (long x = 0; x < W; x++) s[o * W + x] = (real)-INFINITY;
+            for (long x = 0; x < W; x++) s[o * sst + x] = (real)-INFINITY;
     }
     for (long bi = 0; bi < nb; bi++) {
         long xs = block_start(bi, W), lx = xs + LW_PREFETCH_BLOCKS * VL;
@@ -186,7 +186,7 @@ static void LW_INF(sim_row_inf)(const geom *g, long C, const LW_IN *q, const LW_
                 default: LW_SIM_CHUNK(1); break;
                 }
 #undef LW_SIM_CHUNK
-                for (int j = 0; j < n; j++) vstore(s + (r0 + j0 + j) * W + xs, out[j]);
+                for (int j = 0; j < n; j++) vstore(s + (r0 + j0 + j) * sst + xs, out[j]);
             }
         }
     }
@@ -250,7 +250,7 @@ void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const LW_IN
             for (long r = 0; r < nr; r++) {
                 const long y = y0 + r;
                 if (W >= VL)
-                    LW_INF(sim_row_inf)(&g, Ck, q, k, qn + r * W, knb - k0 * W, (real)scale, s, b, y);
+                    LW_INF(sim_row_inf)(&g, Ck, q, k, qn + r * W, knb - k0 * W, (real)scale, s, W, b, y);
                 else
                     LW_INF(sim_row_inf_plain)(&g, Ck, q, k, (real)scale, s, b, y);
                 real *arow = aff ? aff + b * O * HW + y * W : abuf + r * O * W;
