@@ -386,12 +386,13 @@ static void attention_fwd_rows(const real *q, const real *k, const real *v, real
     }
 }
 
-/* Backward of the fused LMR. gr (readout grad) is required; gs and ga may be NULL (unused outputs).
+/* Backward of the fused LMR, row by row (rows narrower than a vector; lw_attention_bwd below takes wider ones).
+ * gr (readout grad) is required; gs and ga may be NULL (unused outputs).
  * ds (B x O x H x W) receives the similarity gradient; gq must be given (its rows serve as scratch),
  * gk and gv may be NULL. Two passes: ds and gq need only row y, gk and gv gather ds and a from other rows. */
-void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, const real *q, const real *k,
-                             const real *v, const real *a, real *ds, real *gq, real *gk, real *gv, long B,
-                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
+static void attention_bwd_rows(const real *gr, const real *gs, const real *ga, const real *q, const real *k,
+                               const real *v, const real *a, real *ds, real *gq, real *gk, real *gv, long B,
+                               long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
     geom g = make_geom(H, W, R, D);
     const long HW = g.HW, O = g.O;
     LW_ROWS_PARALLEL
@@ -693,4 +694,74 @@ void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *
     }
     free(any);
     free(tab);
+}
+
+/* Backward of the fused LMR (arguments as attention_bwd_rows). Pass 1, per row, with the inference loops: the
+ * affinity gradient sum_c gr(c) v(c, shifted) as raw dot products (sim_row_inf), the softmax backward, and
+ * gq = -2 scale (q S - sum_o ds_o k(shifted)) with S = sum of ds over the neighbours inside the image, the sum
+ * being a readout (read_band) with ds as its weights. Pass 2 (gk, gv: gathers from other rows) as before. */
+void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, const real *q, const real *k,
+                             const real *v, const real *a, real *ds, real *gq, real *gk, real *gv, long B,
+                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
+    geom g = make_geom(H, W, R, D);
+    const long HW = g.HW, O = g.O, nb = (W + VL - 1) / VL;
+    blocktap *tab = W >= VL ? alloc_tables(nb * O) : NULL;
+    int *any = tab ? malloc(sizeof(int) * nb) : NULL;
+    if (!tab || !any) {
+        free(any);
+        free(tab);
+        attention_bwd_rows(gr, gs, ga, q, k, v, a, ds, gq, gk, gv, B, Ck, Cv, H, W, R, D, scale, nthreads);
+        return;
+    }
+    block_tables(&g, tab, any);
+    const olayout olq = {gq, Ck * HW, Ck * HW, Ck > 0 ? Ck : 1};
+#pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
+    {
+        real *dot = malloc(sizeof(real) * (O + 1) * W), *t = dot + O * W;
+        rowtaps *rt = malloc(sizeof(rowtaps));
+#pragma omp for schedule(static)
+        for (long i = 0; i < B * H; i++) {
+            const long b = i / H, y = i % H;
+            real *dsrow = ds + b * O * HW + y * W;
+            const real *arow = a + b * O * HW + y * W;
+            sim_row_inf(&g, Cv, gr, v, NULL, NULL, 1, dot, W, b, y);
+            for (long o = 0; o < O; o++)
+                for (long x = 0; x < W; x++)
+                    dsrow[o * HW + x] = (ga ? ga[b * O * HW + o * HW + y * W + x] : 0) + dot[o * W + x];
+            /* softmax backward: ds = a * (da - sum_o a * da) */
+            for (long x = 0; x < W; x++) t[x] = 0;
+            for (long o = 0; o < O; o++)
+                for (long x = 0; x < W; x++) t[x] += arow[o * HW + x] * dsrow[o * HW + x];
+            for (long o = 0; o < O; o++)
+                for (long x = 0; x < W; x++) dsrow[o * HW + x] = arow[o * HW + x] * (dsrow[o * HW + x] - t[x]);
+            if (gs)
+                for (long o = 0; o < O; o++)
+                    for (long x = 0; x < W; x++) dsrow[o * HW + x] += gs[b * O * HW + o * HW + y * W + x];
+            /* query gradient: S over the neighbours inside the image, then the readout of k weighted by ds */
+            rt->n = inf_taps(&g, y, rt->t);
+            rt->h = NULL;
+            for (long x = 0; x < W; x++) t[x] = 0;
+            for (int j = 0; j < rt->n; j++) {
+                const long dx = rt->t[j].dx, x0 = dx < 0 ? -dx : 0, x1 = dx > 0 ? W - dx : W;
+                rt->wr[j] = dsrow + rt->t[j].o * HW;
+                for (long x = x0; x < x1; x++) t[x] += rt->wr[j][x];
+            }
+            read_band(&g, Ck, y, 1, rt, tab, any, k, &olq, b);
+            const real f = (real)(-2 * scale);
+            for (long c = 0; c < Ck; c++) {
+                const real *qr = q + (b * Ck + c) * HW + y * W;
+                real *gqr = gq + (b * Ck + c) * HW + y * W;
+                for (long x = 0; x < W; x++) gqr[x] = f * (qr[x] * t[x] - gqr[x]);
+            }
+        }
+        free(rt);
+        free(dot);
+    }
+    free(any);
+    free(tab);
+    LW_ROWS_PARALLEL
+    for (long i = 0; i < B * H; i++) {
+        if (gk) sim_grad_k_row(&g, Ck, ds, q, k, gk, (real)scale, i / H, i % H);
+        if (gv) wsum_grad_v_row(&g, Cv, a, gr, gv, i / H, i % H);
+    }
 }

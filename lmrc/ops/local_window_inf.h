@@ -31,6 +31,10 @@ static inline __attribute__((always_inline)) void LW_INF(sim_chunk)(const int n,
             }
         }
     }
+    if (!qn) { /* raw dot products (the backward pass's weight gradient): 0 outside the image */
+        for (int j = 0; j < n; j++) out[j] = border[j] ? vsel(valid[j], a[j], vsplat(0)) : a[j];
+        return;
+    }
     const vreal qnv = vload(qn);
     for (int j = 0; j < n; j++) {
         vreal knv = vload(knp[j]);
@@ -144,7 +148,8 @@ static void LW_INF(read_band_plain)(const geom *g, long C, long y0, long nr, con
     }
 }
 
-/* Similarity rows of row y into s (O rows of W, sst apart, -inf outside), W >= VL. qn: |q|^2 of row y; kn: |k|^2 with row
+/* Similarity rows of row y into s (O rows of W, sst apart, -inf outside), W >= VL. qn = kn = NULL: the raw dot
+ * products sum_c q(c, y, x) k(c, y + dy, x + dx) instead, 0 outside, scale unused. qn: |q|^2 of row y; kn: |k|^2 with row
  * y' at kn + y' W (the rows of the window). The key rows come from memory only as the band's leading row: they
  * are prefetched a few blocks ahead. */
 static void LW_INF(sim_row_inf)(const geom *g, long C, const LW_IN *q, const LW_IN *k, const real *qn, const real *kn,
@@ -155,7 +160,7 @@ static void LW_INF(sim_row_inf)(const geom *g, long C, const LW_IN *q, const LW_
     for (long o = 0; o < O; o++) {
         long dy = g->oy[o];
         if (y + dy < 0 || y + dy >= g->H)
-            for (long x = 0; x < W; x++) s[o * sst + x] = (real)-INFINITY;
+            for (long x = 0; x < W; x++) s[o * sst + x] = qn ? (real)-INFINITY : 0;
     }
     for (long bi = 0; bi < nb; bi++) {
         long xs = block_start(bi, W), lx = xs + LW_PREFETCH_BLOCKS * VL;
@@ -175,9 +180,9 @@ static void LW_INF(sim_row_inf)(const geom *g, long C, const LW_IN *q, const LW_
                     long st;
                     border[j] = block_src(xs, g->ox[r0 + j0 + j], W, &st, &idx[j], &valid[j]);
                     kp[j] = kb + (y + dy) * W + st;
-                    knp[j] = kn + (y + dy) * W + st;
+                    knp[j] = kn ? kn + (y + dy) * W + st : NULL;
                 }
-#define LW_SIM_CHUNK(N) LW_INF(sim_chunk)(N, C, HW, qb + xs, kp, qn + xs, knp, border, idx, valid, scale, out)
+#define LW_SIM_CHUNK(N) LW_INF(sim_chunk)(N, C, HW, qb + xs, kp, qn ? qn + xs : NULL, knp, border, idx, valid, scale, out)
                 switch (n) {
                 case 5: LW_SIM_CHUNK(5); break;
                 case 4: LW_SIM_CHUNK(4); break;
