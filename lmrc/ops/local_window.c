@@ -696,10 +696,66 @@ void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *
     free(tab);
 }
 
+/* out(c, y, x) = sum over taps of w(o, y + dy, x + dx) v(c, y + dy, x + dx) for one image (w: O x H x W, v and out:
+ * C x H x W), the taps given by the negated-offset geometry gn and its block tables: the gather form of a
+ * weighted sum's transpose (its value gradient), n value channels at a time in registers as in read_chunk. */
+static inline __attribute__((always_inline)) void gather_chunk(const int n, long HW, long W, long y, long xs,
+                                                               const itap *taps, int ntaps, const blocktap *tab,
+                                                               int any, const real *w, const real *vc, real *oc) {
+    vreal acc[LW_CB] = {0};
+    for (int i = 0; i < ntaps; i++) {
+        const blocktap *e = tab + taps[i].o;
+        const long at = (y + taps[i].dy) * W + xs + e->rel;
+        const real *wsrc = w + taps[i].o * HW + at, *vsrc = vc + at;
+        if (!any || !e->border) {
+            vreal wv = vload(wsrc);
+            for (int j = 0; j < n; j++) acc[j] += wv * vload(vsrc + j * HW);
+        } else { /* both shifted alike; the weight's lanes outside the image are zeroed */
+            vmask ix = e->idx;
+            vreal wv = (vreal)((vmask)vshuf(vload(wsrc), ix) & e->valid);
+            for (int j = 0; j < n; j++) acc[j] += wv * vshuf(vload(vsrc + j * HW), ix);
+        }
+    }
+    for (int j = 0; j < n; j++) vstore(oc + j * HW + y * W + xs, acc[j]);
+}
+
+static void gather_row(const geom *gn, long C, long y, const itap *taps, int ntaps, const blocktap *tab,
+                       const int *any, const real *w, const real *v, real *out) {
+    const long W = gn->W, HW = gn->HW, O = gn->O, nb = (W + VL - 1) / VL;
+    long m;
+    for (long c = 0; c < C; c += m) {
+        m = C - c < LW_CB ? C - c : LW_CB;
+        for (long bi = 0; bi < nb; bi++) {
+            const long xs = block_start(bi, W), lx = xs + LW_PREFETCH_BLOCKS * VL;
+            if (lx < W) /* the newest rows of weights and values, a few blocks ahead (too many streams otherwise) */
+                for (int i = 0; i < ntaps; i++)
+                    if (taps[i].dy == taps[ntaps - 1].dy) {
+                        const long at = (y + taps[i].dy) * W + lx;
+                        __builtin_prefetch(w + taps[i].o * HW + at, 0, 3);
+                        if (taps[i].dx == taps[ntaps - 1].dx)
+                            for (long j = 0; j < m; j++) __builtin_prefetch(v + (c + j) * HW + at, 0, 3);
+                    }
+#define LW_GATHER(N) gather_chunk(N, HW, W, y, xs, taps, ntaps, tab + bi * O, any[bi], w, v + c * HW, out + c * HW)
+            switch (m) {
+            case 8: LW_GATHER(8); break;
+            case 7: LW_GATHER(7); break;
+            case 6: LW_GATHER(6); break;
+            case 5: LW_GATHER(5); break;
+            case 4: LW_GATHER(4); break;
+            case 3: LW_GATHER(3); break;
+            case 2: LW_GATHER(2); break;
+            default: LW_GATHER(1); break;
+            }
+#undef LW_GATHER
+        }
+    }
+}
+
 /* Backward of the fused LMR (arguments as attention_bwd_rows). Pass 1, per row, with the inference loops: the
  * affinity gradient sum_c gr(c) v(c, shifted) as raw dot products (sim_row_inf), the softmax backward, and
  * gq = -2 scale (q S - sum_o ds_o k(shifted)) with S = sum of ds over the neighbours inside the image, the sum
- * being a readout (read_band) with ds as its weights. Pass 2 (gk, gv: gathers from other rows) as before. */
+ * being a readout (read_band) with ds as its weights. Pass 2, per row, the gathers from other rows: gv = sum_o a_o gr
+ * and gk = 2 scale (sum_o ds_o q - k T) at the shifted positions (gather_row). */
 void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, const real *q, const real *k,
                              const real *v, const real *a, real *ds, real *gq, real *gk, real *gv, long B,
                              long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
@@ -757,11 +813,42 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
         free(rt);
         free(dot);
     }
+    /* pass 2: the gathers, over the negated offsets (a source pixel receives from the pixels it is a neighbour of) */
+    geom gn = g;
+    for (long o = 0; o < O; o++) {
+        gn.oy[o] = -g.oy[o];
+        gn.ox[o] = -g.ox[o];
+    }
+    block_tables(&gn, tab, any);
+#pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
+    {
+        real *t = malloc(sizeof(real) * W);
+        itap *taps = malloc(sizeof(itap) * LW_MAX_O);
+#pragma omp for schedule(static)
+        for (long i = 0; i < B * H; i++) {
+            const long b = i / H, y = i % H;
+            const int n = inf_taps(&gn, y, taps);
+            if (gv) gather_row(&gn, Cv, y, taps, n, tab, any, a + b * O * HW, gr + b * Cv * HW, gv + b * Cv * HW);
+            if (gk) {
+                /* gk = 2 scale (sum_o ds_o q - k T), T = sum of ds over the pixels this one is a neighbour of */
+                gather_row(&gn, Ck, y, taps, n, tab, any, ds + b * O * HW, q + b * Ck * HW, gk + b * Ck * HW);
+                for (long x = 0; x < W; x++) t[x] = 0;
+                for (int j = 0; j < n; j++) {
+                    const long dx = taps[j].dx, x0 = dx < 0 ? -dx : 0, x1 = dx > 0 ? W - dx : W;
+                    const real *dr = ds + b * O * HW + taps[j].o * HW + (y + taps[j].dy) * W + dx;
+                    for (long x = x0; x < x1; x++) t[x] += dr[x];
+                }
+                const real f = (real)(2 * scale);
+                for (long c = 0; c < Ck; c++) {
+                    const real *kr = k + (b * Ck + c) * HW + y * W;
+                    real *gkr = gk + (b * Ck + c) * HW + y * W;
+                    for (long x = 0; x < W; x++) gkr[x] = f * (gkr[x] - kr[x] * t[x]);
+                }
+            }
+        }
+        free(taps);
+        free(t);
+    }
     free(any);
     free(tab);
-    LW_ROWS_PARALLEL
-    for (long i = 0; i < B * H; i++) {
-        if (gk) sim_grad_k_row(&g, Ck, ds, q, k, gk, (real)scale, i / H, i % H);
-        if (gv) wsum_grad_v_row(&g, Cv, a, gr, gv, i / H, i % H);
-    }
 }
