@@ -383,10 +383,10 @@ def main(argv=None) -> int:
           f"native kernels: {lib.isa if lib else 'not built'} ({lib.path.name if lib else '-'})")
     # wall-clock medians are only comparable on an idle machine: show how busy it was
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    peak = estimate_peak()
-    print("\n".join(peak.describe()))
+    machine = estimate_peak()
+    print("\n".join(machine.describe()))
     baseline = baseline_library(args.baseline_rev) if args.baseline_rev else None
-    kernel_rates(peak, args.repeats, baseline, args.clock)
+    kernel_rates(machine, args.repeats, baseline, args.clock)
     if args.kernels_only:
         print(f"load average at end: {os.getloadavg()[0]:.1f}")
         return 0
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
                 rate = lmr_gmac(h, w, cv) * (3 if backward else 1) / (ms / 1e3)
                 rows.append(
                     f"{scale_name:>9} {h:>3}x{w:<3} v{cv:<3} {method:>7} {pass_name:>7} {ms:10.2f} {rate:7.1f} "
-                    f"{peak.fraction(rate):7.1%} "
+                    f"{machine.fraction(rate):7.1%} "
                     f"{peak / readout_bytes:8.2f} {results / readout_bytes:8.2f} {(peak - results) / readout_bytes:8.2f}"
                     f"   {peak / 2**20:9.1f} {err:9.1e}"
                 )
@@ -449,7 +449,7 @@ def main(argv=None) -> int:
     )
     gmacs = 3 * lmr_gmac(*SCALES["quarter"]) / (fast[0] / 1e3)
     print(f"load average at end: {os.getloadavg()[0]:.1f}; quarter-scale forward+backward {gmacs:.1f} GMAC/s = "
-          f"{peak.fraction(gmacs):.1%} of the fp32 peak")
+          f"{machine.fraction(gmacs):.1%} of the fp32 peak")
     print(
         f"local_read quarter_scale speedup_vs_plain={plain / fast[0]:.2f} "
         f"extra_memory_vs_output={(fast[1] - fast[2]) / readout_bytes:.2f} gmac_per_s={gmacs:.1f}"

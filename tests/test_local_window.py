@@ -486,3 +486,16 @@ def test_wide_rows_take_the_blocked_autograd_kernels_and_match(native, monkeypat
         assert _max_diff(fast.detach(), ref.detach()) <= TOL
     for fast, ref in zip(grads_fast, grads_plain):
         assert (fast - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_narrow_rows_take_avx2_where_avx512_was_chosen_automatically(native, monkeypatch):
+    monkeypatch.delenv("LMRC_LOCAL_WINDOW_ISA", raising=False)
+    wide = _native.load_for_width(torch.float32, 200)
+    assert wide.isa == _native.chosen_isa()
+    narrow = _native.load_for_width(torch.float32, 54)
+    if _native.chosen_isa() == "avx512":
+        assert narrow.isa == "avx2"
+        monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", "avx512")  # forced: kept
+        assert _native.load_for_width(torch.float32, 54).isa == "avx512"
+    else:
+        assert narrow is wide

@@ -247,6 +247,21 @@ def load(dtype: torch.dtype, isa: str | None = None) -> NativeLibrary | None:
         return lib
 
 
+# Below this row width the 16-float AVX-512 blocks do worse than AVX2's 8-float ones: a row of 54 pixels is 4
+# overlapping blocks, 2 of them border blocks, against 7 blocks with 2 (benchmarks/local_read.py, 1/16 scale).
+NARROW_ROW = 96
+
+
+def load_for_width(dtype: torch.dtype, width: int) -> NativeLibrary | None:
+    """`load(dtype)`, except that rows narrower than NARROW_ROW take the AVX2 variant where AVX-512 was chosen
+    automatically (a variant forced by LMRC_LOCAL_WINDOW_ISA is kept)."""
+    isa = chosen_isa()
+    forced = os.environ.get("LMRC_LOCAL_WINDOW_ISA", "").strip().lower() not in ("", "auto")
+    if width < NARROW_ROW and isa == "avx512" and not forced and "avx2" in supported_isas():
+        return load(dtype, "avx2")
+    return load(dtype, isa)
+
+
 def reset() -> None:
     """Forget loaded libraries and the warning state (tests use it to exercise the build and fallback paths)."""
     global _warned

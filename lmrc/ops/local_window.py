@@ -123,7 +123,7 @@ def _native_for(radius: int, *tensors: Tensor):
         if mode == "native":
             raise RuntimeError("LMRC_LOCAL_WINDOW=native needs floating-point CPU tensors")
         return None
-    lib = _native.load(_compute_dtype(*tensors))
+    lib = _native.load_for_width(_compute_dtype(*tensors), max(t.shape[-1] for t in tensors))
     if lib is None and mode == "native":
         raise RuntimeError("LMRC_LOCAL_WINDOW=native but the native kernels could not be built (see the warning)")
     return lib
