@@ -430,11 +430,11 @@ def test_each_isa_variant_matches_the_reference(native, monkeypatch, isa):
 def test_bf16_inputs_are_read_natively_by_the_inference_kernels(native, monkeypatch, isa):
     monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
     assert _native.load(torch.float32).bf16_inputs
-    q, k, v = _inputs(1, 16, 10, 9, 37, seed=3)
+    q, k, v = _inputs(1, 16, 10, 4, 100, seed=3)  # wide enough (>= NARROW_ROW) for the bf16 kernels
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     g = torch.Generator().manual_seed(5)
-    weights = torch.rand(1, 25, 5, 10, generator=g)
-    fine = [torch.randn(1, c, 10, 20, generator=g).bfloat16() for c in (16, 6)]
+    weights = torch.rand(1, 25, 2, 50, generator=g)
+    fine = [torch.randn(1, c, 4, 100, generator=g).bfloat16() for c in (16, 6)]
     calls = []
     lib = _native.load(torch.float32)
     original = type(lib).__call__
@@ -453,7 +453,12 @@ def test_bf16_inputs_are_read_natively_by_the_inference_kernels(native, monkeypa
     # and against the float64 reference on the unrounded inputs: bf16 rounding of the inputs only
     read_ref, _, aff_ref = local_memory_read_reference(q.double(), k.double(), v.double(), 2, 0.5)
     assert (read.double() - read_ref).abs().max().item() <= 0.05 * read_ref.abs().max().item()
-    assert _max_diff(window_to_4d(aff.float(), 2).reshape(1, 9 * 37, 9 * 37), aff_ref) <= 0.02
+    assert _max_diff(window_to_4d(aff.float(), 2).reshape(1, 4 * 100, 4 * 100), aff_ref) <= 0.02
+    # narrow images are copied to float32 (cheaper there than widening every load)
+    calls.clear()
+    with torch.no_grad():
+        lw.local_attention_inference(qb[..., :40], kb[..., :40], vb[..., :40], 2, 1, 0.5)
+    assert calls == ["lw_attention_inf"]
 
 
 @pytest.mark.parametrize("isa", _native.supported_isas())
@@ -488,13 +493,13 @@ def test_wide_rows_take_the_blocked_autograd_kernels_and_match(native, monkeypat
         assert (fast - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
 
 
-def test_narrow_rows_take_avx2_where_avx512_was_chosen_automatically(native, monkeypatch):
+def test_narrow_rows_take_8_float_vectors_where_avx512_was_chosen_automatically(native, monkeypatch):
     monkeypatch.delenv("LMRC_LOCAL_WINDOW_ISA", raising=False)
     wide = _native.load_for_width(torch.float32, 200)
     assert wide.isa == _native.chosen_isa()
     narrow = _native.load_for_width(torch.float32, 54)
     if _native.chosen_isa() == "avx512":
-        assert narrow.isa == "avx2"
+        assert narrow.isa == "avx512_256" and narrow.vector_bytes == 32
         monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", "avx512")  # forced: kept
         assert _native.load_for_width(torch.float32, 54).isa == "avx512"
     else:

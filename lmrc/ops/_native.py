@@ -3,7 +3,8 @@ with ctypes.
 
 One library is built per instruction set ("ISA variant") with fixed -m flags, never -march=native, so a cache
 shared by machines with different CPUs stays valid; the variant is chosen at load time from the CPU's features
-(`cpu_features`): `avx512` (AVX-512 F/BW/VL/DQ), `avx2` (AVX2 + FMA) or `generic`
+(`cpu_features`): `avx512` (AVX-512 F/BW/VL/DQ; `avx512_256` for rows narrower than NARROW_ROW, the same
+instructions on 8-float vectors), `avx2` (AVX2 + FMA) or `generic`
 (the architecture's baseline, e.g. SSE2 on x86-64: 16-byte vectors). `LMRC_LOCAL_WINDOW_ISA=<variant>` forces one
 (an error if this CPU cannot run it).
 
@@ -39,6 +40,8 @@ _X86_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", 
 # variant: (compiler flags, vector bytes, CPU features it needs (/proc/cpuinfo names)); best first
 ISA_VARIANTS = {
     "avx512": (_X86_AVX512, 64, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma")),
+    # AVX-512 instructions (32 registers, masks) on 8-float vectors: for rows too narrow for 16-float blocks
+    "avx512_256": (_X86_AVX512[:-1], 32, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma")),
     "avx2": (["-mavx2", "-mfma", "-mf16c"], 32, ("avx2", "fma")),
     "generic": ([], 16, ()),
 }
@@ -247,18 +250,18 @@ def load(dtype: torch.dtype, isa: str | None = None) -> NativeLibrary | None:
         return lib
 
 
-# Below this row width the 16-float AVX-512 blocks do worse than AVX2's 8-float ones: a row of 54 pixels is 4
-# overlapping blocks, 2 of them border blocks, against 7 blocks with 2 (benchmarks/local_read.py, 1/16 scale).
+# Below this row width 16-float blocks do worse than 8-float ones: a row of 54 pixels is 4 overlapping blocks, 2 of
+# them border blocks, against 7 blocks with 2 (benchmarks/local_read.py, 1/16 scale).
 NARROW_ROW = 96
 
 
 def load_for_width(dtype: torch.dtype, width: int) -> NativeLibrary | None:
-    """`load(dtype)`, except that rows narrower than NARROW_ROW take the AVX2 variant where AVX-512 was chosen
+    """`load(dtype)`, except that rows narrower than NARROW_ROW take `avx512_256` where `avx512` was chosen
     automatically (a variant forced by LMRC_LOCAL_WINDOW_ISA is kept)."""
     isa = chosen_isa()
     forced = os.environ.get("LMRC_LOCAL_WINDOW_ISA", "").strip().lower() not in ("", "auto")
-    if width < NARROW_ROW and isa == "avx512" and not forced and "avx2" in supported_isas():
-        return load(dtype, "avx2")
+    if width < NARROW_ROW and isa == "avx512" and not forced:
+        return load(dtype, "avx512_256")
     return load(dtype, isa)
 
 

@@ -146,8 +146,11 @@ def _prep(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def _bf16_inputs(lib, *tensors: Tensor) -> bool:
-    """True when the inference kernels read these tensors as bfloat16 (all bf16, and the library has the variant)."""
-    return getattr(lib, "bf16_inputs", False) and all(t.dtype == torch.bfloat16 for t in tensors)
+    """True when the inference kernels read these tensors as bfloat16 (all bf16, and the library has the variant).
+    Narrow images are copied to float32 instead: their data stays in cache, and widening every load costs more
+    than one copy (benchmarks/local_read.py: x0.7 at 1/16 of 480p, x1.1-1.3 at 1/8 and 1/4)."""
+    return (getattr(lib, "bf16_inputs", False) and all(t.dtype == torch.bfloat16 for t in tensors)
+            and max(t.shape[-1] for t in tensors) >= _native.NARROW_ROW)
 
 
 def _ptr(t: Tensor | None):
