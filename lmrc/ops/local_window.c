@@ -329,6 +329,20 @@ static void softmax_row(const geom *g, const real *restrict s, real *restrict a,
         for (long x = 0; x < W; x++) arow[o * HW + x] *= tmp[x];
 }
 
+/* Softmax backward of one row in place: ds = a (ds - sum_o a ds), plus the similarity's own gradient gs (may be NULL).
+ * Rows of a, ds and gs are HW apart; tmp: W reals. */
+static void softmax_bwd_row(const geom *g, const real *arow, real *dsrow, const real *gsrow, real *tmp) {
+    const long W = g->W, HW = g->HW, O = g->O;
+    for (long x = 0; x < W; x++) tmp[x] = 0;
+    for (long o = 0; o < O; o++)
+        for (long x = 0; x < W; x++) tmp[x] += arow[o * HW + x] * dsrow[o * HW + x];
+    for (long o = 0; o < O; o++)
+        for (long x = 0; x < W; x++) dsrow[o * HW + x] = arow[o * HW + x] * (dsrow[o * HW + x] - tmp[x]);
+    if (gsrow)
+        for (long o = 0; o < O; o++)
+            for (long x = 0; x < W; x++) dsrow[o * HW + x] += gsrow[o * HW + x];
+}
+
 /* Rows in parallel, but only when there is enough work: forking a team costs far more than a tiny call
  * (gradcheck makes hundreds of them) and a descheduled worker stalls the join on a busy machine. */
 #define LW_MIN_PARALLEL_WORK (1L << 15)
@@ -404,15 +418,7 @@ static void attention_bwd_rows(const real *gr, const real *gs, const real *ga, c
         for (long o = 0; o < O; o++)
             for (long x = 0; x < W; x++) dsrow[o * HW + x] = ga ? ga[b * O * HW + o * HW + y * W + x] : 0;
         wsum_grad_w_row(&g, Cv, gr, v, ds, 1, b, y);
-        /* softmax backward: ds = a * (da - sum_o a * da) */
-        for (long x = 0; x < W; x++) t[x] = 0;
-        for (long o = 0; o < O; o++)
-            for (long x = 0; x < W; x++) t[x] += arow[o * HW + x] * dsrow[o * HW + x];
-        for (long o = 0; o < O; o++)
-            for (long x = 0; x < W; x++) dsrow[o * HW + x] = arow[o * HW + x] * (dsrow[o * HW + x] - t[x]);
-        if (gs)
-            for (long o = 0; o < O; o++)
-                for (long x = 0; x < W; x++) dsrow[o * HW + x] += gs[b * O * HW + o * HW + y * W + x];
+        softmax_bwd_row(&g, arow, dsrow, gs ? gs + b * O * HW + y * W : NULL, t);
         sim_grad_q_row(&g, Ck, ds, q, k, gq, (real)scale, b, y);
     }
     LW_ROWS_PARALLEL
@@ -784,15 +790,7 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
             for (long o = 0; o < O; o++)
                 for (long x = 0; x < W; x++)
                     dsrow[o * HW + x] = (ga ? ga[b * O * HW + o * HW + y * W + x] : 0) + dot[o * W + x];
-            /* softmax backward: ds = a * (da - sum_o a * da) */
-            for (long x = 0; x < W; x++) t[x] = 0;
-            for (long o = 0; o < O; o++)
-                for (long x = 0; x < W; x++) t[x] += arow[o * HW + x] * dsrow[o * HW + x];
-            for (long o = 0; o < O; o++)
-                for (long x = 0; x < W; x++) dsrow[o * HW + x] = arow[o * HW + x] * (dsrow[o * HW + x] - t[x]);
-            if (gs)
-                for (long o = 0; o < O; o++)
-                    for (long x = 0; x < W; x++) dsrow[o * HW + x] += gs[b * O * HW + o * HW + y * W + x];
+            softmax_bwd_row(&g, arow, dsrow, gs ? gs + b * O * HW + y * W : NULL, t);
             /* query gradient: S over the neighbours inside the image, then the readout of k weighted by ds */
             rt->n = inf_taps(&g, y, rt->t);
             rt->h = NULL;
