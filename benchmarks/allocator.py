@@ -1,5 +1,5 @@
 """Page faults and time per frame under three allocator set-ups, each in a fresh process (the choice is process-wide):
-glibc's default, PyTorch's THP_MEM_ALLOC_ENABLE=1 (2 MB pages for large tensors), and `lmrc.cli.reuse_freed_memory`
+glibc's default, PyTorch's THP_MEM_ALLOC_ENABLE=1 (2 MB pages for large tensors), and `lmrc.utils.memory.reuse_freed_memory`
 (mallopt: mmap off, no trim; what the lmrc command line uses). lmrc-lite F, 480p synthetic video, 1 thread, memory
 of 4 frames, medians over frames 20-39.
 
@@ -14,13 +14,13 @@ import sys
 FRAME_LOOP = """
 import os, resource, statistics, sys, time
 if sys.argv[1] == "reuse":
-    from lmrc.cli import reuse_freed_memory
+    from lmrc.utils.memory import reuse_freed_memory
     assert reuse_freed_memory()
 import torch
 from lmrc.eval.bench import build_model, synthetic_video
 from lmrc.inference.segmenter import Segmenter
 torch.set_num_threads(1)
-seg = Segmenter(build_model("lmrc-lite", "F"), size=480, max_memory_frames=4)
+seg = Segmenter(build_model("lmrc-lite", "F"), size=480, max_memory_frames=4, precision="fp32")
 times, faults = [], []
 for rgb, mask in synthetic_video(40):
     before, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()

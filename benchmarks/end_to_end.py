@@ -28,7 +28,7 @@ def synthetic_video(frames, size=(480, 854), objects=2, seed=0):
             rgb[inside] = colours[k]; ids[inside] = k + 1
         yield rgb, (ids if t == 0 else None)
 torch.manual_seed(0)
-seg = Segmenter(LMRC(model_config(name, setting=setting), pretrained_backbone=False).eval(), size=480)
+seg = Segmenter(LMRC(model_config(name, setting=setting), pretrained_backbone=False).eval(), size=480, precision="fp32")
 ts = []
 l0 = os.getloadavg()
 for rgb, m in synthetic_video(frames):

@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from lmrc.cli import reuse_freed_memory
+from lmrc.utils.memory import reuse_freed_memory
 
 from lmrc.model.memory_reads import global_memory_read, memory_key_sq, top_k_similarities
 

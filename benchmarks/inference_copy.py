@@ -12,10 +12,10 @@ SEQ=name runs the shipped weights on that DAVIS sequence (frames and first mask 
         'before={"prep":{"project_values":false}}' 'after={"prep":{"project_values":true}}'
 """
 import sys, os, torch, json
-from lmrc.cli import reuse_freed_memory
+from lmrc.utils.memory import reuse_freed_memory
 from lmrc.eval.bench import build_model, synthetic_video, video_frames, measure
 from lmrc.inference.segmenter import Segmenter
-from lmrc.model.inference import prepare_for_inference
+from lmrc.inference.fast_path import prepare_for_inference
 from lmrc.model.weights import load_model
 reuse_freed_memory()  # as the command line does
 torch.set_num_threads(int(os.environ.get("T", "1")))
@@ -36,9 +36,9 @@ segs = {}
 for k, kw in variants.items():
     prep = kw.pop("prep", None)
     if prep is not None:
-        s = Segmenter(m, size=size, optimize=False); s.model = prepare_for_inference(m, **prep); segs[k] = s
+        s = Segmenter(m, size=size, precision="fp32", optimize=False); s.model = prepare_for_inference(m, timer=s.timer, **prep); segs[k] = s
     else:
-        segs[k] = Segmenter(m, size=size, **kw)
+        segs[k] = Segmenter(m, size=size, precision="fp32", **kw)
 print("load", os.getloadavg())
 runs = measure(segs, iter(video), 4)
 for k, r in runs.items():

@@ -44,6 +44,7 @@ from lmrc.eval.peak import estimate_peak
 from lmrc.ops import _native
 from lmrc.ops import local_window as lw
 from lmrc.ops.reference import local_memory_read_reference
+from lmrc.utils.workspace import Workspace
 
 SCALES = {  # name: (H, W, value channels) at 1/4, 1/8, 1/16 of 480 x 864
     "quarter": (120, 216, 64),
@@ -175,7 +176,8 @@ def frame_reads_old(inputs, comparator, global_top, k=5, scale=KEY_CHANNELS ** -
     parts, aff = {r: [] for r in STAGE_SIZES}, {}
 
     def weigh(name, read, sim):
-        parts[int(name[1])].append(comparator(name, read, top_k_similarities(sim, k), global_top[int(name[1])])[0])
+        r = int(name[1:])
+        parts[r].append(comparator(name, read, top_k_similarities(sim, k), global_top[r])[0])
 
     for r in (4, 3, 2):
         q, key, v = inputs[r]
@@ -190,29 +192,33 @@ def frame_reads_old(inputs, comparator, global_top, k=5, scale=KEY_CHANNELS ** -
     return {r: torch.cat([p.view(1, OBJECTS, -1, *p.shape[-2:]) for p in ps], 2) for r, ps in parts.items()}
 
 
+WORKSPACE = Workspace()  # the benchmark's own reused buffers, as an inference copy keeps its own
+
+
 def frame_reads_new(inputs, comparator, global_top, k=5, scale=KEY_CHANNELS ** -0.5):
-    """The model's no-grad path: one kernel per read computes the readout, the top-k and the comparator's weight and
-    writes the weighed readout into its place in the decoder's input; eq. 6-7 in one pass on the coarse affinity."""
-    from lmrc.model.memory_reads import local_memory_read, sequential_local_memory_read
+    """The inference fast path's reads (`lmrc.inference.fast_path`): one kernel per read computes the readout, the
+    top-k and the comparator's weight and writes the weighed readout into its place in the decoder's input; eq. 6-7
+    in one pass on the coarse affinity."""
+    from lmrc.inference.fast_path import fast_local_memory_read, fast_sequential_local_memory_read
 
     stage, aff = {}, {}
 
-    def fused(name):
+    def fused(name, r):
         module = comparator.weights[name]
-        return global_top[int(name[1])], module.conv.weight.reshape(-1), float(module.conv.bias), module.alpha
+        return global_top[r], module.conv.weight.reshape(-1), float(module.conv.bias), module.alpha
 
     for r in (4, 3, 2):
         q, key, v = inputs[r]
         half = v.shape[1] // OBJECTS
-        stage[r] = lw.scratch(f"bench_stage{r}", (1, OBJECTS, 2 * half, *v.shape[-2:]), torch.float32)
-        res = local_memory_read(q, key, v, RADIUS, scale, comparator_top_k=k, keep_affinity=r > 2,
-                                readout_buffer=stage[r][:, :, :half], reliability=fused(f"L{r}"))
+        stage[r] = WORKSPACE.buffer(f"bench_stage{r}", (1, OBJECTS, 2 * half, *v.shape[-2:]), torch.float32)
+        res = fast_local_memory_read(q, key, v, RADIUS, scale, comparator_top_k=k, keep_affinity=r > 2,
+                                     out=stage[r][:, :, :half], reliability=fused(f"L{r}", r))
         aff[r] = res.affinity
     for r in (3, 2):
         q, key, v = inputs[r]
         half = v.shape[1] // OBJECTS
-        sequential_local_memory_read(q, key, v, aff[r + 1], RADIUS, scale, comparator_top_k=k, keep_affinity=False,
-                                     readout_buffer=stage[r][:, :, half:], reliability=fused(f"S{r}"))
+        fast_sequential_local_memory_read(q, key, v, aff[r + 1], RADIUS, scale, WORKSPACE, comparator_top_k=k,
+                                          out=stage[r][:, :, half:], reliability=fused(f"S{r}", r))
     # stage 4 holds L4 only (its other part, the global read's readout, is not part of this benchmark)
     return {r: stage[r][:, :, : inputs[r][2].shape[1] // OBJECTS] if r == 4 else stage[r] for r in stage}
 
@@ -374,7 +380,7 @@ def main(argv=None) -> int:
 
     if os.environ.get("LMRC_LOCAL_WINDOW"):
         raise SystemExit("unset LMRC_LOCAL_WINDOW to benchmark the native kernels")
-    from lmrc.cli import reuse_freed_memory
+    from lmrc.utils.memory import reuse_freed_memory
 
     reuse_freed_memory()  # as the CLI does: fresh outputs would otherwise fault in their pages on every call
     torch.manual_seed(0)

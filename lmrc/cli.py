@@ -1,22 +1,22 @@
-"""`lmrc segment | eval | train | bench | baseline`: one entry point; each command lives beside the code it drives."""
+"""`lmrc segment | eval | train | bench | baseline | app`: one entry point; each command lives beside the code it drives."""
 from __future__ import annotations
 
 import argparse
-import ctypes
 import importlib
-import os
-import platform
 import sys
 
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
+from lmrc.utils.memory import reuse_freed_memory
 
 # command -> module exposing `configure(parser)` and `main(args) -> int`; imported only when used.
 COMMANDS = {
-    "segment": ("lmrc.inference.command", "segment a video from the mask(s) of its first frame(s)"),
+    "segment": ("lmrc.inference.command", "segment a video from masks or boxes on any of its frames"),
     "eval": ("lmrc.eval.command", "score results with the official DAVIS protocol, or segment a split and score it"),
     "train": ("lmrc.train.command", "train a model from a YAML config"),
     "bench": ("lmrc.eval.bench", "time every stage of the streaming segmenter"),
     "baseline": ("lmrc.eval.baselines", "copy or optical-flow baselines, for comparison"),
+    "export": ("lmrc.inference.onnx_export", "write the per-frame graphs as ONNX (run them with --runtime onnxruntime)"),
+    "app": ("lmrc.app.command", "a local web page: segment a video from a box, clicks and strokes"),
 }
 
 
@@ -34,22 +34,6 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
 
 def _load(module: str):
     return importlib.import_module(module)
-
-
-def reuse_freed_memory() -> bool:
-    """Keep freed memory in the process for the next frame instead of handing it back to the kernel (glibc only;
-    returns whether it applied). A 480p frame allocates and frees tensors of 10-40 MB; glibc maps those afresh and
-    unmaps them on free, so the kernel faults in and zeroes every page again on every frame: about 1/8 of
-    lmrc-lite's frame time (docs/PERFORMANCE.md). With mmap off and no trimming the heap settles at what one frame
-    needs and stays flat over a video. Process-wide, so only the command line does it; LMRC_KEEP_MALLOC=1 opts out."""
-    if os.environ.get("LMRC_KEEP_MALLOC") == "1" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        m_mmap_max, m_trim_threshold = -4, -1  # <malloc.h>
-        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-    except (OSError, AttributeError):
-        return False
 
 
 def main(argv: list[str] | None = None) -> int:

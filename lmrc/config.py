@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 T = TypeVar("T")
 
@@ -34,15 +34,17 @@ class ModelConfig:
     key_dim: int = 64  # C^k_r, equal at every stage
     value_dims: tuple[int, int, int] = (64, 128, 256)  # C^v_r at stages 2, 3, 4
     decoder_dims: tuple[int, int, int] = (32, 64, 128)  # decoder widths at stages 2, 3, 4 (paper leaves them open)
+    # What the value encoder's own trunk sees: "image_and_mask" (the paper's: image, object mask, other objects) or
+    # "mask" (the masks alone; the frame enters through the key encoder's features F_r, already computed).
+    # None: the backbone's own, "mask" for efficientnet_lite0 (lmrc-lite), "image_and_mask" for resnet50.
+    value_trunk: str | None = None
+    # Kernel of the convs fusing trunk and frame features into V_r; None: 1 for lmrc-lite (far cheaper), else 3.
+    value_fusion_kernel: int | None = None
     window_radius: int = 2  # d: the local window is (2d+1) x (2d+1)
     comparator_top_k: int = 5  # k of the memory comparator
     scb_alpha: float = 3.0  # alpha of eq. (9)
     # STCN divides the negative squared distance by sqrt(C^k); the paper uses STCN's similarity ("as in [7]").
     similarity_scale: float | None = None  # None: 1 / sqrt(key_dim)
-    # Inference only (training reads all): keep the 20 best global matches per query, as STCN's inference does;
-    # the readout then gathers 20 value rows per query instead of multiplying all (shipped weights: same J&F).
-    # None keeps all, eq. (2) exactly.
-    global_read_top_k: int | None = 20
 
     def __post_init__(self) -> None:
         if self.setting not in ABLATION_SETTINGS:
@@ -51,6 +53,17 @@ class ModelConfig:
             raise LmrcError(f"model backbone {self.backbone!r} is not 'resnet50' or 'efficientnet_lite0'")
         self.value_dims = tuple(self.value_dims)
         self.decoder_dims = tuple(self.decoder_dims)
+        lite = self.backbone == "efficientnet_lite0"
+        if self.value_trunk is None:
+            self.value_trunk = "mask" if lite else "image_and_mask"
+        if self.value_fusion_kernel is None:
+            self.value_fusion_kernel = 1 if lite else 3
+        if self.value_trunk not in ("image_and_mask", "mask"):
+            raise LmrcError(f"value_trunk {self.value_trunk!r} is not 'image_and_mask' or 'mask'")
+        if self.value_trunk == "mask" and self.backbone != "efficientnet_lite0":
+            raise LmrcError("value_trunk 'mask' is lmrc-lite's value encoder (backbone efficientnet_lite0)")
+        if self.value_fusion_kernel not in (1, 3):
+            raise LmrcError(f"value_fusion_kernel must be 1 or 3, got {self.value_fusion_kernel}")
         if self.window_radius < 0:
             raise LmrcError("window_radius (d) must be >= 0")
 
@@ -71,7 +84,9 @@ class ModelConfig:
         return self.similarity_scale if self.similarity_scale is not None else self.key_dim ** -0.5
 
 
-# The two shipped sizes share every LMRC module; only the encoders differ.
+# The two shipped sizes share every LMRC module; only the encoders differ. lmrc-lite's value encoder reads the masks
+# alone and fuses with 1x1 convs: the local memory's value is encoded at three scales on every frame, and this keeps
+# that cost small (docs/PERFORMANCE.md). Weights files store their own config, so older lmrc-lite files still load.
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "lmrc-r50": ModelConfig(backbone="resnet50"),
     "lmrc-lite": ModelConfig(backbone="efficientnet_lite0"),

@@ -1,5 +1,4 @@
-"""One exception type for every mistake a user can fix; the CLI prints its message and exits with status 2."""
+"""Kept so that `from lmrc.utils.errors import LmrcError` keeps working; the definitions live in `lmrc.utils.errors`."""
+from lmrc.utils.errors import LmrcError, LmrcWarning
 
-
-class LmrcError(Exception):
-    """A problem with the user's input (file, mask, checkpoint, config), stated with the fix."""
+__all__ = ["LmrcError", "LmrcWarning"]

@@ -11,9 +11,11 @@ import torch
 from lmrc.cli import main as cli_main
 from lmrc.config import model_config
 from lmrc.eval.bench import build_model, measure, multiply_adds_per_frame, stage_rates, synthetic_video
-from lmrc.inference import timing
+from lmrc.inference.fast_path import ReusedZeroPad2d, prepare_for_inference
 from lmrc.inference.segmenter import Segmenter
-from lmrc.model.inference import fold_batch_norms, prepare_for_inference
+from lmrc.model.transforms import fold_batch_norms
+from lmrc.utils.timing import StageTimer
+from lmrc.utils.workspace import Workspace
 from lmrc.model.memory_reads import global_memory_read, memory_key_sq
 from lmrc.model.network import LMRC, MemoryInput
 
@@ -54,6 +56,7 @@ def test_stages_sum_to_the_frame_time():
 
 
 def test_timing_is_a_no_op_unless_recording():
+    timing = StageTimer()
     assert not timing.enabled()
     with timing.stage("decoder"):
         pass
@@ -65,6 +68,24 @@ def test_timing_is_a_no_op_unless_recording():
             pass
     assert set(times) == {"decoder"} and times["decoder"] >= 0
     assert not timing.enabled()
+
+
+def test_stage_listener_sees_each_boundary_only_while_recording():
+    timer, calls = StageTimer(), []
+    with timer.stage("memory"):
+        pass
+    with timer.record(listener=lambda name, entering: calls.append((name, entering))):
+        with timer.stage("decoder"):
+            calls.append("inside")
+        with timer.record():  # a nested record without a listener silences it, then restores it
+            with timer.stage("memory"):
+                pass
+        with timer.stage("comparator"):
+            pass
+    with timer.stage("decoder"):
+        pass
+    assert calls == [("decoder", True), "inside", ("decoder", False), ("comparator", True), ("comparator", False)]
+    assert timer.listener is None
 
 
 def test_compare_gives_a_ratio(capsys):
@@ -100,11 +121,13 @@ def _randomise_batch_norms(model: torch.nn.Module) -> None:
             m.bias.data.uniform_(-0.2, 0.2, generator=g)
 
 
-@pytest.mark.parametrize("name", ["lmrc-lite", "lmrc-r50"])
-def test_prepared_model_gives_the_same_outputs(name):
+# lmrc-lite's first value encoder (image and masks, 3x3 fusion) is what older weights files hold
+@pytest.mark.parametrize("name, overrides", [
+    ("lmrc-lite", {}), ("lmrc-r50", {}), ("lmrc-lite", dict(value_trunk="image_and_mask", value_fusion_kernel=3))])
+def test_prepared_model_gives_the_same_outputs(name, overrides):
     # float64: the comparison sees the optimisations' own error, not fp32 rounding amplified by random weights.
     torch.manual_seed(0)
-    model = LMRC(model_config(name, setting="F"), pretrained_backbone=False).eval()
+    model = LMRC(model_config(name, setting="F", **overrides), pretrained_backbone=False).eval()
     _randomise_batch_norms(model)
     model = model.double()  # folded in float64 too
     keys_before = list(model.state_dict())
@@ -145,7 +168,7 @@ def test_optimised_segmenter_matches_unoptimised():
     torch.manual_seed(0)
     model = build_model("lmrc-lite", "F")
     _randomise_batch_norms(model)
-    plain, fast = Segmenter(model, size=64, optimize=False), Segmenter(model, size=64)
+    plain, fast = Segmenter(model, size=64, optimize=False, precision="fp32"), Segmenter(model, size=64, precision="fp32")
     for rgb, mask in synthetic_video(6, (64, 96)):
         torch.testing.assert_close(fast.step(rgb, mask), plain.step(rgb, mask), atol=1e-4, rtol=0)
 
@@ -195,9 +218,7 @@ print(*faults)
 
 
 def test_reused_zero_padding_pads_like_zero_pad_2d_call_after_call():
-    from lmrc.model.inference import ReusedZeroPad2d
-
-    pad = ReusedZeroPad2d((0, 1, 2, 1))
+    pad = ReusedZeroPad2d((0, 1, 2, 1), Workspace(), "pad")
     for layout in (torch.contiguous_format, torch.channels_last, torch.channels_last):
         for shape in ((1, 3, 5, 7), (2, 3, 4, 6)):  # a new shape replaces the kept buffer
             x = torch.randn(shape).contiguous(memory_format=layout)
@@ -239,6 +260,9 @@ def test_macs_option_reports_the_arithmetic_ratio(capsys):
 
 
 def test_bench_warns_about_emulated_half_precision(capsys, monkeypatch):
+    import lmrc.utils.device
+
+    monkeypatch.setattr(lmrc.utils.device, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert cli_main(["bench", "--threads", "1", "--size", "32", "--frames", "2", "--warmup", "1",
                      "--precision", "bf16", "--json"]) == 0
@@ -256,7 +280,7 @@ def test_values_are_projected_only_where_the_decoder_is_narrower():
     model = LMRC(model_config("lmrc-lite", setting="F", decoder_dims=(32, 128, 128)), pretrained_backbone=False).eval()
     fast = prepare_for_inference(model)
     assert fast.projected_stages == {2, 4} and [fast.read_value_channels(r) for r in (2, 3, 4)] == [32, 128, 128]
-    plain, seg = Segmenter(model, size=64, optimize=False), Segmenter(model, size=64)
+    plain, seg = Segmenter(model, size=64, optimize=False, precision="fp32"), Segmenter(model, size=64, precision="fp32")
     seg.model = fast
     for index, (rgb, mask) in enumerate(synthetic_video(6, (64, 96), objects=3)):
         if index == 2:  # a third object joins: a second object group with its own memory
@@ -276,6 +300,7 @@ class _CountableSegmenter:
         self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
         self.q, self.k, self.v = (torch.randn(1, c, 6, 7, generator=g) for c in (5, 5, 6))
         self.steps = 0
+        self.timer = StageTimer()
 
     def reset(self):
         self.steps = 0
@@ -285,14 +310,14 @@ class _CountableSegmenter:
 
         self.steps += 1
         with torch.no_grad():
-            with timing.stage("key_encoding"):
+            with self.timer.stage("key_encoding"):
                 self.conv(self.image)  # 8*10 pixels x 4 outputs x 3 inputs x 9 taps = 8640
-            with timing.stage("local_reads"):
+            with self.timer.stage("local_reads"):
                 # native or plain: 6*7 pixels x 9 window positions x (5 key + 6 value channels) = 4158
                 lw.local_attention_inference(self.q, self.k, self.v, 1, 1, 1.0, top_k=2)
             torch.ones(3, 4) @ torch.ones(4, 5)  # outside every stage: 3*4*5 = 60
             if self.steps % 2 == 0:
-                with timing.stage("local_reads"):  # every other frame: 6*7 x 9 x 6 = 2268
+                with self.timer.stage("local_reads"):  # every other frame: 6*7 x 9 x 6 = 2268
                     lw.local_weighted_sum(torch.ones(1, 9, 6, 7), self.v, 1)
 
 

@@ -128,13 +128,6 @@ def test_prompt_errors(tmp_path):
         load_prompts(palette_png(tmp_path / "rot.png", blob(1, W, H)), NAMES, (H, W))
     with pytest.raises(LmrcError, match="empty"):
         load_prompts(palette_png(tmp_path / "empty.png", np.zeros((H, W), np.uint8)), NAMES, (H, W))
-    # A palette of 3 colours (ids 0..2) cannot hold id 3; Pillow keeps the value in a 4-bit PNG.
-    cut = tmp_path / "cut.png"
-    palette_png(cut, blob(3), colours=3)
-    with Image.open(cut) as image:
-        assert np.array(image).max() == 3
-    with pytest.raises(LmrcError, match="id 3 but its palette holds only 3 colours"):
-        load_prompts(cut, NAMES, (H, W))
     with pytest.raises(LmrcError, match="ids must be 1..2"):
         load_prompts(palette_png(tmp_path / "many.png", blob(3)), NAMES, (H, W), max_id=2)
 
@@ -161,6 +154,28 @@ def test_dense_annotation_folder_warns(tmp_path):
 
 
 # -- result writer ---------------------------------------------------------------------------------------------------
+def test_palette_masks_are_read_by_their_indices_whatever_the_palette(tmp_path):
+    # A palette of 3 colours (ids 0..2) and id 3 in the pixels: Pillow keeps the value in a 4-bit PNG; the DAVIS
+    # evaluator and Cutie read the index, and so does lmrc, silently.
+    cut = tmp_path / "cut.png"
+    palette_png(cut, blob(3), colours=3)
+    with Image.open(cut) as image:
+        assert np.array(image).max() == 3 and len(image.getpalette()) == 9
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(load_prompts(cut, NAMES, (H, W)).masks[0], blob(3))
+    # The common Python way: no palette at all (Pillow saves a one-colour palette).
+    plain = tmp_path / "plain.png"
+    Image.fromarray(blob(1).astype(np.uint8), mode="P").save(plain)
+    with Image.open(plain) as image:
+        assert image.mode == "P" and len(image.getpalette()) == 3
+    prompts = load_prompts(plain, NAMES, (H, W))
+    assert prompts.object_ids == [1]
+    np.testing.assert_array_equal(prompts.masks[0], blob(1))
+
+
 def test_writer_writes_palette_masks_and_probs(tmp_path):
     out = tmp_path / "out"
     writer = ResultWriter(out, save_probs=True, size=(H, W))

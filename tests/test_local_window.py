@@ -366,19 +366,22 @@ def test_inference_attention_applies_the_comparator_weight_and_writes_into_a_sli
             global_top, module.conv.weight.reshape(-1), 0.0, 1.0))
 
 
-def test_scratch_buffers_are_reused_per_name_shape_and_dtype():
-    lw.clear_scratch()
-    a = lw.scratch("x", (2, 3), torch.float32)
-    assert lw.scratch("x", (2, 3), torch.float32) is a
-    assert lw.scratch("x", (2, 4), torch.float32) is not a and lw.scratch("y", (2, 3), torch.float32) is not a
-    assert lw.scratch("x", (2, 3), torch.float64).dtype == torch.float64
+def test_workspace_buffers_are_reused_per_name_shape_and_dtype():
+    from lmrc.utils.workspace import Workspace
+
+    workspace = Workspace(slots=16)
+    a = workspace.buffer("x", (2, 3), torch.float32)
+    assert workspace.buffer("x", (2, 3), torch.float32) is a
+    assert workspace.buffer("x", (2, 4), torch.float32) is not a and workspace.buffer("y", (2, 3), torch.float32) is not a
+    assert workspace.buffer("x", (2, 3), torch.float64).dtype == torch.float64
     with torch.inference_mode():
-        b = lw.scratch("z", (4,), torch.float32)
+        b = workspace.buffer("z", (4,), torch.float32)
     assert not b.is_inference()  # usable as an output outside inference mode too
     for i in range(20):  # a bounded number of buffers is kept
-        lw.scratch(f"n{i}", (1,), torch.float32)
-    assert lw.scratch("x", (2, 3), torch.float32) is not a
-    lw.clear_scratch()
+        workspace.buffer(f"n{i}", (1,), torch.float32)
+    assert workspace.buffer("x", (2, 3), torch.float32) is not a
+    workspace.clear()
+    assert not workspace.buffers
 
 
 # --- runtime dispatch: every ISA variant this CPU can run gives the reference's results ---------------------------

@@ -9,12 +9,14 @@ import torch
 
 from lmrc.config import ABLATION_SETTINGS, ModelConfig, model_config
 from lmrc.errors import LmrcError
+from lmrc.inference.fast_path import fast_local_memory_read, fast_sequential_local_memory_read, prepare_for_inference
 from lmrc.model.aggregate import soft_aggregate
 from lmrc.model.comparator import similarity_comparison_block
 from lmrc.model.memory_reads import global_memory_read, local_memory_read, sequential_local_memory_read
 from lmrc.model.network import LMRC, MemoryInput, crop_padding, pad_to_multiple
 from lmrc.model.weights import load_model, load_stcn_checkpoint, load_weights, save_weights
 from lmrc.train.losses import cross_entropy, scale_loss
+from lmrc.utils.workspace import Workspace
 
 KEYS_FILE = Path(__file__).parent / "data" / "stcn_state_dict_keys.txt"
 
@@ -228,6 +230,47 @@ def test_weights_roundtrip_and_mismatch_errors(tmp_path, monkeypatch):
         load_model("lmrc-r50")
 
 
+def test_lite_value_encoder_reads_masks_and_frame_features_not_the_image():
+    model = _model("lmrc-lite").eval()
+    assert model.config.value_trunk == "mask" and model.config.value_fusion_kernel == 1
+    image = torch.rand(1, 3, 64, 96)
+    masks = torch.zeros(1, 2, 64, 96)
+    masks[:, 0, 10:30, 20:50] = 1
+    masks[:, 1, 35:60, 50:90] = 1
+    with torch.no_grad():
+        frame = model.encode_key(image)
+        values = model.encode_value(image, frame, masks)
+        other_image = model.encode_value(torch.rand(1, 3, 64, 96), frame, masks)
+        other_masks = model.encode_value(image, frame, masks.flip(1))
+    for r in (2, 3, 4):
+        torch.testing.assert_close(other_image[r], values[r])  # the image only enters through F_r
+        assert not torch.allclose(other_masks[r], values[r])
+        # a 1x1 fusion: the frame part at a pixel depends on F_r at that pixel only
+        fused = model.value_encoder.fuse_frame[f"r{r}"]
+        assert fused.kernel_size == (1, 1)
+
+
+def test_older_lite_weights_keep_their_value_encoder():
+    from lmrc.model.encoders import LightValueTrunk
+    from lmrc.model.weights import default_weights_path, weights_config
+
+    path = default_weights_path("lmrc-lite")
+    if path is None:
+        pytest.skip("weights/lmrc-lite.safetensors is absent")
+    if weights_config(path).value_trunk != "image_and_mask":
+        pytest.skip("the shipped lmrc-lite file already holds the mask-only value encoder")
+    model = load_model("lmrc-lite")
+    assert isinstance(model.value_encoder.trunk, LightValueTrunk)
+    assert model.value_encoder.fuse_frame["r2"].kernel_size == (3, 3)
+
+
+def test_value_encoder_options_are_checked():
+    with pytest.raises(LmrcError, match="value_trunk"):
+        ModelConfig(backbone="resnet50", value_trunk="mask")
+    with pytest.raises(LmrcError, match="value_fusion_kernel"):
+        ModelConfig(value_fusion_kernel=5)
+
+
 def test_config_rejects_unknown_settings():
     with pytest.raises(LmrcError, match="Table 4"):
         ModelConfig(setting="G")
@@ -256,13 +299,33 @@ def test_comparator_works_when_memory_or_window_is_smaller_than_k():
 
 
 def test_inference_top_k_is_free_to_differ_from_the_weights(tmp_path):
-    path = tmp_path / "lite.safetensors"
-    save_weights(_model("lmrc-lite", "F", global_read_top_k=None), path)  # what the file says is not used
-    assert load_model("lmrc-lite", path).config.global_read_top_k == 20  # STCN's inference default
-    assert load_model("lmrc-lite", path, global_read_top_k=7).config.global_read_top_k == 7
-    assert load_model("lmrc-lite", path, global_read_top_k=0).config.global_read_top_k is None  # all: eq. (2)
+    """The global read's top-k is an inference setting (InferenceConfig.top_k), not the weights': files written
+    when ModelConfig still held it (global_read_top_k) load, the stored value is ignored."""
+    import argparse
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lmrc.inference.config import InferenceConfig, inference_config_from_args
+
+    path, old = tmp_path / "lite.safetensors", tmp_path / "old.safetensors"
+    model = _model("lmrc-lite", "F")
+    save_weights(model, path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["config"] = json.dumps({**json.loads(meta["config"]), "global_read_top_k": None})  # what the file says is not used
+    save_file(tensors, str(old), metadata=meta)
+    assert not hasattr(load_model("lmrc-lite", old).config, "global_read_top_k")
+    torch.testing.assert_close(load_model("lmrc-lite", old).state_dict(), model.state_dict())
+    assert InferenceConfig().top_k == 20  # STCN's inference default
+
+    def parsed(k):
+        return inference_config_from_args(argparse.Namespace(top_k=k)).top_k
+
+    assert parsed(None) == 20 and parsed(7) == 7 and parsed(0) is None  # all: eq. (2)
     with pytest.raises(LmrcError, match=">= 1, or 0"):
-        load_model("lmrc-lite", path, global_read_top_k=-1)
+        parsed(-1)
 
 
 @pytest.mark.parametrize("k", [5, 30])  # 30 > 25 window positions: the smallest is repeated, as in training
@@ -274,9 +337,9 @@ def test_local_reads_without_autograd_equal_the_training_path(k):
     train_l = local_memory_read(*leaves, 2, 0.25, comparator_top_k=k)
     train_s = sequential_local_memory_read(*leaves, coarse, 2, 0.25, comparator_top_k=k)
     with torch.no_grad():
-        inf_l = local_memory_read(q, key, value, 2, 0.25, comparator_top_k=k)
-        inf_s = sequential_local_memory_read(q, key, value, coarse, 2, 0.25, comparator_top_k=k, keep_affinity=False)
-        no_aff = local_memory_read(q, key, value, 2, 0.25, keep_affinity=False)
+        inf_l = fast_local_memory_read(q, key, value, 2, 0.25, comparator_top_k=k)
+        inf_s = fast_sequential_local_memory_read(q, key, value, coarse, 2, 0.25, Workspace(), comparator_top_k=k)
+        no_aff = fast_local_memory_read(q, key, value, 2, 0.25, keep_affinity=False)
     assert train_l.readout.grad_fn is not None and inf_l.readout.grad_fn is None
     for train, inf in ((train_l, inf_l), (train_s, inf_s)):
         torch.testing.assert_close(inf.readout, train.readout.detach(), atol=1e-5, rtol=1e-5)
@@ -291,6 +354,8 @@ def test_read_and_decode_without_autograd_equals_the_autograd_path(backend, monk
     # autograd kernels, the comparator's weighed copies and one concatenation per stage
     monkeypatch.setenv("LMRC_LOCAL_WINDOW", backend)
     model = _model("lmrc-lite", "F").eval()
+    # the fast path alone (no module rewrites): the same weights, the fused read_and_decode
+    inference = prepare_for_inference(model, fold=False, channels_last=False, project_values=False)
     g = torch.Generator().manual_seed(1)
     image = torch.rand(1, 3, 64, 96, generator=g)
     frame = model.encode_key(image)
@@ -298,7 +363,7 @@ def test_read_and_decode_without_autograd_equals_the_autograd_path(backend, monk
     values = model.encode_value(image, frame, masks)
     memory = MemoryInput(frame.keys[4].flatten(2), values[4].flatten(3), frame.keys, values)
     with torch.no_grad():
-        fast = model.read_and_decode(frame, memory)
+        fast = inference.read_and_decode(frame, memory)
     slow = model.read_and_decode(frame, memory)
     assert slow.logits.grad_fn is not None
     torch.testing.assert_close(fast.logits, slow.logits.detach(), atol=1e-4, rtol=1e-4)
@@ -306,11 +371,11 @@ def test_read_and_decode_without_autograd_equals_the_autograd_path(backend, monk
     for name in fast.reliability:
         torch.testing.assert_close(fast.reliability[name], slow.reliability[name].detach(), atol=1e-5, rtol=1e-5)
 
-    # the reused scratch buffers work under inference_mode and no_grad alike, and do not leak between calls
+    # the reused workspace buffers work under inference_mode and no_grad alike, and do not leak between calls
     with torch.inference_mode():
-        again = model.read_and_decode(frame, memory)
+        again = inference.read_and_decode(frame, memory)
     with torch.no_grad():
-        other = model.read_and_decode(frame, MemoryInput(memory.global_keys, memory.global_values, frame.keys,
+        other = inference.read_and_decode(frame, MemoryInput(memory.global_keys, memory.global_values, frame.keys,
                                                          {r: v.flip(1) for r, v in values.items()}))
     torch.testing.assert_close(again.logits, fast.logits, atol=1e-6, rtol=1e-6)
     assert not torch.allclose(other.logits, fast.logits)
@@ -332,7 +397,7 @@ def test_grown_weights_compute_what_the_smaller_setting_did(tmp_path):
     first[26:36, 30:50] = 2
 
     def run(model):
-        seg = Segmenter(model, size=48)
+        seg = Segmenter(model, size=48, precision="fp32")
         return torch.stack([seg.step(f, first if i == 0 else None) for i, f in enumerate(video)])
 
     expected = run(small)

@@ -178,7 +178,6 @@ def test_no_weights_is_a_clear_error_and_writes_nothing(folder, tmp_path, capsys
 def _errors(tmp_path: Path, frames: Path, mask: Path, weights: Path) -> list[tuple[list, str]]:
     empty = palette_png(tmp_path / "empty.png", np.zeros((H, W), np.uint8))
     small = palette_png(tmp_path / "small.png", first_mask()[:20, :20])
-    cut = palette_png(tmp_path / "cut.png", first_mask() + (first_mask() > 1), colours=3)  # id 3, 3 colours
     bad_dir = tmp_path / "has_results"
     bad_dir.mkdir()
     palette_png(bad_dir / "frame000.png", first_mask())
@@ -187,7 +186,11 @@ def _errors(tmp_path: Path, frames: Path, mask: Path, weights: Path) -> list[tup
         ([frames, "--mask", tmp_path / "nope.png"], "not found"),
         ([frames, "--mask", empty], "is empty"),
         ([frames, "--mask", small], "20x20 but the frames are 56x40"),
-        ([frames, "--mask", cut], "palette holds only 3 colours"),
+        ([frames, "--box", "500,10,600,30"], "--box 1 on frame 0: box (500, 10, 600, 30) lies outside the 56x40"),
+        ([frames, "--box", "5,10,5,30"], "is empty"),
+        ([frames, "--box", "1,2,3"], "four numbers X0,Y0,X1,Y1"),
+        ([frames, "--box", "4,10,16,22", "--prompt-frame", 99], "no readable frame 99"),
+        ([frames, "--mask", mask, "--prompt-frame", 2], "--prompt-frame goes with --box"),
         ([frames, "--mask", mask, "--model", "lmrc-r50"], "is for lmrc-lite, not lmrc-r50"),
         ([frames, "--mask", mask, "--weights", tmp_path / "missing.safetensors"], "not found"),
         ([frames, "--mask", mask, "--mem-every", 0], "--mem-every"),

@@ -252,3 +252,47 @@ def test_judo_objects_appear_at_their_frames(model):
     assert channels == [1] * 5 + [2] * 3 + [3] * 5 + [4] * 3
     assert [g.start for g in seg.memory.groups] == [0, 5, 8, 13]
     assert seg.memory_frames == [0, 5, 8, 10, 13, 15]
+
+
+def test_public_api_and_segment_video_give_what_the_segmenter_gives(model):
+    import lmrc
+
+    assert lmrc.Segmenter is Segmenter and lmrc.InferenceConfig().precision == "auto"
+    assert callable(lmrc.load_model) and callable(lmrc.segment_video)
+    config = lmrc.InferenceConfig(size=32, mem_every=2, precision="fp32", device="cpu")
+    video = frames(5)
+    later = np.zeros((H, W), np.uint8)
+    later[2:8, 2:8] = 3  # an object that starts at frame 2: prompts are per frame
+    prompts = {0: FIRST, 2: later}
+    reference = Segmenter(model, config)
+    expected = [reference.step(f, prompts.get(i)) for i, f in enumerate(video)]
+    got = list(lmrc.segment_video(video, prompts, config, model, backward=False))  # the streaming result
+    assert [i for i, _, _ in got] == list(range(5))
+    for (_, ids, probs), want in zip(got, expected):
+        np.testing.assert_array_equal(ids, reference.probs_to_ids(want) if want.shape[0] == 3
+                                      else output_prob_to_mask(want, [1]))
+    for (_, _, probs), want in list(zip(got, expected))[2:]:  # every object known: the same channels
+        torch.testing.assert_close(probs, want.cpu())
+    np.testing.assert_array_equal(reference.probs_to_ids(expected[-1]), output_prob_to_mask(expected[-1], [1, 3]))
+    # both ways (the default): object 3 is also segmented before its first mask, by a pass over reversed frames
+    both = list(lmrc.segment_video(video, prompts, config, model))
+    assert all(probs.shape[0] == 3 for _, _, probs in both)
+    np.testing.assert_array_equal(both[-1][1], got[-1][1])
+
+
+def test_segmenter_leaves_the_model_alone_and_is_reused_across_videos(model):
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seg = Segmenter(model, size=32, precision="fp32")
+    inference = seg.model
+    first = [seg.step(f, FIRST if i == 0 else None) for i, f in enumerate(frames(3))]
+    assert model.training and all(p.requires_grad for p in model.parameters())  # not put in eval mode or frozen
+    assert list(model.state_dict()) == list(before)  # not rewritten (BatchNorm folding happens in the copy)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype and v.device == before[k].device
+    seg.reset()
+    again = [seg.step(f, FIRST if i == 0 else None) for i, f in enumerate(frames(3))]
+    assert seg.model is inference  # the same inference copy for the next video
+    for a, b in zip(first, again):
+        torch.testing.assert_close(a, b)
+    model.eval()

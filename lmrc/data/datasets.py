@@ -1,11 +1,12 @@
 """Training data: dataset readers (-> ``VideoSequence``) and torch Datasets of 3-frame training samples.
 
-Readers: ``read_davis2016``, ``read_davis2017``, ``read_youtube_vos``, ``read_frame_folders`` (or ``read_dataset``
-by kind). Each returns a list of ``VideoSequence``; ``include``/``exclude`` select sequences by name (hold out
+Readers: ``read_davis2016``, ``read_davis2017``, ``read_youtube_vos``, ``read_frame_folders``, ``read_video_masks``
+(a video file per sequence + per-frame masks; frames decoded once into a JPEG cache) and ``read_image_masks``
+(single images + masks, for ``StaticImageClips``), or ``read_dataset`` by kind. Each returns a list of ``VideoSequence``; ``include``/``exclude`` select sequences by name (hold out
 validation sequences with ``exclude``). Problems a user can fix raise ``LmrcError``.
 
 Sample dict (what ``VOSTrainingDataset``, ``MixedDataset``, ``StaticImageClips`` and ``PastedObjectClips`` return,
-and what the trainer consumes; T = 3 frames, N = ``max_objects`` (default 2), H x W = crop size (default 384)):
+and what the trainer consumes; T = ``num_frames`` frames (3, the paper's sample, by default), N = ``max_objects`` (default 2), H x W = crop size (default 384)):
 
 | key | value |
 | --- | --- |
@@ -36,8 +37,11 @@ permutation of the S sequences, epoch ``i // S``; the curriculum iteration is ``
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -50,6 +54,7 @@ from torch.utils.data import Dataset
 from lmrc.data.augment import ClipAugment, resize_short_side
 from lmrc.data.masks import read_mask
 from lmrc.data.sampling import (
+    SALT_DISTRACTOR,
     SALT_MIX,
     GapSchedule,
     as_schedule,
@@ -60,9 +65,11 @@ from lmrc.data.sampling import (
     pack_sample,
     sample_rng,
 )
-from lmrc.errors import LmrcError
+from lmrc.data.video import VIDEO_EXTENSIONS, VideoSource
+from lmrc.utils.errors import LmrcError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+CACHE_JPEG_QUALITY = 95  # decoded video frames kept as JPEG: DAVIS's own frames are JPEGs of about this quality
 
 
 @dataclass
@@ -192,16 +199,163 @@ def read_frame_folders(
     return _nonempty(seqs, root)
 
 
+def read_video_masks(
+    root: str | Path,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    cache_dir: str | Path | None = None,
+) -> list[VideoSequence]:
+    """A video file per sequence plus a folder of per-frame masks: ``<root>/Videos/<seq>.mp4`` (or .mov, .avi,
+    .webm, .mkv, .m4v) and ``<root>/Annotations/<seq>/00000.png, 00001.png, ...`` (mask i belongs to decoded frame
+    i; palette PNGs of object ids, or 0/255 grey masks for one object).
+
+    Every frame needs its mask, of the video's size. Each video is decoded once (PyAV) into a JPEG frame cache
+    (``frame_cache_dir``), so training reads any frame at random as fast as a DAVIS JPEG; the cache is keyed by
+    the video's path, size and modification time and reused by later runs.
+    """
+    root = _existing_dir(root, "video + masks dataset")
+    video_dir, mask_root = root / "Videos", root / "Annotations"
+    if not video_dir.is_dir() or not mask_root.is_dir():
+        raise LmrcError(f"{root} must hold Videos/<seq>.mp4 and Annotations/<seq>/00000.png ... (one mask per frame)")
+    videos = {}
+    for entry in sorted(os.scandir(video_dir), key=lambda e: e.name):
+        path = Path(entry.path)
+        if entry.is_file() and path.suffix.lower() in VIDEO_EXTENSIONS and not path.name.startswith("."):
+            if path.stem in videos:
+                raise LmrcError(f"{video_dir} holds two videos named {path.stem} ({videos[path.stem].name}, "
+                                f"{path.name}); keep one")
+            videos[path.stem] = path
+    if not videos:
+        raise LmrcError(f"{video_dir} holds no video ({', '.join(VIDEO_EXTENSIONS)}); put one file per sequence there")
+    cache = Path(cache_dir) if cache_dir is not None else frame_cache_dir()
+    seqs = []
+    for name in _select(list(videos), include, exclude, root):
+        seqs.append(_video_sequence(name, videos[name], mask_root / name, cache))
+    return _nonempty(seqs, root)
+
+
+def frame_cache_dir() -> Path:
+    """Where decoded video frames are kept: $LMRC_CACHE_DIR/frames, else ~/.cache/lmrc/frames."""
+    base = os.environ.get("LMRC_CACHE_DIR")
+    return (Path(base) if base else Path.home() / ".cache" / "lmrc") / "frames"
+
+
+def _video_sequence(name: str, video: Path, mask_dir: Path, cache: Path) -> VideoSequence:
+    if not mask_dir.is_dir():
+        raise LmrcError(f"video {video} has no mask folder {mask_dir}; add its per-frame masks or remove the video")
+    mask_files = sorted(f for f in _listdir(mask_dir) if f.lower().endswith(".png") and not f.startswith("."))
+    bad = [f for f in mask_files if not Path(f).stem.isdigit()]
+    if bad:
+        raise LmrcError(f"mask {mask_dir / bad[0]} is not named by its frame index (00000.png, 00001.png, ...); "
+                        "rename the masks of video " + str(video))
+    masks = {int(Path(f).stem): mask_dir / f for f in mask_files}
+    frames, (height, width) = decoded_frames(video, cache)
+    if sorted(masks) != list(range(len(frames))):
+        missing = sorted(set(range(len(frames))) - set(masks))
+        extra = sorted(set(masks) - set(range(len(frames))))
+        detail = (f"missing frame(s) {_index_list(missing)}" if missing else "") + (
+            ("; " if missing else "") + f"masks beyond the last frame: {_index_list(extra)}" if extra else "")
+        raise LmrcError(f"{mask_dir} holds {len(masks)} masks but video {video} has {len(frames)} frames ({detail}); "
+                        "every frame needs a mask named by its index (00000.png ...)")
+    for index, path in masks.items():
+        try:
+            with Image.open(path) as image:
+                size = image.size
+        except OSError as exc:
+            raise LmrcError(f"mask {path} cannot be read as an image ({exc}); save it as a PNG") from None
+        if size != (width, height):
+            raise LmrcError(f"mask {path} is {size[0]}x{size[1]} but video {video} is {width}x{height}; save the "
+                            "masks at the video's size")
+    seq = VideoSequence(name, frames, masks, (), "video_masks")
+    seq.object_ids = tuple(objects_present(read_mask(masks[0])))
+    return seq
+
+
+def _index_list(indices: list[int], limit: int = 5) -> str:
+    shown = ", ".join(str(i) for i in indices[:limit])
+    return shown + (f" and {len(indices) - limit} more" if len(indices) > limit else "")
+
+
+def decoded_frames(video: Path, cache: Path) -> tuple[list[Path], tuple[int, int]]:
+    """The frames of `video` as JPEG files in the cache (decoding it the first time); returns (paths, (H, W)).
+
+    Decoding goes to a temporary folder renamed into place when complete, so an interrupted decode or two runs
+    decoding the same video at once never leave a half-filled cache entry.
+    """
+    video = Path(video).resolve()
+    try:
+        stat = video.stat()
+    except OSError:
+        raise LmrcError(f"video {video} not found or unreadable") from None
+    key = hashlib.sha1(f"{video}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache / f"{video.stem}-{key}"
+    done = folder / "frames.json"
+    if not done.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=cache))
+        try:
+            count, size = 0, None
+            for frame in VideoSource(video):  # LmrcError naming the file if it cannot be opened or decoded
+                Image.fromarray(frame.rgb).save(tmp / f"{frame.index:05d}.jpg", quality=CACHE_JPEG_QUALITY)
+                count, size = count + 1, frame.rgb.shape[:2]
+            if count == 0:
+                raise LmrcError(f"video {video} holds no decodable frame; re-export it")
+            (tmp / "frames.json").write_text(json.dumps({"count": count, "height": size[0], "width": size[1],
+                                                         "video": str(video)}))
+            try:
+                os.rename(tmp, folder)
+            except OSError:
+                if not done.is_file():  # not another process's complete copy: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    info = json.loads(done.read_text())
+    return [folder / f"{i:05d}.jpg" for i in range(info["count"])], (info["height"], info["width"])
+
+
+def read_image_masks(
+    root: str | Path,
+    *,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+) -> list[tuple[Path, Path]]:
+    """Single annotated images (e.g. SOD): ``<root>/images/<id>.jpg`` (or .png) and ``<root>/masks/<id>.png``,
+    matched by stem; returns (image, mask) pairs, the sources of ``StaticImageClips``. An image without a mask is
+    an error naming it (a silently smaller dataset would go unnoticed)."""
+    root = _existing_dir(root, "image + mask dataset")
+    image_dir, mask_dir = root / "images", root / "masks"
+    if not image_dir.is_dir() or not mask_dir.is_dir():
+        raise LmrcError(f"{root} must hold images/<id>.jpg and masks/<id>.png (one mask per image)")
+    images = {Path(f).stem: image_dir / f for f in sorted(_listdir(image_dir))
+              if f.lower().endswith(IMAGE_SUFFIXES) and not f.startswith(".")}
+    masks = {Path(f).stem: mask_dir / f for f in _listdir(mask_dir) if f.lower().endswith(".png")}
+    missing = sorted(set(images) - set(masks))
+    if missing:
+        raise LmrcError(f"image {images[missing[0]]} has no mask {mask_dir / (missing[0] + '.png')}"
+                        + (f" ({len(missing)} images lack masks)" if len(missing) > 1 else "")
+                        + "; add the masks or remove the images")
+    names = _select(sorted(images), include, exclude, root)
+    if not names:
+        raise LmrcError(f"{image_dir} holds no image (after include/exclude); check the path and the selection")
+    return [(images[n], masks[n]) for n in names]
+
+
+# Kinds whose items are single annotated images (used as pseudo-videos by StaticImageClips), not videos.
+IMAGE_READERS = {"image_masks": read_image_masks}
+
 READERS = {
     "davis2016": read_davis2016,
     "davis2017": read_davis2017,
     "youtube_vos": read_youtube_vos,
     "folder": read_frame_folders,
+    "video_masks": read_video_masks,
 }
 
 
 def read_dataset(kind: str, root: str | Path, **options) -> list[VideoSequence]:
-    """Dispatch to a reader by `kind`: one of ``davis2016``, ``davis2017``, ``youtube_vos``, ``folder``."""
+    """Dispatch to a reader by `kind`: one of ``davis2016``, ``davis2017``, ``youtube_vos``, ``folder``,
+    ``video_masks``."""
     if kind not in READERS:
         raise LmrcError(f"unknown dataset kind {kind!r}; use one of {', '.join(READERS)}")
     return READERS[kind](root, **options)
@@ -331,6 +485,7 @@ class VOSTrainingDataset(Dataset):
         max_short_side: int | None = 480,
         reverse_prob: float = 0.0,
         min_object_pixels: int = 16,
+        distractor_prob: float = 0.0,
         name: str = "",
     ) -> None:
         self.schedule = as_schedule(max_gap)
@@ -346,7 +501,7 @@ class VOSTrainingDataset(Dataset):
         self.batch_size = max(1, int(batch_size))
         self.augment = augment if augment is not None else ClipAugment(crop_size=tuple(crop_size))
         self.max_short_side, self.reverse_prob = max_short_side, reverse_prob
-        self.min_object_pixels = min_object_pixels
+        self.min_object_pixels, self.distractor_prob = min_object_pixels, distractor_prob
         self.name = name or (usable[0].dataset if usable[0].dataset else "video")
         self._order_cache: tuple[int, np.ndarray] | None = None
 
@@ -369,6 +524,11 @@ class VOSTrainingDataset(Dataset):
         seq, frame_idx, ids, candidates = self.draw_clip(index, rng)
         img, msk = self.load_clip(seq, frame_idx, ids)
         objects = choose_objects(candidates, self.max_objects, rng)
+        if self.distractor_prob > 0:
+            from lmrc.data.synthetic import maybe_paste_distractor  # synthetic builds on this module
+
+            img, msk = maybe_paste_distractor(img, msk, objects, self.distractor_prob,
+                                              sample_rng(self.seed, index, SALT_DISTRACTOR))
         info = {"name": seq.name, "frames": torch.tensor(frame_idx, dtype=torch.long), "source": self.name}
         return make_sample(img, msk, objects, rng, self.augment, self.max_objects, info)
 

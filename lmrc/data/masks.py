@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 from lmrc.fileio import atomic_path
 
 VOID_ID = 255

@@ -17,6 +17,7 @@ from torch.utils.data import Sampler
 SALT_SAMPLE = 0
 SALT_EPOCH_ORDER = 1
 SALT_MIX = 2
+SALT_DISTRACTOR = 3
 
 
 def sample_rng(seed: int, index: int, salt: int = SALT_SAMPLE) -> np.random.Generator:

@@ -24,8 +24,15 @@ from torchvision.transforms.v2 import functional as F
 from lmrc.data.augment import FILL_RGB, ClipAugment, resize_ids, resize_short_side
 from lmrc.data.datasets import VideoSequence, VOSTrainingDataset, load_image, make_sample, stack_clip
 from lmrc.data.masks import read_mask
-from lmrc.data.sampling import GapSchedule, choose_objects, epoch_permutation, objects_present, sample_rng
-from lmrc.errors import LmrcError
+from lmrc.data.sampling import (
+    SALT_DISTRACTOR,
+    GapSchedule,
+    choose_objects,
+    epoch_permutation,
+    objects_present,
+    sample_rng,
+)
+from lmrc.utils.errors import LmrcError
 
 
 def annotated_frames(sequences: Sequence[VideoSequence], stride: int = 1) -> list[tuple[Path, Path]]:
@@ -99,6 +106,7 @@ class StaticImageClips(Dataset):
         max_short_side: int | None = 480,
         min_object_pixels: int = 16,
         warp: dict | None = None,
+        distractor_prob: float = 0.0,
         name: str = "static",
     ) -> None:
         if not sources:
@@ -109,6 +117,7 @@ class StaticImageClips(Dataset):
         self.augment = augment if augment is not None else ClipAugment(crop_size=tuple(crop_size))
         self.max_short_side, self.min_object_pixels = max_short_side, min_object_pixels
         self.warp = dict(warp or {})
+        self.distractor_prob = distractor_prob
         self.name = name
 
     def __len__(self) -> int:
@@ -133,9 +142,13 @@ class StaticImageClips(Dataset):
         img, msk = resize_short_side(img, msk, self.max_short_side)
         frames, masks = zip(*(random_warp(img[0], msk[0], rng, **self.warp) for _ in range(self.num_frames)))
         objects = choose_objects(candidates, self.max_objects, rng)
+        frames, masks = torch.stack(frames), torch.stack(masks)
+        if self.distractor_prob > 0:
+            frames, masks = maybe_paste_distractor(frames, masks, objects, self.distractor_prob,
+                                                   sample_rng(self.seed, index, SALT_DISTRACTOR))
         info = {"name": f"static:{image_path.parent.name}/{image_path.stem}",
                 "frames": torch.zeros(self.num_frames, dtype=torch.long), "source": self.name}
-        return make_sample(torch.stack(frames), torch.stack(masks), objects, rng, self.augment, self.max_objects, info)
+        return make_sample(frames, masks, objects, rng, self.augment, self.max_objects, info)
 
 
 class PastedObjectClips(Dataset):
@@ -234,13 +247,7 @@ def paste_object(
     for attempt in range(max(1, retries)):
         # Later attempts shrink the donor so it covers less of object 1.
         s = float(rng.uniform(*scale)) * (0.8 ** attempt)
-        target = (float(rng.uniform(0.15, 0.85) * w), float(rng.uniform(0.15, 0.85) * h))
-        # Scaling is about the image centre; move the scaled centroid onto the target point.
-        tx = target[0] - (w / 2 + s * (centroid[0] - w / 2))
-        ty = target[1] - (h / 2 + s * (centroid[1] - h / 2))
-        params = dict(angle=0.0, translate=[tx, ty], scale=s, shear=[0.0, 0.0])
-        placed_img = F.affine(d_img, **params, interpolation=InterpolationMode.BILINEAR)
-        placed = F.affine(d_msk, **params, fill=0).as_subclass(torch.Tensor).bool()
+        placed_img, placed = _place(d_img, d_msk, centroid, s, rng)
         visible = int((base_mask[0] & ~placed[0]).sum())
         score = (visible >= max(min_visible * base_area, min_pixels) and int(placed[0].sum()) >= min_pixels, visible)
         if best is None or score > best[0]:
@@ -253,3 +260,80 @@ def paste_object(
     out_ids[base_mask] = 1
     out_ids[placed] = 2  # after object 1: the pasted object is in front
     return out_images, out_ids
+
+
+def _place(images, masks, centroid: tuple[float, float], s: float, rng: np.random.Generator):
+    """Scale a clip (tv_tensors Image T x 3 x H x W, Mask T x H x W) by `s` and move it so `centroid` lands at a
+    random point of the frame (one transform for every frame, so the object keeps its motion); returns the
+    moved images (uint8) and the moved masks (bool)."""
+    h, w = masks.shape[-2:]
+    target = (float(rng.uniform(0.15, 0.85) * w), float(rng.uniform(0.15, 0.85) * h))
+    # Scaling is about the image centre; move the scaled centroid onto the target point (whole pixels at scale
+    # 1, so a copy is the object's own pixels, not a resampled version).
+    tx = target[0] - (w / 2 + s * (centroid[0] - w / 2))
+    ty = target[1] - (h / 2 + s * (centroid[1] - h / 2))
+    if s == 1.0:
+        tx, ty = round(tx), round(ty)
+    params = dict(angle=0.0, translate=[tx, ty], scale=s, shear=[0.0, 0.0])
+    placed_img = F.affine(images, **params, interpolation=InterpolationMode.BILINEAR)
+    placed = F.affine(masks, **params, fill=0).as_subclass(torch.Tensor).bool()
+    return placed_img.as_subclass(torch.Tensor), placed
+
+
+def paste_distractor(
+    images: torch.Tensor,
+    ids: torch.Tensor,
+    target: int,
+    rng: np.random.Generator,
+    *,
+    protect: Sequence[int] = (),
+    start: int = 0,
+    scale: tuple[float, float] = (0.7, 1.1),
+    recolour: float = 0.1,
+    min_pixels: int = 16,
+    retries: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Paste a copy of object `target` (its own pixels in each frame, scaled by `scale`, each colour channel
+    times 1 +- `recolour`) elsewhere in frames ``start..T-1`` of a clip (T x 3 x H x W uint8, T x H x W ids) as
+    UNLABELLED background: id 0 where it lands, the real target keeps its label.
+
+    A look-alike distractor: the global read matches it as well as the target; the local read (the previous
+    frame's nearby mask) can tell them apart. The copy never covers `target` or the `protect` ids in any frame;
+    when no placement in `retries` avoids them, the clip is returned unchanged. Returns (images, ids, pasted
+    T x H x W bool).
+    """
+    t_count, _, h, w = images.shape
+    mask = ids == target
+    keep = mask.clone()
+    for k in protect:
+        keep |= ids == k
+    ys, xs = torch.nonzero(mask[start], as_tuple=True)
+    nothing = torch.zeros_like(mask)
+    if len(ys) < min_pixels:
+        return images, ids, nothing
+    centroid = (float(xs.float().mean()), float(ys.float().mean()))
+    later = torch.arange(t_count) >= start
+    for _ in range(max(1, retries)):
+        s = float(rng.uniform(*scale))
+        placed_img, placed = _place(tv_tensors.Image(images), tv_tensors.Mask(mask.to(torch.uint8)), centroid, s, rng)
+        placed &= later[:, None, None]
+        if int(placed[start].sum()) >= min_pixels and not bool((placed & keep).any()):
+            break
+    else:
+        return images, ids, nothing
+    gain = torch.from_numpy(1 + rng.uniform(-recolour, recolour, size=3)).float().view(1, 3, 1, 1)
+    copy = (placed_img.float() * gain).round().clamp(0, 255).to(images.dtype) if recolour else placed_img
+    out_images = torch.where(placed[:, None], copy, images)
+    out_ids = torch.where(placed, torch.zeros_like(ids), ids)
+    return out_images, out_ids, placed
+
+
+def maybe_paste_distractor(images: torch.Tensor, ids: torch.Tensor, objects: Sequence[int], prob: float,
+                           rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability `prob`, a look-alike of the first of `objects` (`paste_distractor`) from a random frame on
+    (from frame 0 the global memory sees it as background; later, only the reads can reject it)."""
+    if prob <= 0 or rng.random() >= prob or not objects:
+        return images, ids
+    start = int(rng.integers(images.shape[0]))
+    images, ids, _ = paste_distractor(images, ids, objects[0], rng, protect=objects[1:], start=start)
+    return images, ids

@@ -17,16 +17,12 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError, LmrcWarning
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".m4v")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # Folders of frames carry no frame rate; overlays of them use this one.
 DEFAULT_FPS = 24.0
-
-
-class LmrcWarning(UserWarning):
-    """Something in the user's input was repaired or skipped; the run goes on (e.g. a bad frame, a resized mask)."""
 
 
 @dataclass(frozen=True)

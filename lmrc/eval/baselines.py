@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from lmrc.data.masks import read_mask, write_mask
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png")
 METHODS = ("copy", "flow")

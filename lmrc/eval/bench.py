@@ -4,11 +4,12 @@
     lmrc bench --model lmrc-r50 --compare A F --json
     lmrc bench --max-memory-frames 10 --frames 2000 --size 240     # time and memory stay flat
     lmrc bench --compare A F --macs                                # + multiply-adds: the ratio's arithmetic floor
+    lmrc bench --runtime onnxruntime                               # the same model in torch and in onnxruntime
 
 The video is synthetic (moving textured shapes generated in memory, 854 x 480 like DAVIS) unless `--input` names
 one. Without `--weights` the model is randomly initialised: speed does not depend on the weights' values.
 Times are wall-clock medians over the frames after `--warmup`; each frame's stages are timed by
-`lmrc.inference.timing` (no-op unless recording), `other` is the rest of the frame (resizing, aggregation, glue).
+the segmenter's `StageTimer` (`lmrc.utils.timing`), `other` is the rest of the frame (resizing, aggregation, glue).
 Per-stage figures are medians over frames, so a stage that runs on some frames only (value encoding in setting A,
 every `--mem-every`-th frame) can show 0; `ms_per_frame_mean` / `fps` include it.
 With `--compare A F` both settings run in one process on the same frames, alternating which goes first, so a
@@ -18,10 +19,14 @@ figure, and with `--compare` the ratio of the two settings' arithmetic, which is
 running both at equal efficiency gets. They are attributed to the timed stages, so each stage gets its rate
 (GMAC/s = its multiply-adds per frame / its mean time per frame) and the fraction of the machine's peak
 (`lmrc.eval.peak`, whose derivation is printed).
+With `--runtime onnxruntime` one setting runs twice side by side in the same way: in PyTorch (the optimized
+inference copy) and as the exported ONNX graphs in onnxruntime (`lmrc export`, or `--onnx DIR`), with the same
+number of threads; `ratio` is onnxruntime's mean frame time over torch's.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -36,8 +41,10 @@ import numpy as np
 import torch
 
 from lmrc.config import ABLATION_SETTINGS, MODEL_PRESETS, model_config
-from lmrc.errors import LmrcError
-from lmrc.inference import timing
+from lmrc.inference.command import check_runtime_options, onnx_runtime_overrides
+from lmrc.inference.config import add_inference_arguments, inference_config_from_args
+from lmrc.utils import timing
+from lmrc.utils.errors import LmrcError
 
 CHECKPOINTS = (200, 500, 1000, 2000, 5000, 10000)
 DEFAULT_SIZE = (480, 854)  # H x W of the synthetic video (DAVIS 480p)
@@ -47,20 +54,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=sorted(MODEL_PRESETS), default="lmrc-lite", help="model size (default: lmrc-lite)")
     parser.add_argument("--setting", choices=sorted(ABLATION_SETTINGS), default="F",
                         help="ablation setting of Table 4 (default: F, the full model)")
-    parser.add_argument("--size", type=int, default=480, metavar="PIXELS", help="shorter side during processing (default: 480)")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="autocast precision (default: fp32)")
     parser.add_argument("--frames", type=int, default=40, metavar="N", help="frames to segment (default: 40)")
     parser.add_argument("--warmup", type=int, default=5, metavar="N", help="first frames left out of the medians (default: 5)")
     parser.add_argument("--objects", type=int, default=2, metavar="N", help="objects in the synthetic video (default: 2)")
     parser.add_argument("--weights", metavar="FILE", help="weights file (default: random initialisation)")
     parser.add_argument("--input", metavar="VIDEO_OR_FOLDER", help="segment this video instead of the synthetic one")
     parser.add_argument("--mask", metavar="PNG", help="first-frame mask for --input (default: an ellipse in the middle)")
-    parser.add_argument("--mem-every", type=int, default=5, metavar="N", help="global-memory interval (default: 5)")
-    parser.add_argument("--max-memory-frames", type=int, metavar="N", help="bound the global memory to N frames")
-    parser.add_argument("--top-k", type=int, metavar="K",
-                        help="global read keeps the K best memory matches per pixel (default: 20, as STCN; 0 keeps all)")
+    add_inference_arguments(parser)  # --mem-every, --max-memory-frames, --size, --precision, --top-k, --flip, --device
     parser.add_argument("--compare", nargs=2, metavar=("A", "F"), choices=sorted(ABLATION_SETTINGS),
                         help="run two settings side by side (alternating per frame) and print the cost ratio")
+    parser.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                        help="onnxruntime: run the setting in torch and as ONNX graphs in onnxruntime side by side "
+                             "(alternating per frame) and print the cost ratio")
+    parser.add_argument("--onnx", metavar="DIR", help="with --runtime onnxruntime: graphs written by `lmrc export` "
+                                                       "(default: export the benchmarked model first)")
     parser.add_argument("--checkpoints", metavar="N,N,...",
                         help="frames at which to print time per frame and memory (default: 200,500,1000,2000,... up to --frames)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch threads (default: torch's own choice)")
@@ -132,20 +139,19 @@ def input_frames(args, count: int) -> Iterator[tuple[np.ndarray, np.ndarray | No
 
 # --- models --------------------------------------------------------------------------------------------------------
 
-def build_model(name: str, setting: str, weights: str | None = None, top_k: int | None = None) -> torch.nn.Module:
-    """`name` in `setting` with random weights (speed does not depend on them), or loaded from `weights`;
-    `top_k`: the global read's top-k (None: the default, 20; 0: every position)."""
+def build_model(name: str, setting: str, weights: str | None = None) -> torch.nn.Module:
+    """`name` in `setting` with random weights (speed does not depend on them), or loaded from `weights`."""
     from lmrc.model.network import LMRC
-    from lmrc.model.weights import load_model, with_global_read_top_k
+    from lmrc.model.weights import load_model
 
     if weights is not None:
-        model = load_model(name, weights, global_read_top_k=top_k)
+        model = load_model(name, weights)
         if model.config.setting != setting:
             raise LmrcError(f"weights {weights} are setting {model.config.setting}, not {setting}; "
                             f"pass --setting {model.config.setting}")
         return model
     torch.manual_seed(0)
-    return LMRC(with_global_read_top_k(model_config(name, setting=setting), top_k), pretrained_backbone=False).eval()
+    return LMRC(model_config(name, setting=setting), pretrained_backbone=False).eval()
 
 
 # --- measurement ---------------------------------------------------------------------------------------------------
@@ -203,7 +209,7 @@ def measure(segmenters: dict[str, "Segmenter"], frames: Iterator[tuple[np.ndarra
     last = {label: warmup for label in segmenters}
     for index, (rgb, mask) in enumerate(frames):
         for label in order if index % 2 == 0 else order[::-1]:
-            with timing.record() as times:
+            with segmenters[label].timer.record() as times:
                 start = time.perf_counter()
                 segmenters[label].step(rgb, mask)
                 total = time.perf_counter() - start
@@ -230,7 +236,7 @@ def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.nd
     """Mean multiply-adds per frame, in GMAC, over the frames after the first (which takes the mask). PyTorch's
     FLOP counter counts the convolutions (`convolution`) and matrix products; the native local-window kernels run
     outside PyTorch, so `local_window` counts their nominal multiply-adds (`local_window.count_multiply_adds`);
-    `total` is both. `stages`: the same split by the timed stage (`lmrc.inference.timing`) they ran in, `other`
+    `total` is both. `stages`: the same split by the stage of the segmenter's `timer` they ran in, `other`
     for what ran outside every stage. Pass `mem_every` + 1 frames so each kind of frame counts as often as in a
     long video. Resets the segmenter. None when there is no frame after the first."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -256,7 +262,7 @@ def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.nd
             else:
                 by_stage[name] = by_stage.get(name, 0.0) + so_far() - started.pop(name)
 
-        with timing.record(listener=listener):
+        with segmenter.timer.record(listener=listener):
             for rgb, mask in frames:
                 segmenter.step(rgb, mask)
                 counted += 1
@@ -268,6 +274,7 @@ def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.nd
     scale = 1e9 * counted
     total = counter.get_total_flops() / 2 + native[0]
     by_stage["other"] = total - sum(by_stage.values())
+
     def gmac(v: float) -> float:  # 9 significant digits: exact for small test cases, short in JSON
         return float(f"{v / scale:.9g}")
 
@@ -277,7 +284,7 @@ def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.nd
 
 def stage_rates(gmac_per_frame: dict[str, float], ms_per_frame: dict[str, float], peak) -> dict[str, dict]:
     """Per stage with both multiply-adds and time: GMAC/s (GMAC per frame / mean seconds per frame) and the fraction
-    of `peak` (a lmrc.eval.peak.Peak; `precision` picks its fp32 or bf16 figure)."""
+    of `peak` (GMAC/s: the fp32 or bf16 figure of a `lmrc.eval.peak.Peak`)."""
     out = {}
     for name, gmac in gmac_per_frame.items():
         ms = ms_per_frame.get(name, 0.0)
@@ -321,18 +328,38 @@ def main(args) -> int:
         raise LmrcError("--compare builds both settings with random weights; drop --weights")
     if args.compare and args.compare[0] == args.compare[1]:
         raise LmrcError("--compare needs two different settings")
+    runtimes = args.runtime == "onnxruntime"
+    if runtimes and (args.compare or args.macs or args.no_optimize or args.compile):
+        raise LmrcError("--runtime onnxruntime compares fp32 torch with onnxruntime for one setting: drop --compare, "
+                        "--macs, --no-optimize and --compile")
+    check_runtime_options(args)
 
-    from lmrc.inference.command import half_precision_warning
+    from lmrc.utils.device import half_precision_warning
 
-    warning = half_precision_warning(args.precision)
-    if warning:
-        print(f"lmrc bench: warning: {warning}", file=sys.stderr)
+    config = inference_config_from_args(args, **onnx_runtime_overrides(args))
+    onnx_model = None
+    if runtimes:
+        from lmrc.inference.onnx_runtime import open_onnx_model
+
+        if args.onnx:
+            onnx_model = open_onnx_model(args.onnx)
+            if onnx_model.config.setting != args.setting:
+                raise LmrcError(f"the graphs in {args.onnx} are setting {onnx_model.config.setting}; "
+                                f"pass --setting {onnx_model.config.setting}")
+            if args.top_k is None:  # not asked for: the graphs' own, for both runtimes
+                config = dataclasses.replace(config, top_k=onnx_model.read_top_k)
     segmenters = {}
     for setting in settings:
-        model = build_model(args.model, setting, args.weights, args.top_k)
-        segmenters[setting] = Segmenter(model, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames,
-                                        size=args.size, precision=args.precision, optimize=not args.no_optimize,
-                                        compile=args.compile)
+        model = build_model(args.model, setting, args.weights)
+        segmenters[setting] = Segmenter(model, config, optimize=not args.no_optimize, compile=args.compile)
+    if runtimes:  # the same setting in torch and in onnxruntime, side by side
+        if onnx_model is None:
+            onnx_model = open_onnx_model(None, model, read_top_k=config.top_k)
+        segmenters = {"torch": segmenters[args.setting], "onnxruntime": Segmenter(onnx_model, config)}
+    first = next(iter(segmenters.values()))
+    warning = half_precision_warning(first.precision) if first.device.type == "cpu" else None
+    if warning:
+        print(f"lmrc bench: warning: {warning}", file=sys.stderr)
     frames = input_frames(args, args.frames)
     load_before = _loadavg()
     start = time.perf_counter()
@@ -345,7 +372,6 @@ def main(args) -> int:
         checkpoints = tuple(c for c in CHECKPOINTS if c <= args.frames)
     runs = measure(segmenters, frames, args.warmup, checkpoints, on_checkpoint=_print_checkpoint)
     wall = time.perf_counter() - start
-    first = next(iter(segmenters.values()))
     process_size = list(first.process_size or ())  # before --macs resets the segmenters
 
     results = {label: {**runs[label].summary(args.warmup), "checkpoints": runs[label].checkpoints} for label in runs}
@@ -354,7 +380,8 @@ def main(args) -> int:
         from lmrc.eval.peak import estimate_peak
 
         peak = estimate_peak(torch.get_num_threads(), measure=False)
-        peak_gmacs = peak.bf16_gmacs if args.precision == "bf16" else peak.fp32_gmacs
+        peak_precision = "bf16" if first.precision == "bf16" else "fp32"  # the precision chosen ("auto" resolved)
+        peak_gmacs = peak.bf16_gmacs if peak_precision == "bf16" else peak.fp32_gmacs
         for label, result in results.items():
             macs = multiply_adds_per_frame(segmenters[label], input_frames(args, args.mem_every + 1))
             if macs is None:
@@ -362,19 +389,23 @@ def main(args) -> int:
             result["gmac_per_frame"] = macs
             result["gmac_per_second"] = round(macs["total"] / (result["ms_per_frame_mean"] / 1000), 2)
             result["stage_rates"] = stage_rates(macs["stages"], result["stages_ms_mean"], peak_gmacs)
-    main_label = settings[-1]
+    main_label = list(segmenters)[-1]
     report = {
         "model": args.model,
-        "setting": main_label,
+        "setting": settings[-1],
+        "runtime": "torch vs onnxruntime" if runtimes else "torch",
         "weights": args.weights or "random (speed does not depend on the weights)",
-        "precision": args.precision,
-        "size": args.size,
+        "precision": first.precision,
+        "precision_reason": first.precision_reason,
+        "device": str(first.device),
+        "flip": config.flip,
+        "size": config.size,
         "process_size": process_size,
         "input": args.input or f"synthetic {DEFAULT_SIZE[1]}x{DEFAULT_SIZE[0]}, {args.objects} objects",
         "frames": len(runs[main_label].totals),
         "warmup": args.warmup,
         "max_memory_frames": args.max_memory_frames,
-        "global_read_top_k": first.model.config.global_read_top_k,
+        "global_read_top_k": config.top_k,
         "threads": torch.get_num_threads(),
         "cpu": cpu_description(),
         "optimized": not args.no_optimize,
@@ -388,9 +419,9 @@ def main(args) -> int:
     if peak is not None:
         report["peak"] = {"fp32_gmac_per_second": round(peak.fp32_gmacs, 1),
                           "bf16_gmac_per_second": round(peak.bf16_gmacs, 1),
-                          "used": "bf16" if args.precision == "bf16" else "fp32", "derivation": peak.describe()}
-    if args.compare:
-        a, f = settings
+                          "used": peak_precision, "derivation": peak.describe()}
+    if args.compare or runtimes:
+        a, f = list(segmenters)
         report["runs"] = results
         # Mean frame time (= 1/throughput): setting A encodes values only on memory frames (every mem_every-th),
         # a cost a median frame does not show; the ratio of medians is given too.
@@ -414,10 +445,11 @@ def _print_checkpoint(label: str, c: dict) -> None:
 def _print_table(report: dict, results: dict[str, dict]) -> None:
     out = sys.stdout
     load = report["load_average"]
-    print(f"lmrc bench: {report['model']}, {report['precision']}, processed at "
+    print(f"lmrc bench: {report['model']}, {report['precision']} ({report['precision_reason']}), processed at "
           f"{'x'.join(map(str, report['process_size'][::-1]))} (padded to 16), {report['threads']} thread(s), "
           f"{'optimized' if report['optimized'] else 'unoptimized'}{', compiled' if report['compiled'] else ''}, "
-          f"global read top-k {report['global_read_top_k'] or 'all'}", file=out)
+          f"global read top-k {report['global_read_top_k'] or 'all'}{', test-time flip' if report['flip'] else ''}",
+          file=out)
     print(f"  weights: {report['weights']}; input: {report['input']}; cpu: {report['cpu']['name']} "
           f"({report['cpu']['capability']})", file=out)
     print(f"  {report['frames']} frames, medians over the last {report['frames'] - report['warmup']}; "
@@ -426,7 +458,7 @@ def _print_table(report: dict, results: dict[str, dict]) -> None:
     present = {s for r in results.values() for s in r["stages_ms"]}
     stages = [s for s in (*timing.STAGES, "other") if s in present]
     width = max(len(s) for s in stages + ["ms per frame"]) + 2
-    print("  " + "stage (ms)".ljust(width) + "".join(f"{'setting ' + l:>12}" for l in labels), file=out)
+    print("  " + "stage (ms)".ljust(width) + "".join(f"{'setting ' + l if l in ABLATION_SETTINGS else l:>12}" for l in labels), file=out)
     for s in stages:
         print("  " + s.ljust(width) + "".join(f"{results[l]['stages_ms'].get(s, 0.0):12.1f}" for l in labels), file=out)
     print("  " + "ms per frame".ljust(width) + "".join(f"{results[l]['ms_per_frame']:12.1f}" for l in labels), file=out)

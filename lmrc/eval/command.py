@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from lmrc.errors import LmrcError
+from lmrc.inference.config import add_inference_arguments, inference_config_from_args
+from lmrc.utils.errors import LmrcError
 
 MODELS = ("lmrc-lite", "lmrc-r50")
 
@@ -28,13 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--run", action="store_true", help="segment every sequence with --model, then score")
     run.add_argument("--model", choices=MODELS, help="model preset for --run")
     run.add_argument("--weights", help="weights file for --run (default: the preset's)")
-    run.add_argument("--size", type=int, default=480, help="with --run: shorter side the model sees (default 480)")
-    run.add_argument("--mem-every", type=int, default=5, help="with --run: global memory every N frames (default 5)")
-    run.add_argument("--max-memory-frames", type=int, help="with --run: cap on global memory frames")
-    run.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="with --run (default fp32)")
-    run.add_argument("--top-k", type=int, metavar="K",
-                     help="with --run: global read keeps the K best memory matches per pixel (default: 20, "
-                          "as STCN; 0 keeps all)")
+    add_inference_arguments(run)  # --mem-every, --size, --precision, --top-k, --flip, ... (used with --run)
     ytvos = parser.add_argument_group("YouTube-VOS submission")
     ytvos.add_argument("--youtube-vos", action="store_true",
                        help="pack --results into a submission zip instead (with --run: segment every video first)")
@@ -112,19 +107,27 @@ def _segment_split(args: argparse.Namespace, sequences: list[str], out_dir: Path
     """Segment every sequence from its first annotated frame into `out_dir/<seq>/<frame>.png`; returns frames done."""
     from lmrc.eval.davis import RESOLUTION, gt_frames
     from lmrc.inference.run import segment_sequence
-    from lmrc.model.weights import load_model
 
     root = Path(args.gt)
-    model = load_model(args.model, args.weights, _device(), global_read_top_k=args.top_k)
+    segmenter = _segmenter(args)
     frames = 0
     for i, seq in enumerate(sequences, 1):
         print(f"segmenting {i}/{len(sequences)}: {seq}", file=sys.stderr, flush=True)
         # --run writes --results afresh (overwrite): results of an older run must not mix with this one.
-        frames += segment_sequence(
-            model, root / "JPEGImages" / RESOLUTION / seq, gt_frames(root, seq)[0], out_dir / seq, overwrite=True,
-            size=args.size, mem_every=args.mem_every, max_memory_frames=args.max_memory_frames, precision=args.precision,
-        ).frames
+        frames += segment_sequence(segmenter, root / "JPEGImages" / RESOLUTION / seq, gt_frames(root, seq)[0],
+                                   out_dir / seq, overwrite=True).frames
     return frames
+
+
+def _segmenter(args: argparse.Namespace):
+    """One Segmenter (one inference copy of the model) for every sequence of --run; says its precision."""
+    from lmrc.inference.segmenter import Segmenter
+    from lmrc.model.weights import load_model
+
+    config = inference_config_from_args(args)
+    segmenter = Segmenter(load_model(args.model, args.weights), config)
+    print(f"precision: {segmenter.precision} ({segmenter.precision_reason}) on {segmenter.device}", file=sys.stderr)
+    return segmenter
 
 
 def _youtube_vos(args: argparse.Namespace) -> int:
@@ -137,12 +140,9 @@ def _youtube_vos(args: argparse.Namespace) -> int:
     if args.run:
         if not args.model:
             raise LmrcError("--run needs --model (lmrc-lite or lmrc-r50)")
-        from lmrc.model.weights import load_model
-
-        model = load_model(args.model, args.weights, _device(), global_read_top_k=args.top_k)
         start = time.perf_counter()
-        frames = segment_videos(model, args.gt, args.results, size=args.size, mem_every=args.mem_every,
-                                max_memory_frames=args.max_memory_frames, precision=args.precision)
+        segmenter = _segmenter(args)
+        frames = segment_videos(segmenter, args.gt, args.results)
         seconds = time.perf_counter() - start
         print(f"segmentation: {frames} frames in {seconds:.1f} s = {frames / max(seconds, 1e-9):.2f} frames/s; "
               f"peak memory {_peak_memory_mib()}")
@@ -150,8 +150,3 @@ def _youtube_vos(args: argparse.Namespace) -> int:
     print(f"wrote {Path(args.out) / 'Annotations'} and {zip_path}")
     return 0
 
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"

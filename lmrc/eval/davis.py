@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from lmrc.data.masks import read_mask
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 from lmrc.eval.metrics import score_objects, statistics
 from lmrc.fileio import atomic_path
 

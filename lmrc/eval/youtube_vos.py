@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from lmrc.data.masks import read_mask, write_mask
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 from lmrc.fileio import atomic_path
 
 SUBMISSION_NAME = "submission.zip"
@@ -80,17 +80,23 @@ def first_frames(valid_root: str | Path) -> dict[str, dict[int, str]]:
 def segment_videos(model, valid_root: str | Path, predictions: str | Path, **segmenter_options) -> int:
     """Segment every video of meta.json into `predictions/<video>/<frame>.png`; returns the frames written.
 
+    model: a model, or a Segmenter to use; segmenter_options: for `Segmenter` (an InferenceConfig as `config`, or its
+    fields).
     Each video's `Annotations/<video>/` holds sparse masks: an object's memory starts at the frame where its
-    mask is given, as the benchmark asks. Every frame present in `JPEGImages/<video>` is segmented.
+    mask is given and frames before it leave it out (no backward propagation), as the benchmark asks. Every frame
+    present in `JPEGImages/<video>` is segmented.
     """
     from lmrc.inference.run import segment_sequence
+    from lmrc.inference.segmenter import Segmenter
 
     root, predictions = Path(valid_root), Path(predictions)
+    # one inference copy for every video
+    segmenter = model if isinstance(model, Segmenter) else Segmenter(model, **segmenter_options)
     frames = 0
     for video in read_meta(root):
         frames += segment_sequence(
-            model, root / "JPEGImages" / video, root / "Annotations" / video, predictions / video,
-            overwrite=True, **segmenter_options,
+            segmenter, root / "JPEGImages" / video, root / "Annotations" / video, predictions / video, overwrite=True,
+            backward=False,
         ).frames
     return frames
 

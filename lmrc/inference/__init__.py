@@ -1,21 +1,5 @@
-"""Segment any video: `Segmenter` (streaming, one frame at a time), `segment_sequence` (a whole sequence to a
-results folder), `lmrc segment` (`command.py`). Imported lazily so that `import lmrc.inference.io` stays light."""
-from __future__ import annotations
-
-__all__ = ["Segmenter", "output_prob_to_mask", "segment_sequence", "SegmentStats", "MemoryBank"]
-
-
-def __getattr__(name: str):
-    if name in ("Segmenter", "output_prob_to_mask"):
-        from lmrc.inference import segmenter
-
-        return getattr(segmenter, name)
-    if name in ("segment_sequence", "SegmentStats"):
-        from lmrc.inference import run
-
-        return getattr(run, name)
-    if name == "MemoryBank":
-        from lmrc.inference.memory_bank import MemoryBank
-
-        return MemoryBank
-    raise AttributeError(f"module 'lmrc.inference' has no attribute {name!r}")
+"""Segment any video: `InferenceConfig` (`config.py`), `Segmenter` (streaming, one frame at a time,
+`segmenter.py`), the inference fast path (`fast_path.py`), `segment_video` / `segment_sequence` (whole videos,
+`run.py`), forward and backward propagation from masks on any frames (`propagate.py`), masks from a box, clicks
+and strokes (`prompts.py`), mask and result files (`io.py`), `lmrc segment` (`command.py`). The public calls are re-exported by
+the `lmrc` package itself."""

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from lmrc.data.masks import davis_palette, read_mask, write_mask
-from lmrc.data.video import FrameSource, LmrcWarning, natural_key
-from lmrc.errors import LmrcError
+from lmrc.data.video import FrameSource, natural_key
+from lmrc.utils.errors import LmrcError, LmrcWarning
 from lmrc.fileio import atomic_path
 
 # Id 255 is DAVIS' "void" label, so results can hold ids 1..254.
@@ -97,7 +97,8 @@ def load_prompts(mask_path: str | Path, frames: FrameSource | Sequence[str], siz
     with the same name, else to frame 0. `frames`: the FrameSource, or the frame names in order plus `size` (H, W).
     A mask a few pixels off the frame size (<= 2% of each side, at least 2 pixels) is resized with nearest
     neighbour and a warning; other problems raise LmrcError: missing/unreadable file, other sizes, an empty mask,
-    a mask naming no frame, ids above `max_id` (<= 254) or beyond the PNG's palette.
+    a mask naming no frame, ids above `max_id` (<= 254). Palette PNGs are read by their pixel indices, whatever
+    their palette holds (as the DAVIS evaluator does).
     """
     mask_path = Path(mask_path)
     table = _FrameTable(frames, size)
@@ -152,12 +153,10 @@ def _note(notes: list[str], message: str) -> None:
 
 def _read_prompt(path: Path, frame_size: tuple[int, int], max_id: int, notes: list[str]) -> np.ndarray:
     """One mask file -> H x W uint8 ids at `frame_size`, checked."""
+    # A palette PNG is read by its pixel indices whatever its palette holds, as the DAVIS evaluator and Cutie do:
+    # `Image.fromarray(ids, mode="P")` saves ids with a one-colour palette, and the colours carry no meaning here.
     ids = read_mask(path)
-    palette_size = _palette_size(path)
     top = int(ids.max())
-    if palette_size is not None and top >= palette_size:
-        raise LmrcError(f"mask {path} uses object id {top} but its palette holds only {palette_size} colours; "
-                        "the file is damaged or was saved with a cut palette: re-save it with the DAVIS palette")
     limit = min(max_id, MAX_OBJECT_ID)
     if top > limit:
         raise LmrcError(f"mask {path} uses object id {top}; ids must be 1..{limit} (0 is background, 255 void). "
@@ -178,15 +177,6 @@ def _read_prompt(path: Path, frame_size: tuple[int, int], max_id: int, notes: li
         if not ids.any():
             raise LmrcError(f"mask {path} holds no object after resizing to {fw}x{fh}")
     return ids
-
-
-def _palette_size(path: Path) -> int | None:
-    """Number of colours in a palette PNG, None for other images."""
-    with Image.open(path) as image:
-        if image.mode != "P":
-            return None
-        palette = image.getpalette()
-        return len(palette) // 3 if palette else None
 
 
 class ResultWriter:

@@ -1,9 +1,9 @@
 """`Segmenter`: segment a video frame by frame (streaming), with objects given at any frame.
 
-    seg = Segmenter(load_model("lmrc-lite"), mem_every=5, size=480)
+    seg = Segmenter(load_model("lmrc-lite"), InferenceConfig(mem_every=5, size=480))
     for i, rgb in enumerate(frames):                      # H x W x 3 uint8
         probs = seg.step(rgb, mask if i == 0 else None)   # (N+1) x H x W, channel 0 = background
-        ids = output_prob_to_mask(probs, seg.object_ids)  # H x W uint8 object ids
+        ids = seg.probs_to_ids(probs)                     # H x W uint8 object ids
 
 Schedule (paper, Section III-E-2, as STCN): a frame given a mask enters the global memory; after the first such
 frame (the start), every frame whose position relative to the start is a multiple of `mem_every` enters it too;
@@ -13,9 +13,15 @@ query, then as the local memory of the next frame, and (stage 4) as its global-m
 
 Frames are processed with the shorter side resized to `size` (aspect kept), padded to a multiple of 16 (evenly
 split), and the probabilities are cropped and resized back to the input's own size.
+
+Test-time flip (`flip=True`): every frame is also processed mirrored left-right, with a memory of its own; the
+two predictions are averaged (the mirrored one flipped back) and both memories are written from the average
+(mirrored for the mirrored one).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Sequence
 
 import numpy as np
@@ -23,64 +29,106 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lmrc.inference.config import InferenceConfig
+from lmrc.inference.fast_path import prepare_for_inference
 from lmrc.inference.memory_bank import MemoryBank
-from lmrc.inference.timing import stage
 from lmrc.model.aggregate import soft_aggregate
-from lmrc.model.network import crop_padding, pad_to_multiple
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from lmrc.model.network import FrameEncoding, crop_padding, pad_to_multiple
+from lmrc.utils.device import choose_device, choose_precision
+from lmrc.utils.errors import LmrcError
+from lmrc.utils.timing import StageTimer
 
 
 class Segmenter:
-    """Streaming LMRC inference for one video at a time (`reset()` starts the next).
+    """Streaming LMRC inference for one video at a time; `reset()` starts the next with the same inference copy.
 
-    model: an `LMRC` (e.g. from `lmrc.model.weights.load_model`); mem_every: global-memory interval;
-    max_memory_frames: None keeps every memory frame, else the prompt frames plus the most recent ones, that many in
-    all (>= 2); size: shorter side during processing (None: the input's own); precision: "fp32", "bf16" or "fp16"
-    (autocast); device: where to run (default: the model's device; the model is moved there); optimize: run an
-    inference copy of the model with BatchNorm folded into the convolutions (same results up to float rounding, see
-    `lmrc.model.inference`); compile: also torch.compile its encoders and decoder (slow first frames).
-    `object_ids` lists the ids in channel order (order of first appearance; ids given together are sorted).
+    model: an `LMRC` (e.g. from `lmrc.load_model`); it is not changed (not moved, retyped or put in eval mode):
+    the segmenter builds its own inference copy once, on the config's device. Or a network another runtime runs
+    (`lmrc.inference.onnx_runtime.OnnxModel`): used as it is. config: `InferenceConfig`;
+    keyword `settings` replace its fields (`Segmenter(model, size=240)`). optimize: the inference fast path
+    (`lmrc.inference.fast_path`: same results up to float rounding); False runs the plain network, the reference.
+    compile: also torch.compile its encoders and decoder (slow first frames).
+    `object_ids` lists the ids in channel order (order of first appearance; ids given together are sorted);
+    `precision` / `precision_reason`: the precision chosen (for "auto": from the hardware) and why;
+    `timer`: the `StageTimer` of every stage (`lmrc bench` records it).
     """
 
-    def __init__(self, model: torch.nn.Module, *, mem_every: int = 5, max_memory_frames: int | None = None,
-                 size: int | None = 480, precision: str = "fp32", device: str | torch.device | None = None,
-                 optimize: bool = True, compile: bool = False) -> None:
-        if mem_every < 1:
-            raise ValueError("mem_every must be >= 1")
-        if max_memory_frames is not None and max_memory_frames < 2:
-            raise ValueError("max_memory_frames must be >= 2 (the first frame and one recent frame)")
-        if size is not None and size < 16:
-            raise ValueError("size must be >= 16 pixels (or None for the input's own size)")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device).eval()
-        if optimize or compile:
-            from lmrc.model.inference import prepare_for_inference
-
-            # A copy: the caller's model (e.g. one being trained) keeps its modules and state-dict keys.
-            self.model = prepare_for_inference(self.model, fold=optimize, channels_last=optimize,
-                                               project_values=optimize, compile=compile)
-        self.mem_every = mem_every
-        self.max_memory_frames = max_memory_frames
-        self.size = size
-        self.precision = precision
+    def __init__(self, model: torch.nn.Module, config: InferenceConfig | None = None, *, optimize: bool = True,
+                 compile: bool = False, **settings) -> None:
+        self.config = dataclasses.replace(config or InferenceConfig(), **settings)
+        self.device = choose_device(self.config.device)
+        if isinstance(model, torch.nn.Module):
+            self._build_inference_copy(model, optimize, compile)
+        else:
+            self._use_runtime(model)
         self.reset()
 
+    def _build_inference_copy(self, model: torch.nn.Module, optimize: bool, compile: bool) -> None:
+        choice = choose_precision(self.config.precision, self.device)
+        self.precision, self.precision_reason = choice.name, choice.reason
+        self._autocast_dtype = choice.autocast_dtype
+        self.timer = StageTimer()
+        if optimize or compile:
+            self.model = prepare_for_inference(model, fold=optimize, channels_last=optimize, project_values=optimize,
+                                               compile=compile, device=self.device, timer=self.timer)
+        else:  # the plain network, on a copy: the caller's model stays as it is
+            self.model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
+
+    def _use_runtime(self, model) -> None:
+        """A network run by another runtime behind the same methods (`lmrc.inference.onnx_runtime.OnnxModel`): used
+        as given (not copied; optimize / compile do not apply), in the one precision it computes in (its
+        `precision`), timed by its own `timer`."""
+        fixed = model.precision
+        if self.config.precision not in ("auto", fixed):
+            raise LmrcError(f"{model.runtime} runs the {fixed} graphs only: use precision {fixed} (or auto), "
+                            f"not {self.config.precision}")
+        if self.config.device == "auto":
+            self.device = torch.device(model.device)
+        self.model = model.to(self.device)  # LmrcError on a device the runtime does not run on
+        model.check_read_top_k(self.config.top_k)  # LmrcError if the graphs keep another top-k
+        self.precision, self.precision_reason = fixed, f"{model.runtime} runs the exported {fixed} graphs"
+        self._autocast_dtype = None
+        self.timer = model.timer
+
     def reset(self) -> None:
-        """Forget the video: memory, objects and frame counter."""
-        self.memory = MemoryBank(self.max_memory_frames)
+        """Forget the video: memory, objects and frame counter (the inference copy is kept)."""
+        cap = self.config.max_memory_frames
+        # one memory per view: the frame, and with flip its mirror image
+        self.memories = [MemoryBank(cap) for _ in range(2 if self.config.flip else 1)]
         self.object_ids: list[int] = []
         self.frame_index = 0  # frames stepped so far; the schedule counts in these
         self.start: int | None = None  # frame index of the first mask
         self.input_size: tuple[int, int] | None = None
         self.process_size: tuple[int, int] | None = None
+        self._reliability: tuple[dict[str, Tensor], tuple[int, int, int, int], tuple[int, int]] | None = None
+        workspace = getattr(self.model, "workspace", None)
+        if workspace is not None:
+            workspace.clear()
+
+    @property
+    def memory(self) -> MemoryBank:
+        """The memory of the frames as given (with flip, `memories[1]` is the mirrored view's)."""
+        return self.memories[0]
 
     @property
     def memory_frames(self) -> list[int]:
         """Frame indices (0 = first frame stepped) in the global memory, in time order."""
         return self.memory.frames
+
+    @property
+    def reliability(self) -> dict[str, Tensor]:
+        """The memory comparator's reliability maps H (eq. 10) of the last stepped frame, {"L4": H x W, ...} at
+        the input's size (of the first object group, and the unmirrored view); empty without a comparator."""
+        if self._reliability is None:
+            return {}
+        maps, pads, padded = self._reliability
+        return {name: self._resize(crop_padding(F.interpolate(h.float(), size=padded, mode="bilinear",
+                                                              align_corners=False), pads), self.input_size)[0, 0]
+                for name, h in maps.items()}
+
+    def probs_to_ids(self, probs: Tensor | np.ndarray) -> np.ndarray:
+        """(N+1) x H x W probabilities of this video (channel 0 background) -> H x W uint8 object ids (argmax)."""
+        return output_prob_to_mask(probs, self.object_ids)
 
     # --- one frame -----------------------------------------------------------------------------------------------
 
@@ -101,49 +149,65 @@ class Segmenter:
             return torch.ones(1, *image.shape[-2:], device=self.device)
         if self.start is None:
             self.start = index
+        timer = self.timer
 
         with torch.inference_mode():
             # Resizing stays in fp32 outside autocast; only the network runs in reduced precision.
             x, pads = pad_to_multiple(self._resize(image, self.process_size))
-            with self._autocast():
-                with stage("key_encoding"):
-                    query = self.model.encode_key(x)
-                probs = self._predict(query) if self.object_ids else None  # 1 x (N_old+1) x h x w, fp32
+            views = [x, x.flip(-1)] if self.config.flip else [x]
+            with self._autocast(), timer.stage("key_encoding"):
+                queries = [self.model.encode_key(view) for view in views]
+            probs = None
+            if self.object_ids:
+                with self._autocast():
+                    predictions = [self._predict(query, memory) for query, memory in zip(queries, self.memories)]
+                probs = predictions[0][0] if len(views) == 1 else (predictions[0][0] + predictions[1][0].flip(-1)) / 2
+                self._reliability = (predictions[0][1], pads, tuple(x.shape[-2:]))
             if given is not None:
                 listed, hard = given
                 new = [o for o in listed if o not in self.object_ids]
                 if new:
-                    self.memory.add_objects(len(new), index)
+                    for memory in self.memories:
+                        memory.add_objects(len(new), index)
                     self.object_ids.extend(new)
                 probs = self._merge(probs, pad_to_multiple(self._resize(hard, self.process_size))[0], listed)
 
-            to_global = given is not None or (index - self.start) % self.mem_every == 0
+            to_global = given is not None or (index - self.start) % self.config.mem_every == 0
             stages = set(self.model.config.local_read_stages) | ({4} if to_global else set())
             if stages:
-                with self._autocast(), stage("value_encoding"):
-                    values = self.model.encode_value(x, query, probs[:, 1:], stages=tuple(sorted(stages)))
-                with stage("memory"):
-                    if to_global:
-                        self.memory.add_global(index, query.keys[4], self.model.global_memory_value(values[4]),
-                                               pinned=given is not None)
-                    self.memory.set_local(index, query.keys, values)
+                probs_per_view = [probs, probs.flip(-1)] if self.config.flip else [probs]
+                for view, query, memory, view_probs in zip(views, queries, self.memories, probs_per_view):
+                    self._memorise(index, view, query, memory, view_probs, tuple(sorted(stages)), to_global,
+                                   pinned=given is not None)
 
             out = self._resize(crop_padding(probs, pads), self.input_size)
             if given is not None:  # the given mask itself, exact at the input's resolution
                 out = self._merge(out, given[1], given[0])
         return out[0]
 
-    def _predict(self, query) -> Tensor:
-        """Each object group reads its own memory; logits are then softly aggregated over all objects."""
-        logits = []
-        for group in self.memory.groups:
-            with stage("memory"):
-                memory = self.memory.memory_for(group)
-            result = self.model.read_and_decode(query, memory)
-            if len(self.memory.groups) == 1:
-                return result.probs.float()
+    def _memorise(self, index: int, image: Tensor, query: FrameEncoding, memory: MemoryBank, probs: Tensor,
+                  stages: tuple[int, ...], to_global: bool, pinned: bool) -> None:
+        """Encode the frame's value from its probabilities and write it into `memory` (global and/or local)."""
+        with self._autocast(), self.timer.stage("value_encoding"):
+            values = self.model.encode_value(image, query, probs[:, 1:], stages=stages)
+        with self.timer.stage("memory"):
+            if to_global:
+                memory.add_global(index, query.keys[4], self.model.global_memory_value(values[4]), pinned=pinned)
+            memory.set_local(index, query.keys, values)
+
+    def _predict(self, query: FrameEncoding, bank: MemoryBank) -> tuple[Tensor, dict[str, Tensor]]:
+        """Each object group reads its own memory; logits are then softly aggregated over all objects.
+        -> (1 x (N+1) x h x w fp32 probabilities, the first group's reliability maps)."""
+        logits, reliability = [], {}
+        for group in bank.groups:
+            with self.timer.stage("memory"):
+                memory = bank.memory_for(group)
+            result = self.model.read_and_decode(query, memory, self.config.top_k)
+            if len(bank.groups) == 1:
+                return result.probs.float(), result.reliability
+            reliability = reliability or result.reliability
             logits.append(result.logits)
-        return soft_aggregate(torch.cat(logits, 1))[1].float()
+        return soft_aggregate(torch.cat(logits, 1))[1].float(), reliability
 
     def _merge(self, probs: Tensor | None, given: Tensor, listed: list[int]) -> Tensor:
         """Put the given masks (1 x K x h x w, objects `listed`) over the prediction (1 x (N_old+1) x h x w) -> 1 x
@@ -185,10 +249,10 @@ class Segmenter:
         return image[None]
 
     def _process_size(self, size: tuple[int, int]) -> tuple[int, int]:
-        if self.size is None:
+        if self.config.size is None:
             return size
         h, w = size
-        scale = self.size / min(h, w)
+        scale = self.config.size / min(h, w)
         return max(1, round(h * scale)), max(1, round(w * scale))
 
     def _given(self, mask: np.ndarray | Tensor, objects: Sequence[int] | None,
@@ -216,7 +280,7 @@ class Segmenter:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
 
     def _autocast(self):
-        dtype = PRECISIONS[self.precision]
+        dtype = self._autocast_dtype
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
 

@@ -150,8 +150,34 @@ class LightValueTrunk(nn.Module):
         return {2: f2, 3: f3, 4: self.stage4(f3)}
 
 
-def build_trunks(backbone: str, pretrained: bool) -> tuple[nn.Module, nn.Module]:
-    """(key trunk, value trunk) for a backbone name."""
+class MaskValueTrunk(nn.Module):
+    """lmrc-lite's value encoder: strided 3x3 convs on the masks alone (object, other objects) to 1/4, 1/8, 1/16.
+
+    The frame's appearance reaches the value through F^L_r, the key encoder's features of the same frame, which are
+    computed anyway; re-reading the image here cost most of the value encoding, which F pays on every frame.
+    """
+
+    channels = {2: 16, 3: 32, 4: 64}
+    reads_image = False
+
+    def __init__(self) -> None:
+        super().__init__()
+
+        def conv(cin: int, cout: int, stride: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
+
+        self.stem = nn.Sequential(conv(2, 16, 2), conv(16, self.channels[2], 2))
+        self.stage3 = conv(self.channels[2], self.channels[3], 2)
+        self.stage4 = nn.Sequential(conv(self.channels[3], self.channels[4], 2), conv(self.channels[4], self.channels[4], 1))
+
+    def forward(self, image: Tensor | None, masks: Tensor, others: Tensor) -> dict[int, Tensor]:
+        f2 = self.stem(torch.cat([masks, others], 1))
+        f3 = self.stage3(f2)
+        return {2: f2, 3: f3, 4: self.stage4(f3)}
+
+
+def build_trunks(backbone: str, pretrained: bool, value_trunk: str = "image_and_mask") -> tuple[nn.Module, nn.Module]:
+    """(key trunk, value trunk) for a backbone name and the value trunk's input ("image_and_mask" or "mask")."""
     if backbone == "resnet50":
         if pretrained:
             warnings.warn(
@@ -161,7 +187,7 @@ def build_trunks(backbone: str, pretrained: bool) -> tuple[nn.Module, nn.Module]
             )
         return ResNet50Trunk(), ResNet18ValueTrunk()
     if backbone == "efficientnet_lite0":
-        return EfficientNetLite0Trunk(pretrained), LightValueTrunk()
+        return EfficientNetLite0Trunk(pretrained), MaskValueTrunk() if value_trunk == "mask" else LightValueTrunk()
     raise ValueError(f"unknown backbone {backbone!r}")
 
 
@@ -189,15 +215,17 @@ class ValueEncoder(nn.Module):
     so it runs once per frame instead of once per object; the result is the same convolution.
     """
 
-    def __init__(self, trunk: nn.Module, frame_channels: dict[int, int], value_dims: tuple[int, int, int]) -> None:
+    def __init__(self, trunk: nn.Module, frame_channels: dict[int, int], value_dims: tuple[int, int, int],
+                 fusion_kernel: int = 3) -> None:
         super().__init__()
         self.trunk = trunk
         dims = dict(zip(STAGES, value_dims))
+        k = fusion_kernel
         self.fuse_mask = nn.ModuleDict(
-            {f"r{r}": nn.Conv2d(trunk.channels[r], dims[r], 3, padding=1) for r in STAGES}
+            {f"r{r}": nn.Conv2d(trunk.channels[r], dims[r], k, padding=k // 2) for r in STAGES}
         )
         self.fuse_frame = nn.ModuleDict(
-            {f"r{r}": nn.Conv2d(frame_channels[r], dims[r], 3, padding=1, bias=False) for r in STAGES}
+            {f"r{r}": nn.Conv2d(frame_channels[r], dims[r], k, padding=k // 2, bias=False) for r in STAGES}
         )
 
     def forward(
@@ -206,7 +234,8 @@ class ValueEncoder(nn.Module):
         """image B x 3 x H x W, masks B x N x H x W (soft) -> {r: B x N x Cv_r x Hr x Wr}."""
         b, n = masks.shape[:2]
         others = masks.sum(1, keepdim=True) - masks  # every other object of the same frame
-        image_n = image.unsqueeze(1).expand(b, n, *image.shape[1:]).reshape(b * n, *image.shape[1:])
+        image_n = (image.unsqueeze(1).expand(b, n, *image.shape[1:]).reshape(b * n, *image.shape[1:])
+                   if getattr(self.trunk, "reads_image", True) else None)
         encoded = self.trunk(image_n, masks.reshape(b * n, 1, *masks.shape[2:]), others.reshape(b * n, 1, *masks.shape[2:]))
         values = {}
         for r in stages:

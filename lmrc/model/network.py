@@ -1,7 +1,9 @@
 """The LMRC network (Fig. 2): encoders, GMR + LMR + SLMR, memory comparator, decoder, soft aggregation.
 
 Training (`forward`) and inference (`lmrc.inference.Segmenter`) drive the same three methods:
-`encode_key`, `encode_value`, `read_and_decode`.
+`encode_key`, `encode_value`, `read_and_decode`. This `read_and_decode` is the paper's network written plainly,
+one function per equation: training uses it, and it is the reference the inference fast path
+(`lmrc.inference.fast_path`, installed by `prepare_for_inference`) is tested against.
 """
 from __future__ import annotations
 
@@ -12,13 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmrc.config import ModelConfig
-from lmrc.inference.timing import stage
 from lmrc.model.aggregate import soft_aggregate
 from lmrc.model.comparator import MemoryComparator, upsample_global_top_k
 from lmrc.model.decoder import Decoder
 from lmrc.model.encoders import STAGES, KeyEncoder, ValueEncoder, build_trunks
-from lmrc.model.memory_reads import ReadResult, global_memory_read, local_memory_read, sequential_local_memory_read
-from lmrc.ops import local_window
+from lmrc.model.memory_reads import global_memory_read, local_memory_read, sequential_local_memory_read
+from lmrc.model.readouts import Readout, readout_layout, stage_readouts
+from lmrc.utils.timing import stage
 
 STRIDE = 16  # input sides must be multiples of the coarsest stage's stride
 
@@ -66,44 +68,30 @@ class TrainingOutput:
     query_keys: dict[int, Tensor]
 
 
-def readout_layout(config: ModelConfig) -> dict[int, list[str]]:
-    """The readouts each decoder stage receives, in the order read_and_decode makes and concatenates them."""
-    layout: dict[int, list[str]] = {r: [] for r in STAGES}
-    layout[4].append("G4")
-    for r in sorted(config.local_read_stages, reverse=True):
-        layout[r].append(f"L{r}")
-    for r in (3, 2) if config.sequential_local_read else ():
-        layout[r].append(f"S{r}")
-    return layout
-
-
 class LMRC(nn.Module):
     """Local Memory Read-and-Comparator network; `config.setting` (A-F) selects the reads of Table 4."""
 
     def __init__(self, config: ModelConfig, pretrained_backbone: bool = True) -> None:
         super().__init__()
         self.config = config
-        key_trunk, value_trunk = build_trunks(config.backbone, pretrained_backbone)
+        key_trunk, value_trunk = build_trunks(config.backbone, pretrained_backbone, config.value_trunk)
         frame_channels = dict(key_trunk.channels)
         self.key_encoder = KeyEncoder(key_trunk, config.key_dim)
-        self.value_encoder = ValueEncoder(value_trunk, frame_channels, config.value_dims)
+        self.value_encoder = ValueEncoder(value_trunk, frame_channels, config.value_dims, config.value_fusion_kernel)
         value_dims = dict(zip(STAGES, config.value_dims))
 
-        self.local_names = [f"L{r}" for r in config.local_read_stages]
-        self.sequential_names = [f"S{r}" for r in (2, 3)] if config.sequential_local_read else []
         if config.sequential_local_read and not {2, 3, 4} <= set(config.local_read_stages):
             raise ValueError("SLMR at stages 2 and 3 needs LMR at stages 3 and 4")
+        self.readouts: list[Readout] = readout_layout(config)
+        compared = sorted(readout.name for readout in self.readouts if readout.compared)
         self.comparator = (
-            MemoryComparator(self.local_names + self.sequential_names, config.comparator_top_k, config.scb_alpha)
-            if config.memory_comparator
-            else None
+            MemoryComparator(compared, config.comparator_top_k, config.scb_alpha) if config.memory_comparator else None
         )
-        # per object and stage: the decoder's input channels, summed over the readouts of readout_layout
-        readout_channels = {r: value_dims[r] * len(names) for r, names in readout_layout(config).items()}
-        self.readout_channels = readout_channels
-        self.decoder = Decoder(frame_channels, readout_channels, dict(zip(STAGES, config.decoder_dims)))
+        # per object and stage: the decoder's input channels, summed over the stage's readouts
+        self.readout_channels = {r: value_dims[r] * len(stage_readouts(self.readouts, r)) for r in STAGES}
+        self.decoder = Decoder(frame_channels, self.readout_channels, dict(zip(STAGES, config.decoder_dims)))
         # Stages where an inference copy moved the decoder's readout projections into the value encoder
-        # (`lmrc.model.inference.project_values_before_reading`): their reads take projected channel groups.
+        # (`lmrc.model.transforms.project_values_before_reading`): their reads take projected channel groups.
         self.projected_stages: set[int] = set()
 
     # --- the three steps shared by training and inference -------------------------------------------------
@@ -128,94 +116,60 @@ class LMRC(nn.Module):
         the global read's own channel group (a view)."""
         return value[:, :, : self.read_value_channels(4)]
 
-    def _read_value(self, values: Tensor, r: int, name: str) -> Tensor:
-        """The value B x N x C x Hr x Wr that read `name` (L3, S2, ...) takes from the local memory's V_r: all of it,
-        or with projected values its own channel group, in the order of `readout_layout`."""
+    @property
+    def comparator_top_k(self) -> int:
+        """k of the memory comparator (eq. 9), 0 without one."""
+        return self.config.comparator_top_k if self.comparator is not None else 0
+
+    def read_value(self, values: Tensor, readout: Readout) -> Tensor:
+        """The value B x N x C x Hr x Wr that `readout` takes from the local memory's V_r: all of it, or with
+        projected values its own channel group, in the order of the readout layout."""
+        r = readout.stage
         if r not in self.projected_stages:
             return values
         c = self.read_value_channels(r)
-        i = readout_layout(self.config)[r].index(name)
+        i = stage_readouts(self.readouts, r).index(readout)
         return values[:, :, i * c: (i + 1) * c]
 
-    def read_and_decode(self, query: FrameEncoding, memory: MemoryInput) -> SegmentOutput:
+    def read_and_decode(self, query: FrameEncoding, memory: MemoryInput, read_top_k: int | None = None) -> SegmentOutput:
+        """Every read of the readout layout, each local one weighed by the memory comparator, then the decoder and
+        soft aggregation. read_top_k: the global read keeps each query's k best memory matches (an inference
+        choice, `InferenceConfig.top_k`); None reads every position (eq. 2, and training)."""
         cfg = self.config
-        b, n = memory.global_values.shape[:2]
-        k = cfg.comparator_top_k if self.comparator is not None else 0
+        n = memory.global_values.shape[1]
+        k = self.comparator_top_k
         with stage("global_read"):
-            glob = global_memory_read(
-                query.keys[4],
-                memory.global_keys,
-                memory.global_values.flatten(1, 2),
-                cfg.scale,
-                read_top_k=None if self.training else cfg.global_read_top_k,
-                comparator_top_k=k,
-                # inference: similarity chunks of at most 4M entries (16 MB in fp32): faster than one big block
-                # with a large memory (10 frames at 480p: 534 -> 448 ms), and bounded memory
-                chunk_size=None if self.training else max(1, (1 << 22) // max(1, memory.global_keys.shape[-1])),
-                memory_sq=memory.global_key_sq,
-            )
-        with stage("comparator"):
-            global_top_k = upsample_global_top_k(glob.similarity_top_k) if k else {}
-
-        readouts = _StageReadouts(self.readout_channels, n, direct=not torch.is_grad_enabled())
-        readouts.add(4, glob.readout)
-        # inference: the LMR/SLMR kernel applies the comparator's weight itself (eq. 9-10) and writes the readout
-        # straight into its place in the decoder's input
-        fuse = readouts.direct and self.comparator is not None and 0 < k <= (2 * cfg.window_radius + 1) ** 2
+            glob = global_memory_read(query.keys[4], memory.global_keys, memory.global_values.flatten(1, 2), cfg.scale,
+                                      read_top_k=read_top_k, comparator_top_k=k, memory_sq=memory.global_key_sq)
+        global_top_k = upsample_global_top_k(glob.similarity_top_k) if k else {}
+        parts: dict[int, list[Tensor]] = {r: [] for r in STAGES}
+        affinity: dict[int, Tensor] = {}
         reliability: dict[str, Tensor] = {}
-        local: dict[int, ReadResult] = {}
-        for r in sorted(cfg.local_read_stages, reverse=True):
-            with stage("local_reads"):
-                values = self._read_value(memory.local_values[r], r, f"L{r}")
-                local[r] = local_memory_read(
-                    query.keys[r], memory.local_keys[r], values.flatten(1, 2), cfg.window_radius,
-                    cfg.scale, comparator_top_k=k,
-                    # only SLMR at stage r - 1 reads this affinity (inference skips writing it otherwise)
-                    keep_affinity=cfg.sequential_local_read and r - 1 in (2, 3),
-                    readout_buffer=readouts.slot(r, values),
-                    reliability=self._fused_reliability(f"L{r}", global_top_k) if fuse else None,
-                )
-            with stage("comparator"):
-                self._weigh(readouts, f"L{r}", local[r], global_top_k, reliability)
-        for r in (3, 2) if cfg.sequential_local_read else ():
-            with stage("sequential_local_reads"):
-                values = self._read_value(memory.local_values[r], r, f"S{r}")
-                result = sequential_local_memory_read(
-                    query.keys[r], memory.local_keys[r], values.flatten(1, 2), local[r + 1].affinity,
-                    cfg.window_radius, cfg.scale, comparator_top_k=k, keep_affinity=False,
-                    readout_buffer=readouts.slot(r, values),
-                    reliability=self._fused_reliability(f"S{r}", global_top_k) if fuse else None,
-                )
-            with stage("comparator"):
-                self._weigh(readouts, f"S{r}", result, global_top_k, reliability)
-
+        for readout in self.readouts:
+            r = readout.stage
+            if readout.kind == "G":
+                parts[r].append(glob.readout)
+                continue
+            values = self.read_value(memory.local_values[r], readout).flatten(1, 2)
+            if readout.kind == "L":
+                with stage("local_reads"):
+                    result = local_memory_read(query.keys[r], memory.local_keys[r], values, cfg.window_radius,
+                                               cfg.scale, comparator_top_k=k)
+                affinity[r] = result.affinity
+            else:
+                with stage("sequential_local_reads"):
+                    result = sequential_local_memory_read(query.keys[r], memory.local_keys[r], values, affinity[r + 1],
+                                                          cfg.window_radius, cfg.scale, comparator_top_k=k)
+            part = result.readout
+            if self.comparator is not None:
+                with stage("comparator"):  # eq. (9)-(10)
+                    part, reliability[readout.name] = self.comparator(readout.name, part, result.similarity_top_k,
+                                                                      global_top_k[r])
+            parts[r].append(part)
         with stage("decoder"):
-            per_object = {r: readouts.folded(r) for r in STAGES}
-            logits = self.decoder(query.features, per_object, n)
+            logits = self.decoder(query.features, {r: fold_objects(parts[r], n) for r in STAGES}, n)
             agg_logits, probs = soft_aggregate(logits, memory.valid_objects)
         return SegmentOutput(logits, agg_logits, probs, reliability)
-
-    def _weigh(self, readouts: "_StageReadouts", name: str, result: ReadResult, global_top_k: dict[int, Tensor],
-               reliability: dict[str, Tensor]) -> None:
-        r = int(name[1])
-        if self.comparator is None:
-            readouts.add(r, result.readout)
-            return
-        if result.reliability is not None:  # applied by the read itself (inference)
-            reliability[name] = result.reliability
-            readouts.add(r, result.readout)
-            return
-        if readouts.direct:  # eq. (10) written straight into the decoder's input: no weighed copy
-            reliability[name] = self.comparator.weights[name](result.similarity_top_k, global_top_k[r])
-            readouts.add(r, result.readout, reliability[name])
-            return
-        weighed, reliability[name] = self.comparator(name, result.readout, result.similarity_top_k, global_top_k[r])
-        readouts.add(r, weighed)
-
-    def _fused_reliability(self, name: str, global_top_k: dict[int, Tensor]) -> tuple[Tensor, Tensor, float, float]:
-        """What a read needs to apply the comparator's reliability weight of readout `name` itself."""
-        module = self.comparator.weights[name]
-        return global_top_k[int(name[1])], module.conv.weight.reshape(-1), float(module.conv.bias), module.alpha
 
     # --- training pass ------------------------------------------------------------------------------------
 
@@ -242,70 +196,7 @@ class LMRC(nn.Module):
         return TrainingOutput(local_out, query_out, enc[2].keys)
 
 
-class _StageReadouts:
-    """The readouts of each stage, folded for the decoder as B*N x sum(C_i) x h x w (objects into the batch).
-
-    With autograd the parts are kept and concatenated at the end. Without (direct=True), each part is written into
-    its channel slice of one buffer per stage (the reads write there themselves, see `slot`), with the comparator's
-    reliability weight applied on the way (eq. 10): no weighed copy of a readout and no concatenation pass. On CPU the buffers are scratch
-    buffers reused from frame to frame (`local_window.scratch`): the decoder consumes them within the call."""
-
-    def __init__(self, channels: dict[int, int], objects: int, direct: bool) -> None:
-        self.channels, self.objects, self.direct = channels, objects, direct
-        self.parts: dict[int, list[Tensor]] = {r: [] for r in channels}
-        self.buffers: dict[int, Tensor] = {}
-        self.filled = {r: 0 for r in channels}
-
-    def _buffer(self, r: int, b: int, h: int, w: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-        if r not in self.buffers:
-            shape = (b, self.objects, self.channels[r], h, w)
-            self.buffers[r] = (local_window.scratch(f"stage{r}", shape, dtype) if device.type == "cpu"
-                               else torch.empty(shape, dtype=dtype, device=device))
-        return self.buffers[r]
-
-    def slot(self, r: int, values: Tensor) -> Tensor | None:
-        """Direct on CPU: the B x N x C x h x w place of the next readout of these values (B x N x C x h x w) in the
-        stage buffer, for the read to write into; else None."""
-        if not self.direct or values.device.type != "cpu":
-            return None
-        b, n, c, h, w = values.shape
-        dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
-        buffer = self._buffer(r, b, h, w, dtype, values.device)
-        start = self.filled[r]
-        return buffer[:, :, start: start + c] if start + c <= self.channels[r] else None
-
-    def add(self, r: int, readout: Tensor, weight: Tensor | None = None) -> None:
-        """readout B x N*C x h x w (or the slot it was written into); weight B x 1 x h x w (direct only) multiplies it."""
-        if not self.direct:
-            self.parts[r].append(readout)
-            return
-        b, h, w = readout.shape[0], *readout.shape[-2:]
-        per_object = readout if readout.dim() == 5 else readout.view(b, self.objects, -1, h, w)
-        c = per_object.shape[2]
-        dtype = readout.dtype if weight is None else torch.promote_types(readout.dtype, weight.dtype)
-        buffer = self._buffer(r, b, h, w, dtype, readout.device)
-        start = self.filled[r]
-        if start + c > self.channels[r]:
-            raise ValueError(f"stage {r} readouts exceed the {self.channels[r]} channels the decoder takes")
-        dest = buffer[:, :, start: start + c]
-        in_place = per_object.data_ptr() == dest.data_ptr() and per_object.stride() == dest.stride()
-        if weight is not None:
-            torch.mul(per_object, weight.unsqueeze(1), out=dest)
-        elif not in_place:
-            dest.copy_(per_object)
-        self.filled[r] = start + c
-
-    def folded(self, r: int) -> Tensor | None:
-        if not self.direct:
-            return _fold_objects(self.parts[r], self.objects)
-        if r not in self.buffers:
-            return None
-        if self.filled[r] != self.channels[r]:
-            raise ValueError(f"stage {r} readouts fill {self.filled[r]} of the {self.channels[r]} channels the decoder takes")
-        return self.buffers[r].flatten(0, 1)
-
-
-def _fold_objects(parts: list[Tensor], objects: int) -> Tensor | None:
+def fold_objects(parts: list[Tensor], objects: int) -> Tensor | None:
     """[B x N*C_i x h x w, ...] -> B*N x sum(C_i) x h x w (objects folded into the batch for the decoder)."""
     if not parts:
         return None

@@ -1,7 +1,6 @@
 """Weights: safetensors files that carry their config and a hash; STCN checkpoints for the encoders of lmrc-r50."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -13,11 +12,15 @@ import torch
 from torch import Tensor
 
 from lmrc.config import MODEL_PRESETS, ModelConfig, from_dict, to_dict
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 from lmrc.fileio import atomic_path
 
 FORMAT = "lmrc-weights-1"
-INFERENCE_ONLY = {"global_read_top_k"}  # config fields that do not change the weights: free to differ
+# Keys older files store in their config that are not part of the model (the global read's top-k is an inference
+# choice, `InferenceConfig.top_k`): ignored when reading a file.
+RETIRED_CONFIG_KEYS = {"global_read_top_k"}
+# Files written before the value encoder became a config choice hold the first one (image and masks, 3x3 fusion).
+LEGACY_CONFIG_DEFAULTS = {"value_trunk": "image_and_mask", "value_fusion_kernel": 3}
 _REPO_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
 
@@ -77,20 +80,21 @@ def read_weights_metadata(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def weights_config(path: str | Path) -> ModelConfig:
-    """The config stored with the weights; inference-only fields keep the current defaults (they are not a
-    property of the weights)."""
-    meta = read_weights_metadata(path)
-    stored = {k: v for k, v in json.loads(meta["config"]).items() if k not in INFERENCE_ONLY}
+def weights_config(path: str | Path, meta: dict[str, Any] | None = None) -> ModelConfig:
+    """The config stored with the weights (keys of RETIRED_CONFIG_KEYS ignored, LEGACY_CONFIG_DEFAULTS for keys older
+    files lack)."""
+    meta = read_weights_metadata(path) if meta is None else meta
+    stored = {k: v for k, v in json.loads(meta["config"]).items() if k not in RETIRED_CONFIG_KEYS}
+    stored = {**LEGACY_CONFIG_DEFAULTS, **stored}
     return from_dict(ModelConfig, stored, where=f"config stored in {path}")
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     """Load lmrc weights into `model`, refusing weights made for another size or setting; returns the metadata."""
     meta = read_weights_metadata(path)
-    stored = from_dict(ModelConfig, json.loads(meta["config"]), where=f"config stored in {path}")
+    stored = weights_config(path, meta)
     mine = to_dict(model.config)
-    differ = {k: (v, mine[k]) for k, v in to_dict(stored).items() if mine[k] != v and k not in INFERENCE_ONLY}
+    differ = {k: (v, mine[k]) for k, v in to_dict(stored).items() if mine[k] != v}
     if differ:
         detail = ", ".join(f"{k}: file {a!r} vs model {b!r}" for k, (a, b) in differ.items())
         raise LmrcError(
@@ -118,16 +122,18 @@ def grow_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
     Shared tensors are copied. The decoder's readout projections get zero columns for the new reads, so the grown
     network computes exactly what the smaller one did until training teaches it to use them.
     """
-    from lmrc.model.network import readout_layout
+    from lmrc.model.readouts import readout_layout, stage_readouts
 
     meta = read_weights_metadata(path)
-    stored = from_dict(ModelConfig, json.loads(meta["config"]), where=f"config stored in {path}")
+    stored = weights_config(path, meta)
     mine = model.config
     mine_dict = to_dict(mine)
-    differ = [k for k, v in to_dict(stored).items() if k not in INFERENCE_ONLY | {"setting"} and mine_dict[k] != v]
+    differ = [k for k, v in to_dict(stored).items() if k != "setting" and mine_dict[k] != v]
     old_layout, new_layout = readout_layout(stored), readout_layout(mine)
+    stages = sorted({readout.stage for readout in new_layout})
+    old = {r: stage_readouts(old_layout, r) for r in stages}
     # the stored reads must come first at every decoder stage (always so when they are a subset: G4, then L, then S)
-    prefix = all(new_layout[r][:len(old_layout[r])] == old_layout[r] for r in new_layout) and (
+    prefix = all(stage_readouts(new_layout, r)[:len(old[r])] == old[r] for r in stages) and (
         mine.memory_comparator or not stored.memory_comparator)
     if differ or not prefix:
         raise LmrcError(
@@ -145,8 +151,8 @@ def grow_weights(model: torch.nn.Module, path: str | Path) -> dict[str, Any]:
                                 "is it an lmrc weights file?")
             if not name.endswith(".readout_conv.weight"):
                 target[name].copy_(tensor)
-        for r in new_layout:  # readout projections: the smaller setting's columns first, zero for the new reads
-            name, used = f"decoder.stage{r}.readout_conv.weight", value_dims[r] * len(old_layout[r])
+        for r in stages:  # readout projections: the smaller setting's columns first, zero for the new reads
+            name, used = f"decoder.stage{r}.readout_conv.weight", value_dims[r] * len(old[r])
             if name in target:
                 target[name].zero_()
                 if used:
@@ -162,27 +168,14 @@ def default_weights_path(name: str) -> Path | None:
     return None
 
 
-def with_global_read_top_k(config: ModelConfig, top_k: int | None) -> ModelConfig:
-    """`config` with the global read's top-k as a user gives it: None keeps the config's, 0 means every position."""
-    if top_k is None:
-        return config
-    if top_k < 0:
-        raise LmrcError("the global read's top-k must be >= 1, or 0 to keep every memory match")
-    return dataclasses.replace(config, global_read_top_k=top_k or None)
-
-
 def load_model(
     name: str = "lmrc-lite",
     weights: str | Path | None = None,
     device: str | torch.device = "cpu",
-    *,
-    global_read_top_k: int | None = None,
 ) -> torch.nn.Module:
     """A ready-to-run model in eval mode: `name`'s shipped weights, or the given weights file.
 
-    The config (including the ablation setting) comes from the weights file, so it always matches them;
-    `global_read_top_k` keeps only the k best global similarities per query (None: the default, 20, as STCN's
-    inference; 0: all of them, eq. (2) exactly).
+    The config (including the ablation setting) comes from the weights file, so it always matches them.
     Never returns a model with random weights.
     """
     from lmrc.model.network import LMRC
@@ -201,7 +194,7 @@ def load_model(
     if config.backbone != MODEL_PRESETS[name].backbone:
         stored = model_name_of(config)
         raise LmrcError(f"weights file {path} is for {stored}, not {name}; use --model {stored}")
-    model = LMRC(with_global_read_top_k(config, global_read_top_k), pretrained_backbone=False)
+    model = LMRC(config, pretrained_backbone=False)
     load_weights(model, path)
     return model.to(device).eval()
 

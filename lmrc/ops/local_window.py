@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from contextlib import contextmanager
 
 import torch
@@ -304,35 +303,6 @@ def local_attention(
 
 _MAX_NATIVE_TOP_K = 16  # LW_MAX_TOPK in local_window.c
 
-_scratch = threading.local()
-_SCRATCH_SLOTS = 16
-
-
-def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
-    """A reusable uninitialised CPU buffer for an inference temporary, one per (name, shape, dtype) and thread.
-
-    Large fresh tensors are returned to the OS when freed (glibc mmaps them) and every page faults again on the
-    next frame; that cost more than the reads themselves. Only for temporaries that no caller keeps: the buffer is
-    handed out again at the next request with the same name. The 16 most recent buffers per thread are kept.
-    """
-    cache = getattr(_scratch, "buffers", None)
-    if cache is None:
-        cache = _scratch.buffers = {}
-    key = (name, tuple(shape), dtype)
-    t = cache.pop(key, None)
-    if t is None:
-        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
-            t = torch.empty(shape, dtype=dtype)
-        while len(cache) >= _SCRATCH_SLOTS:
-            cache.pop(next(iter(cache)))
-    cache[key] = t  # most recent last
-    return t
-
-
-def clear_scratch() -> None:
-    """Free this thread's scratch buffers."""
-    _scratch.buffers = {}
-
 
 def _output(out: Tensor | None, like_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     # the caller's buffer when the kernel can write it directly, else a new tensor
@@ -360,7 +330,8 @@ def local_attention_inference(
 
     reliability = (global top-k B x k x H x W, 1x1 conv weights (k,), bias, alpha), with k = top_k <= (2d+1)^2:
     the memory comparator's weight H = sigmoid(bias + sum_j w_j SCB_j) of eq. (9) from this read's top-k and the
-    global one; the readout comes back multiplied by H (eq. 10) and H (B x 1 x H x W) as the fourth result.
+    global one; the readout comes back multiplied by H (eq. 10) and H (B x 1 x H x W) as the fourth result. Without
+    native kernels the fourth result is None and the readout is not weighed: the caller applies the comparator.
     out: where to write the readout: B x Cv x H x W contiguous, or B x N x Cv/N x H x W with each object's
     Cv/N x H x W contiguous (e.g. its channel slice of a larger buffer); the readout returned is then `out`. A
     buffer of another shape or dtype is not used (a new tensor is returned).
@@ -378,15 +349,7 @@ def local_attention_inference(
     if lib is None:
         readout, sim, aff = local_attention(query, key, value, radius, dilation, scale)
         top = sim.topk(k, dim=1).values if k > 0 else None
-        weight = None
-        if reliability is not None:
-            from lmrc.model.comparator import similarity_comparison_block  # lazy: ops do not depend on the model
-
-            global_top, w, bias, alpha = reliability
-            scb = similarity_comparison_block(top, global_top, alpha)  # eq. (9)
-            weight = torch.sigmoid((scb * w.reshape(1, -1, 1, 1)).sum(1, keepdim=True) + bias)
-            readout = readout * weight
-        return readout, aff if affinity else None, top, weight
+        return readout, aff if affinity else None, top, None  # not weighed: the caller applies the comparator
     dtype = _compute_dtype(query, key, value)
     # bf16 inputs (bf16 autocast) are read as they are, without float32 copies; all else computes in `dtype`
     bf16 = _bf16_inputs(lib, query, key, value)

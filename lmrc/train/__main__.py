@@ -8,13 +8,13 @@ import argparse
 import os
 import sys
 
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from lmrc.cli import reuse_freed_memory
+    from lmrc.utils.memory import reuse_freed_memory
 
     reuse_freed_memory()
 

@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lmrc.config import ModelConfig, from_dict, load_yaml, to_dict
-from lmrc.errors import LmrcError
+from lmrc.utils.errors import LmrcError
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 SCHEDULES = ("constant", "step", "cosine")
@@ -22,7 +22,7 @@ CE_KINDS = ("plain", "balanced", "bootstrapped")
 class DatasetSpec:
     """One source of real training videos (read with ``lmrc.data.datasets.read_dataset``)."""
 
-    kind: str = "davis2016"  # davis2016 | davis2017 | youtube_vos | folder
+    kind: str = "davis2016"  # davis2016 | davis2017 | youtube_vos | folder | video_masks | image_masks
     root: str = ""
     weight: float = 1.0  # share of samples, relative to the other sources (real and synthetic)
     split: str | None = "train"  # DAVIS ImageSets split; None: every sequence folder (ignored by youtube_vos/folder)
@@ -56,10 +56,18 @@ class ValidationConfig:
 @dataclass
 class DataConfig:
     datasets: list[DatasetSpec] = field(default_factory=list)
-    holdout: list[str] = field(default_factory=list)  # never trained on, from any dataset
+    # never trained on, from any dataset; in a file, a path to a YAML list relative to the config file
+    # (configs/splits/davis2016-holdout.yaml), read when the config is loaded
+    holdout: list[str] = field(default_factory=list)
     crop_size: tuple[int, int] = (384, 384)
     max_objects: int = 2
     max_gap: int = 10  # "three different frames within 10 frames" (Section III-E-2)
+    # frames per training clip: 3 is the paper's sample (lmrc.model.network.LMRC.forward); more run
+    # lmrc.train.clip_pass over the clip as inference runs over a video (XMem and Cutie train on 8)
+    num_frames: int = 3
+    # probability that a clip gets a copy of its target pasted elsewhere as unlabelled background (a look-alike
+    # distractor: the global read cannot tell it from the target, the local read can)
+    distractor_prob: float = 0.0
     # Optional curriculum: [[first_iteration, max_gap], ...] starting at 0; overrides max_gap.
     gap_curriculum: list[tuple[int, int]] | None = None
     max_short_side: int | None = 480  # frames are downscaled to this shorter side before cropping
@@ -67,6 +75,15 @@ class DataConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     workers: int = 1  # DataLoader worker processes per training process
     seed: int = 0
+
+
+@dataclass
+class ClipConfig:
+    """The forward pass over a training clip (lmrc.train.clip_pass)."""
+
+    # frames of the clip added to the global memory (from their predictions) every k frames, as at inference;
+    # null: frame 0 only (the paper's 3-frame sample)
+    mem_every: int | None = None
 
 
 @dataclass
@@ -81,7 +98,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
     iterations: int = 200_000
     batch_size: int = 8  # EFFECTIVE batch: summed over every process
-    precision: str = "auto"  # fp32 | bf16 | fp16 (CUDA only) | auto (fp32 on CPU, bf16/fp16 on CUDA)
+    precision: str = "auto"  # fp32 | bf16 | fp16 (CUDA only) | auto (lmrc.train.trainer.autocast_dtype says which)
     frozen: list[str] = field(default_factory=list)  # parameter-name prefixes kept fixed, e.g. key_encoder.trunk.stem
 
 
@@ -110,6 +127,9 @@ class InitConfig:
     weights: str | None = None  # an lmrc .safetensors to start from (fine-tuning)
     # lmrc .safetensors of a setting with fewer reads (e.g. A for F): the paper starts LMRC from STCN, a GMR-only net
     grow_from: str | None = None
+    # lmrc .safetensors of any setting or layout: tensors matching by name and shape are copied (the decoder's
+    # readout projections read by read), the others start fresh and are listed in the log
+    transfer_from: str | None = None
 
 
 @dataclass
@@ -120,6 +140,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
     seed: int = 0  # model initialisation and torch RNG
 
 
@@ -139,6 +160,7 @@ def read_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     if path in _seen:
         raise LmrcError(f"config {path}: 'base' chain loops back to itself; remove the cycle")
     data = load_yaml(path)
+    _read_holdout_file(data, path)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -148,6 +170,30 @@ def read_config_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str
     if not base_path.is_file():
         raise LmrcError(f"config {path}: base file {base_path} not found; 'base' is relative to the config file")
     return _merge(read_config_dict(base_path, _seen + (path,)), data)
+
+
+def _read_holdout_file(data: dict[str, Any], path: Path) -> None:
+    """data.holdout given as a file name: replace it with the file's list (so a run's config.yaml is explicit)."""
+    section = data.get("data")
+    if not isinstance(section, dict) or not isinstance(section.get("holdout"), str):
+        return
+    split = path.parent / section["holdout"]
+    if not split.is_file():
+        raise LmrcError(f"config {path}: data.holdout file {split} not found; it is relative to the config file")
+    names = load_yaml_list(split)
+    section["holdout"] = names
+
+
+def load_yaml_list(path: Path) -> list[str]:
+    import yaml
+
+    try:
+        names = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise LmrcError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise LmrcError(f"{path} must be a YAML list of sequence names (one '- name' a line)")
+    return names
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
@@ -178,7 +224,7 @@ def _build(data: dict[str, Any], where: str) -> TrainConfig:
         raise LmrcError(f"{where}: unknown key(s) {', '.join(unknown)}; valid top-level keys are {', '.join(sorted(fields))}")
     sections = {}
     for name, cls in (("model", ModelConfig), ("data", DataConfig), ("optim", OptimConfig), ("loss", LossConfig),
-                      ("logging", LoggingConfig), ("init", InitConfig)):
+                      ("logging", LoggingConfig), ("init", InitConfig), ("clip", ClipConfig)):
         value = data.get(name)
         if value is not None and not isinstance(value, dict):
             raise LmrcError(f"{where}: '{name}' must be a mapping of keys to values")
@@ -213,13 +259,32 @@ def validate(cfg: TrainConfig, where: str = "config") -> None:
             raise LmrcError(f"{where}: data.datasets[{i}] has no root; set it to the dataset folder")
     if d.max_objects < 1:
         raise LmrcError(f"{where}: data.max_objects must be >= 1")
+    from lmrc.data.datasets import IMAGE_READERS, READERS
+
+    kinds = (*READERS, *IMAGE_READERS)
+    for i, spec in enumerate(d.datasets):
+        if spec.kind not in kinds:
+            raise LmrcError(f"{where}: data.datasets[{i}].kind {spec.kind!r} is not one of {', '.join(kinds)}")
+    if isinstance(d.holdout, str):
+        raise LmrcError(f"{where}: data.holdout names a file ({d.holdout}); files are read by load_config, relative "
+                        "to the config file; pass a list of sequence names here")
+    if d.num_frames < 3:
+        raise LmrcError(f"{where}: data.num_frames must be >= 3 (a global, a local and a query frame)")
+    if d.max_gap < d.num_frames - 1 or any(g < d.num_frames - 1 for _, g in d.gap_curriculum or []):
+        raise LmrcError(f"{where}: data.max_gap (and every gap_curriculum gap) must be >= num_frames - 1 = "
+                        f"{d.num_frames - 1} to hold {d.num_frames} different frames")
+    if not 0.0 <= d.distractor_prob <= 1.0:
+        raise LmrcError(f"{where}: data.distractor_prob must be in [0, 1]")
+    if cfg.clip.mem_every is not None and cfg.clip.mem_every < 1:
+        raise LmrcError(f"{where}: clip.mem_every must be >= 1 or null (frame 0 only)")
     if d.synthetic.paste_weight > 0 and d.max_objects < 2:
         raise LmrcError(f"{where}: data.synthetic.paste_weight needs data.max_objects >= 2 (pasted clips have 2 objects)")
     if d.validation.video_frames is not None and d.validation.video_frames < 0:
         raise LmrcError(f"{where}: data.validation.video_frames must be >= 0 (0 turns video validation off) or null "
                         "(whole videos)")
-    if cfg.init.weights and cfg.init.grow_from:
-        raise LmrcError(f"{where}: set init.weights (same setting) or init.grow_from (a smaller setting), not both")
+    if sum(bool(x) for x in (cfg.init.weights, cfg.init.grow_from, cfg.init.transfer_from)) > 1:
+        raise LmrcError(f"{where}: set one of init.weights (same setting), init.grow_from (a smaller setting) or "
+                        "init.transfer_from (whatever matches), not both")
     for name in ("every", "checkpoint_every"):
         if getattr(cfg.logging, name) < 1:
             raise LmrcError(f"{where}: logging.{name} must be >= 1")

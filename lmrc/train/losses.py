@@ -39,10 +39,14 @@ def scale_loss(keys: dict[int, Tensor]) -> Tensor:
 
 
 def lmrc_loss(
-    outputs: list[Tensor], targets: list[Tensor], query_keys: dict[int, Tensor] | None, beta: float, kind: str = "plain"
+    outputs: list[Tensor], targets: list[Tensor], query_keys: dict[int, Tensor] | None, beta: float, kind: str = "plain",
+    ce_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Eq. (11): L = L_ce (summed over the predicted frames) + beta * L_scale (pass query_keys=None once it stops)."""
+    """Eq. (11): L = L_ce (summed over the predicted frames, times `ce_weight`) + beta * L_scale (pass
+    query_keys=None once it stops)."""
     ce = sum(cross_entropy(o, t, kind) for o, t in zip(outputs, targets))
+    if ce_weight != 1.0:
+        ce = ce * ce_weight
     parts = {"ce": float(ce.detach())}
     total = ce
     if query_keys is not None and beta:

@@ -25,9 +25,11 @@ import yaml
 from torch import Tensor, nn
 
 from lmrc.config import ABLATION_SETTINGS
-from lmrc.errors import LmrcError
+from lmrc.utils.device import choose_precision, half_precision_warning
+from lmrc.utils.errors import LmrcError
 from lmrc.fileio import atomic_path
 from lmrc.train.config import TrainConfig, config_differences, config_to_dict
+from lmrc.train.clip_pass import ClipRunner, clip_forward
 from lmrc.train.losses import lmrc_loss
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -63,33 +65,27 @@ def setup_distributed(device: str) -> Dist:
 
 
 def resolve_device(name: str, d: Dist) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise LmrcError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-        if name == "cuda":
-            name = f"cuda:{d.local_rank}"
-        torch.cuda.set_device(torch.device(name))
-    elif name != "cpu":
-        raise LmrcError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    return torch.device(name)
+    """`lmrc.utils.device.choose_device`, with "cuda" meaning this process' GPU (its local rank)."""
+    from lmrc.utils.device import choose_device
+
+    device = choose_device(name)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", d.local_rank)
+        torch.cuda.set_device(device)
+    return device
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a precision setting (None = fp32). fp16 needs CUDA (and a GradScaler)."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        # CPUs without native bf16 (AVX512-BF16/AMX) emulate it: measured slower than fp32 on AVX2 machines.
-        return None
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type != "cuda":
+def training_precision(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """(autocast dtype or None for fp32, why) for `optim.precision`: the choice inference makes
+    (`lmrc.utils.device.choose_precision`: bf16 where the hardware computes it natively); fp16 needs CUDA (and a
+    GradScaler). benchmarks/train_step.py on this project's AVX512_BF16 EPYC: 8-frame steps 1.46x faster in bf16."""
+    if precision == "fp16" and device.type != "cuda":
         raise LmrcError("optim.precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
-    return torch.float16
+    choice = choose_precision(precision, device)
+    reason = choice.reason if precision == "auto" else "config"
+    warning = half_precision_warning(choice.name) if device.type == "cpu" else None
+    return choice.autocast_dtype, f"{choice.name} ({reason})" + (f"; {warning}" if warning else "")
 
 
 # ------------------------------------------------------------------------------------------------ model pieces
@@ -131,11 +127,19 @@ def ids_from_masks(masks: Tensor) -> Tensor:
 
 
 def training_loss(out, masks: Tensor, step: int, cfg: TrainConfig) -> tuple[Tensor, dict[str, float]]:
-    """Eq. (11): CE on the local-memory frame's and the query frame's predictions + beta * L_scale (first K its)."""
-    targets = [ids_from_masks(masks[:, 1]), ids_from_masks(masks[:, 2])]
+    """Eq. (11): CE on every predicted frame + beta * L_scale (first K iterations). `out` is a
+    ``lmrc.train.clip_pass.ClipOutput`` (frames 1..T-1) or the network's 3-frame ``TrainingOutput``.
+
+    Over a clip of T frames the CE sum is scaled by 2 / (T - 1): each clip weighs as the paper's two predicted
+    frames, so the learning rate, beta and the gradient clipping keep their meaning whatever T is."""
+    frames = out.outputs if hasattr(out, "outputs") else [out.local_frame, out.query_frame]
+    targets = [ids_from_masks(masks[:, i + 1]) for i in range(len(frames))]
     kind = cfg.loss.ce if step >= cfg.loss.plain_ce_iterations else "plain"
     keys = out.query_keys if step < cfg.loss.scale_loss_iterations else None
-    return lmrc_loss([out.local_frame.agg_logits, out.query_frame.agg_logits], targets, keys, cfg.loss.beta, kind)
+    logits = [f.agg_logits for f in frames]
+    if len(frames) == 2:
+        return lmrc_loss(logits, targets, keys, cfg.loss.beta, kind)
+    return lmrc_loss(logits, targets, keys, cfg.loss.beta, kind, ce_weight=2 / len(frames))
 
 
 def build_model(cfg: TrainConfig, log) -> nn.Module:
@@ -162,6 +166,11 @@ def build_model(cfg: TrainConfig, log) -> nn.Module:
             raise LmrcError(f"init.grow_from weights {cfg.init.grow_from} not found; train the smaller setting first")
         meta = grow_weights(model, cfg.init.grow_from)
         log(f"init grown from {meta.get('model')} weights {cfg.init.grow_from} (new reads start switched off)")
+    if cfg.init.transfer_from:
+        from lmrc.train.transfer import transfer_weights
+
+        report = transfer_weights(model, cfg.init.transfer_from)
+        log(f"init from {cfg.init.transfer_from} (what matches): {report.summary()}")
     freeze_parameters(model, cfg.optim.frozen, log)
     return model
 
@@ -188,12 +197,17 @@ def freeze_parameters(model: nn.Module, prefixes: list[str], log=lambda msg: Non
 # ------------------------------------------------------------------------------------------------ data
 
 def read_training_sequences(cfg: TrainConfig) -> list[list]:
-    """Sequences of every dataset in data.datasets, held-out ones removed (LmrcError on a bad path/layout)."""
-    from lmrc.data.datasets import read_dataset
+    """Per dataset in data.datasets: its sequences (or, for image kinds, its (image, mask) pairs), held-out ones
+    removed (LmrcError on a bad path/layout). Videos of kind video_masks are decoded into the frame cache here,
+    once, before any worker starts."""
+    from lmrc.data.datasets import IMAGE_READERS, read_dataset
 
     out = []
     for spec in cfg.data.datasets:
         options: dict[str, Any] = {"exclude": sorted(set(cfg.data.holdout) | set(spec.exclude))}
+        if spec.kind in IMAGE_READERS:
+            out.append(IMAGE_READERS[spec.kind](spec.root, **options))
+            continue
         if spec.kind in ("davis2016", "davis2017"):
             options["split"] = spec.split
         out.append(read_dataset(spec.kind, spec.root, **options))
@@ -202,23 +216,28 @@ def read_training_sequences(cfg: TrainConfig) -> list[list]:
 
 def build_training_data(cfg: TrainConfig, sequences: list[list], total: int):
     """One Dataset over the global sample stream: real sources and synthetic ones mixed by weight."""
-    from lmrc.data.datasets import MixedDataset, VOSTrainingDataset
+    from lmrc.data.datasets import IMAGE_READERS, MixedDataset, VOSTrainingDataset
+    from lmrc.data.synthetic import PastedObjectClips, StaticImageClips, annotated_frames
 
     d = cfg.data
     gap = [tuple(s) for s in d.gap_curriculum] if d.gap_curriculum else d.max_gap
     common = dict(crop_size=tuple(d.crop_size), max_objects=d.max_objects, max_short_side=d.max_short_side,
-                  length=total)
+                  length=total, num_frames=d.num_frames)
     sources, weights = [], []
     for k, (spec, seqs) in enumerate(zip(d.datasets, sequences)):
-        sources.append(VOSTrainingDataset(seqs, max_gap=gap, seed=d.seed + 101 * k, batch_size=cfg.optim.batch_size,
-                                          name=spec.kind, **common))
+        if spec.kind in IMAGE_READERS:  # single images: STCN's static stage, each image a warped pseudo-video
+            sources.append(StaticImageClips(seqs, seed=d.seed + 101 * k, name=spec.kind,
+                                            distractor_prob=d.distractor_prob, **common))
+        else:
+            sources.append(VOSTrainingDataset(seqs, max_gap=gap, seed=d.seed + 101 * k,
+                                              batch_size=cfg.optim.batch_size, name=spec.kind,
+                                              distractor_prob=d.distractor_prob, **common))
         weights.append(spec.weight)
-    everything = [s for seqs in sequences for s in seqs]
+    everything = [s for spec, seqs in zip(d.datasets, sequences) if spec.kind not in IMAGE_READERS for s in seqs]
     syn = d.synthetic
-    if syn.static_weight > 0 or syn.paste_weight > 0:
-        from lmrc.data.synthetic import PastedObjectClips, StaticImageClips, annotated_frames
     if syn.static_weight > 0:
-        sources.append(StaticImageClips(annotated_frames(everything, syn.static_stride), seed=d.seed + 7, **common))
+        sources.append(StaticImageClips(annotated_frames(everything, syn.static_stride), seed=d.seed + 7,
+                                        distractor_prob=d.distractor_prob, **common))
         weights.append(syn.static_weight)
     if syn.paste_weight > 0:
         sources.append(PastedObjectClips(everything, max_gap=gap, seed=d.seed + 13, batch_size=cfg.optim.batch_size,
@@ -312,7 +331,9 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise LmrcError(f"{path} is not an lmrc training checkpoint; delete it or choose another --out")
     # Logging cadence, validation and the run length may change on resume; anything else changes what is trained.
-    stored, current = copy.deepcopy(payload["config"]), config_to_dict(cfg)
+    # Options added after a run started are absent from its stored config: they had their defaults then.
+    stored = _fill_defaults(copy.deepcopy(payload["config"]), config_to_dict(TrainConfig()))
+    current = config_to_dict(cfg)
     for c in (stored, current):
         c.pop("logging", None)
         c.get("optim", {}).pop("iterations", None)
@@ -322,6 +343,15 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
         raise LmrcError(f"checkpoint {path} was written with another config (differs in {', '.join(differ)}); "
                         "resume with the config of that run (saved as config.yaml beside it) or use another --out")
     return payload
+
+
+def _fill_defaults(stored: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    for key, value in defaults.items():
+        if key not in stored:
+            stored[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(stored[key], dict):
+            _fill_defaults(stored[key], value)
+    return stored
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -382,11 +412,11 @@ def validate(model: nn.Module, val: Validation, cfg: TrainConfig, device: torch.
                 masks = sample["masks"][None].to(device)
                 valid = sample["valid_objects"][None].to(device)
                 with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                    out = model(images, masks[:, 0], valid)
+                    out = clip_forward(model, images, masks[:, 0], valid, mem_every=cfg.clip.mem_every)
                 # The loss as it stands after the warm-ups: no scale term, the configured CE kind.
                 loss, _ = training_loss(out, masks, max(cfg.loss.scale_loss_iterations, cfg.loss.plain_ce_iterations), cfg)
                 losses.append(float(loss))
-                js += _mean_j(out.query_frame.probs.argmax(1)[0].cpu(), ids_from_masks(masks[:, 2])[0].cpu(),
+                js += _mean_j(out.outputs[-1].probs.argmax(1)[0].cpu(), ids_from_masks(masks[:, -1])[0].cpu(),
                               sample["valid_objects"])
             results["val/loss"] = float(np.mean(losses))
             results["val/J_triplets"] = float(np.mean(js)) if js else 0.0
@@ -404,9 +434,11 @@ def validate_videos(model: nn.Module, sequences, cfg: TrainConfig, device: torch
     from lmrc.data.masks import read_mask
     from lmrc.eval.davis import Evaluation, ObjectScores
     from lmrc.eval.metrics import score_objects
-    from lmrc.inference.segmenter import Segmenter, output_prob_to_mask
+    from lmrc.inference.segmenter import Segmenter
 
     v = cfg.data.validation
+    # one inference copy of the model for every video (fp32: validation scores stay comparable across machines)
+    segmenter = Segmenter(model, size=v.short_side, device=device, precision="fp32")
     objects = []
     for seq in sequences:
         if 0 not in seq.masks:
@@ -416,13 +448,13 @@ def validate_videos(model: nn.Module, sequences, cfg: TrainConfig, device: torch
         scored = [t for t in range(1, count - 1 if whole else count) if t in seq.masks]
         if not scored:
             continue
-        segmenter = Segmenter(model, size=v.short_side, device=device)
+        segmenter.reset()
         first = read_mask(seq.masks[0])
         preds, gts = [], []
         for t in range(scored[-1] + 1):
             probs = segmenter.step(load_image(seq.frames[t]), first if t == 0 else None)
             if t in scored:
-                preds.append(output_prob_to_mask(probs, segmenter.object_ids))
+                preds.append(segmenter.probs_to_ids(probs))
                 gts.append(read_mask(seq.masks[t]))
         pred, gt = np.stack(preds), np.stack(gts)
         for k in (int(i) for i in np.unique(first) if i != 0):
@@ -504,7 +536,7 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str
     val = build_validation(cfg) if d.is_main else Validation()
 
     model = build_model(cfg, log).to(device)
-    amp = autocast_dtype(cfg.optim.precision, device)
+    amp, precision_reason = training_precision(cfg.optim.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -527,12 +559,13 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str
             tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     set_train_mode(model)
-    net: nn.Module = model
+    # The clip's forward pass (lmrc.train.clip_pass); 3 frames and no extra global frames = LMRC.forward.
+    net: nn.Module = ClipRunner(model, cfg.clip.mem_every)
     if d.enabled:
         # Settings A and B leave the values of stages 2/3 unread, so their parameters get no gradient.
         unused = not set(ABLATION_SETTINGS["C"]["local_read_stages"]) <= set(cfg.model.local_read_stages)
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
+            net, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=unused)
 
     writer = None
     if d.is_main and cfg.logging.tensorboard:
@@ -554,7 +587,7 @@ def train(cfg: TrainConfig, out: Path, *, resume: bool = False, device_name: str
                desc="train", file=sys.stderr)
     log(f"{'resuming' if resume else 'training'} {cfg.model.backbone} setting {cfg.model.setting}: "
         f"{total_iters} iterations, batch {B} ({d.world_size} x {per_process}), crop {list(cfg.data.crop_size)}, "
-        f"precision {str(amp).replace('torch.', '') if amp else 'fp32'}, device {device}, {len(dataset.datasets) if hasattr(dataset, 'datasets') else 1} source(s)")
+        f"precision {precision_reason}, device {device}, {len(dataset.datasets) if hasattr(dataset, 'datasets') else 1} source(s)")
 
     window_loss, window_parts, window_start, window_steps = 0.0, {}, time.perf_counter(), 0
     try:
