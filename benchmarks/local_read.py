@@ -7,6 +7,14 @@ HW x HW reference). "plain" below is the faster of shifted and unfold at each sc
 Time: median of several runs after warm-up, at torch.get_num_threads() threads. forward runs under no_grad
 (inference); forward+backward makes q, k, v leaves and back-propagates a fixed random readout gradient.
 
+Multiply-adds (GMAC/s, and the fraction of the machine's peak from lmrc.eval.peak, whose derivation is printed
+first): LMR forward = H W (2d+1)^2 (Ck + Cv) (similarity and readout; the softmax is not counted), backward twice
+that (two gradients of each product), so forward+backward = 3x forward. The same nominal count is used for every
+method (a method doing redundant work is just slower). The inference kernels (`lw_attention_inf`: LMR with the
+comparator's top-5; `lw_wsum_inf`: SLMR's eq. 6-7 reorganisation of key and value from half-size weights) count
+H W (2d+1)^2 (Ck + Cv) too. `--baseline-rev REV` also builds the kernels of git revision REV (as that revision
+built them) and times them alternating with this tree's, side by side.
+
 `--inference` times instead the local reads of one setting-F frame (LMR at 1/4, 1/8, 1/16, SLMR at 1/4 and 1/8,
 2 objects, with the memory comparator's weighting up to the decoder's input, no_grad) on the pre-issue-#7 path and on the model's inference path, alternating in one
 process, and prints both and their ratio.
@@ -32,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from lmrc.eval.peak import estimate_peak
+from lmrc.ops import _native
 from lmrc.ops import local_window as lw
 from lmrc.ops.reference import local_memory_read_reference
 from lmrc.utils.workspace import Workspace
@@ -242,10 +252,125 @@ def inference_main(repeats: int) -> int:
     return 0
 
 
+def lmr_gmac(h, w, cv, radius=RADIUS):
+    """Multiply-adds of one LMR forward (eq. 4-5) at this size, in GMAC."""
+    return h * w * (2 * radius + 1) ** 2 * (KEY_CHANNELS + cv) / 1e9
+
+
+def inference_attention(q, k, v):
+    return lw.local_attention_inference(q, k, v, RADIUS, 1, KEY_CHANNELS ** -0.5, top_k=5)
+
+
+def inference_wsum(weights, k, v):
+    return lw.local_weighted_sums_inference(weights, [k, v], RADIUS, 2, upsample=2)
+
+
+def baseline_library(rev: str):
+    """The float32 kernels of git revision `rev`, compiled as that revision did: -O3 -march=native -fopenmp before
+    the per-ISA builds, else with the flags of the ISA variant this tree picks."""
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def show(path):
+        return subprocess.run(["git", "-C", str(root), "show", f"{rev}:{path}"], check=True, capture_output=True).stdout
+
+    names = subprocess.run(["git", "-C", str(root), "ls-tree", "--name-only", rev, "lmrc/ops/"], check=True,
+                           capture_output=True, text=True).stdout.split()
+    out = Path(tempfile.mkdtemp(prefix="lmrc-baseline-"))
+    try:
+        for name in names:
+            if name.endswith((".c", ".h")):
+                (out / Path(name).name).write_bytes(show(name))
+        if b"ISA_VARIANTS" in show("lmrc/ops/_native.py"):
+            isa = _native.chosen_isa()
+            isa_flags, vector_bytes, _ = _native.ISA_VARIANTS[isa]
+            flags = ["-O3", "-fopenmp", *isa_flags, f"-DLW_VBYTES={vector_bytes}", "-DLW_BF16_INPUTS=1"]
+        else:
+            flags = ["-O3", "-march=native", "-fopenmp"]
+        subprocess.run(["cc", "-std=gnu11", "-shared", "-fPIC", *flags, "-DLW_REAL=float", "-DLW_SUFFIX=_f32",
+                        *(str(p) for p in sorted(out.glob("*.c"))), "-o", str(out / "baseline.so"), "-lm"], check=True)
+        return _native.NativeLibrary(out / "baseline.so", "_f32", flags, isa=f"git {rev}")
+    finally:
+        shutil.rmtree(out)  # the loaded library stays mapped
+
+
+def with_library(lib, fn):
+    """fn run with `lib` in place of this tree's float32 kernels (None: this tree's)."""
+    if lib is None:
+        return fn()
+    saved = _native.load
+    _native.load = lambda dtype, isa=None: lib if dtype == torch.float32 else saved(dtype, isa)
+    try:
+        return fn()
+    finally:
+        _native.load = saved
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def kernel_rates(peak, repeats, baseline=None, clock="wall"):
+    """GMAC/s of the native kernels per scale: forward, forward+backward and the inference kernels, this tree's (and
+    the baseline's, alternating). Returns {(scale, kernel, build): ms}."""
+    builds = {"this tree": None} if baseline is None else {"this tree": None, baseline.isa: baseline}
+    out = {}
+    print(f"\nnative kernels, median of {repeats}, {clock} clock" + (
+        " (CPU time of this process: other processes' share of the machine left out; spinning OpenMP threads count, "
+        "so with several threads the rate is understated)" if clock == "cpu" else ""))
+    print(f"{'scale':>9} {'kernel':>22} {'build':>14} {'ms':>8} {'GMAC/s':>8} {'of peak':>8}   (fp32 peak: bf16 "
+          f"inputs are computed in fp32)")
+    for scale_name, (h, w, cv) in SCALES.items():
+        inputs = make_inputs(h, w, cv)
+        q, k, v, _ = inputs
+        g = torch.Generator().manual_seed(2)
+        weights = torch.softmax(torch.randn(1, (2 * RADIUS + 1) ** 2, h // 2, w // 2, generator=g), 1)
+        gmac = lmr_gmac(h, w, cv)
+        qh, kh, vh = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        cases = {
+            "LMR fwd": (lambda: run_once(attention_fast, inputs, False), gmac),
+            "LMR fwd+bwd": (lambda: run_once(attention_fast, inputs, True), 3 * gmac),
+            "lw_attention_inf": (lambda: inference_attention(q, k, v), gmac),
+            "lw_wsum_inf (SLMR)": (lambda: inference_wsum(weights, k, v), gmac),
+            # bf16 inputs (bf16 autocast): read as bf16 by this tree's kernels, copied to float32 by older ones
+            "lw_attention_inf bf16": (lambda: inference_attention(qh, kh, vh), gmac),
+            "lw_wsum_inf bf16": (lambda: inference_wsum(weights, kh, vh), gmac),
+        }
+        for kernel, (fn, macs) in cases.items():
+            times = {label: [] for label in builds}
+            with torch.inference_mode(kernel not in ("LMR fwd+bwd",)):
+                for label, lib in builds.items():
+                    with_library(lib, fn)  # warm-up
+                for i in range(repeats):  # alternating, so every build sees the same machine load
+                    for label, lib in (builds.items() if i % 2 == 0 else reversed(builds.items())):
+                        start = CLOCKS[clock]()
+                        with_library(lib, fn)
+                        times[label].append(CLOCKS[clock]() - start)
+            for label in builds:
+                sec = statistics.median(times[label])
+                out[(scale_name, kernel, label)] = sec * 1e3
+                print(f"{scale_name:>9} {kernel:>22} {label:>14} {sec * 1e3:8.2f} {macs / sec:8.1f} "
+                      f"{peak.fraction(macs / sec):8.1%}", flush=True)
+            if baseline is not None:
+                ratio = out[(scale_name, kernel, baseline.isa)] / out[(scale_name, kernel, "this tree")]
+                print(f"{'':>9} {'':>22} {'speedup':>14} {ratio:8.2f}")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dense-quarter", action="store_true", help="also run the dense reference at 1/4 (~5 GB)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per case (median reported)")
+    parser.add_argument("--baseline-rev", metavar="REV",
+                        help="also time the native kernels of git revision REV, alternating with this tree's")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="time the native kernels' table by wall clock (default) or by this process's CPU time "
+                             "(a busy shared machine: measures the kernels rather than their share of the CPUs)")
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="only the native kernels' GMAC/s table (no plain methods, memory or last line)")
     parser.add_argument("--inference", action="store_true",
                         help="only the reads of one setting-F frame (2 objects, no_grad): the old path vs the inference "
                              "kernels, alternating, with their time ratio")
@@ -253,14 +378,29 @@ def main(argv=None) -> int:
     if args.inference:
         return inference_main(max(args.repeats, 3))
 
+    if os.environ.get("LMRC_LOCAL_WINDOW"):
+        raise SystemExit("unset LMRC_LOCAL_WINDOW to benchmark the native kernels")
+    from lmrc.utils.memory import reuse_freed_memory
+
+    reuse_freed_memory()  # as the CLI does: fresh outputs would otherwise fault in their pages on every call
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={RADIUS}, keys {KEY_CHANNELS} ch, batch 1")
+    lib = _native.load(torch.float32)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, d={RADIUS}, keys {KEY_CHANNELS} ch, batch 1; "
+          f"native kernels: {lib.isa if lib else 'not built'} ({lib.path.name if lib else '-'})")
     # wall-clock medians are only comparable on an idle machine: show how busy it was
     print(f"load average at start: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    machine = estimate_peak()
+    print("\n".join(machine.describe()))
+    baseline = baseline_library(args.baseline_rev) if args.baseline_rev else None
+    kernel_rates(machine, args.repeats, baseline, args.clock)
+    if args.kernels_only:
+        print(f"load average at end: {os.getloadavg()[0]:.1f}")
+        return 0
+    print()
     rows, summary = [], {}
     print(
-        f"{'scale':>9} {'HxW':>7} {'Cv':<4} {'method':>7} {'pass':>7} {'ms':>10} {'peak/R':>8} "
-        f"{'result/R':>8} {'extra/R':>8}   {'peak MiB':>9} {'vs fast':>9}"
+        f"{'scale':>9} {'HxW':>7} {'Cv':<4} {'method':>7} {'pass':>7} {'ms':>10} {'GMAC/s':>7} {'of peak':>7} "
+        f"{'peak/R':>8} {'result/R':>8} {'extra/R':>8}   {'peak MiB':>9} {'vs fast':>9}"
     )
     for scale_name, (h, w, cv) in SCALES.items():
         inputs = make_inputs(h, w, cv)
@@ -281,8 +421,10 @@ def main(argv=None) -> int:
                 peak, results = memory_bytes(fn, inputs, backward)
                 pass_name = "fwd+bwd" if backward else "fwd"
                 summary[(scale_name, method, pass_name)] = (ms, peak, results)
+                rate = lmr_gmac(h, w, cv) * (3 if backward else 1) / (ms / 1e3)
                 rows.append(
-                    f"{scale_name:>9} {h:>3}x{w:<3} v{cv:<3} {method:>7} {pass_name:>7} {ms:10.2f} "
+                    f"{scale_name:>9} {h:>3}x{w:<3} v{cv:<3} {method:>7} {pass_name:>7} {ms:10.2f} {rate:7.1f} "
+                    f"{machine.fraction(rate):7.1%} "
                     f"{peak / readout_bytes:8.2f} {results / readout_bytes:8.2f} {(peak - results) / readout_bytes:8.2f}"
                     f"   {peak / 2**20:9.1f} {err:9.1e}"
                 )
@@ -311,9 +453,12 @@ def main(argv=None) -> int:
         f"(last line: quarter scale, forward+backward; extra_memory_vs_output = (peak - results) / readout; "
         f"peak beyond inputs alone is {fast[1] / readout_bytes:.2f} x readout)"
     )
+    gmacs = 3 * lmr_gmac(*SCALES["quarter"]) / (fast[0] / 1e3)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}; quarter-scale forward+backward {gmacs:.1f} GMAC/s = "
+          f"{machine.fraction(gmacs):.1%} of the fp32 peak")
     print(
         f"local_read quarter_scale speedup_vs_plain={plain / fast[0]:.2f} "
-        f"extra_memory_vs_output={(fast[1] - fast[2]) / readout_bytes:.2f}"
+        f"extra_memory_vs_output={(fast[1] - fast[2]) / readout_bytes:.2f} gmac_per_s={gmacs:.1f}"
     )
     return 0
 

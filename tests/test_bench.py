@@ -10,7 +10,7 @@ import torch
 
 from lmrc.cli import main as cli_main
 from lmrc.config import model_config
-from lmrc.eval.bench import build_model, measure, multiply_adds_per_frame, synthetic_video
+from lmrc.eval.bench import build_model, measure, multiply_adds_per_frame, stage_rates, synthetic_video
 from lmrc.inference.fast_path import ReusedZeroPad2d, prepare_for_inference
 from lmrc.inference.segmenter import Segmenter
 from lmrc.model.transforms import fold_batch_norms
@@ -68,6 +68,24 @@ def test_timing_is_a_no_op_unless_recording():
             pass
     assert set(times) == {"decoder"} and times["decoder"] >= 0
     assert not timing.enabled()
+
+
+def test_stage_listener_sees_each_boundary_only_while_recording():
+    timer, calls = StageTimer(), []
+    with timer.stage("memory"):
+        pass
+    with timer.record(listener=lambda name, entering: calls.append((name, entering))):
+        with timer.stage("decoder"):
+            calls.append("inside")
+        with timer.record():  # a nested record without a listener silences it, then restores it
+            with timer.stage("memory"):
+                pass
+        with timer.stage("comparator"):
+            pass
+    with timer.stage("decoder"):
+        pass
+    assert calls == [("decoder", True), "inside", ("decoder", False), ("comparator", True), ("comparator", False)]
+    assert timer.listener is None
 
 
 def test_compare_gives_a_ratio(capsys):
@@ -271,3 +289,63 @@ def test_values_are_projected_only_where_the_decoder_is_narrower():
             mask = np.where(mask == 3, 0, mask)
         torch.testing.assert_close(seg.step(rgb, mask), plain.step(rgb, mask), atol=1e-4, rtol=0)
     assert seg.memory.values.shape[-1] == 128  # the global memory keeps the global read's group only
+
+
+class _CountableSegmenter:
+    """Stands in for a Segmenter: each step runs ops whose multiply-adds are counted by hand, in known stages."""
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.image = torch.randn(1, 3, 8, 10, generator=g)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.q, self.k, self.v = (torch.randn(1, c, 6, 7, generator=g) for c in (5, 5, 6))
+        self.steps = 0
+        self.timer = StageTimer()
+
+    def reset(self):
+        self.steps = 0
+
+    def step(self, rgb, mask):
+        from lmrc.ops import local_window as lw
+
+        self.steps += 1
+        with torch.no_grad():
+            with self.timer.stage("key_encoding"):
+                self.conv(self.image)  # 8*10 pixels x 4 outputs x 3 inputs x 9 taps = 8640
+            with self.timer.stage("local_reads"):
+                # native or plain: 6*7 pixels x 9 window positions x (5 key + 6 value channels) = 4158
+                lw.local_attention_inference(self.q, self.k, self.v, 1, 1, 1.0, top_k=2)
+            torch.ones(3, 4) @ torch.ones(4, 5)  # outside every stage: 3*4*5 = 60
+            if self.steps % 2 == 0:
+                with self.timer.stage("local_reads"):  # every other frame: 6*7 x 9 x 6 = 2268
+                    lw.local_weighted_sum(torch.ones(1, 9, 6, 7), self.v, 1)
+
+
+def test_multiply_adds_are_attributed_to_the_stage_they_ran_in():
+    frames = [(None, None)] * 5  # the first is not counted; the 4 others: 2 with the extra weighted sum
+    macs = multiply_adds_per_frame(_CountableSegmenter(), frames)
+    assert macs["stages"]["key_encoding"] == pytest.approx(8640 / 1e9)
+    assert macs["stages"]["local_reads"] == pytest.approx((4158 + 2268 / 2) / 1e9)
+    assert macs["stages"]["other"] == pytest.approx(60 / 1e9)
+    assert macs["convolution"] == pytest.approx(8640 / 1e9)
+    assert macs["local_window"] == pytest.approx((4158 + 2268 / 2) / 1e9)
+    assert macs["total"] == pytest.approx((8640 + 4158 + 1134 + 60) / 1e9)
+
+
+def test_stage_rates_divide_multiply_adds_by_time_and_peak():
+    rates = stage_rates({"decoder": 2.0, "memory": 0.0, "other": 0.5}, {"decoder": 40.0, "memory": 3.0, "other": 0.0},
+                        peak=100.0)
+    assert rates == {"decoder": {"gmac_per_second": 50.0, "fraction_of_peak": 0.5}}  # 2 GMAC in 40 ms
+
+
+def test_macs_option_reports_rates_per_stage(capsys):
+    report = run_json(capsys, "--size", "32", "--frames", "3", "--warmup", "1", "--setting", "F", "--macs",
+                      "--mem-every", "2", "--threads", "1")
+    macs = report["gmac_per_frame"]
+    assert sum(macs["stages"].values()) == pytest.approx(macs["total"], rel=1e-6)
+    assert macs["local_window"] > 0 and macs["stages"]["local_reads"] > 0 and macs["stages"]["decoder"] > 0
+    rates = report["stage_rates"]
+    for name in ("key_encoding", "decoder", "local_reads"):
+        expected = macs["stages"][name] / (report["stages_ms_mean"][name] / 1000)
+        assert rates[name]["gmac_per_second"] == pytest.approx(expected, rel=1e-2, abs=1e-2)
+    assert report["peak"]["fp32_gmac_per_second"] > 0 and report["peak"]["derivation"]

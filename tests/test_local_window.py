@@ -382,3 +382,128 @@ def test_workspace_buffers_are_reused_per_name_shape_and_dtype():
     assert workspace.buffer("x", (2, 3), torch.float32) is not a
     workspace.clear()
     assert not workspace.buffers
+
+
+# --- runtime dispatch: every ISA variant this CPU can run gives the reference's results ---------------------------
+
+
+def test_isa_choice_follows_the_cpu_and_the_env(monkeypatch):
+    supported = _native.supported_isas()
+    assert supported[-1] == "generic" and supported[0] == _native.chosen_isa()
+    if "avx512f" in _native.cpu_features() and "avx512bw" in _native.cpu_features():
+        assert "avx512" in supported
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", "generic")
+    assert _native.chosen_isa() == "generic"
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", "sse9")
+    with pytest.raises(ValueError, match="LMRC_LOCAL_WINDOW_ISA"):
+        _native.chosen_isa()
+    missing = [name for name in _native.ISA_VARIANTS if name not in supported]
+    if missing:
+        monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", missing[0])
+        with pytest.raises(RuntimeError, match="lacks"):
+            _native.chosen_isa()
+
+
+@pytest.mark.parametrize("isa", _native.supported_isas())
+def test_each_isa_variant_matches_the_reference(native, monkeypatch, isa):
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
+    lib = _native.load(torch.float32)
+    assert lib.isa == isa and lib.vector_bytes == _native.ISA_VARIANTS[isa][1]
+    # widths below, at and above 4, 8 and 16 floats: the per-pixel path, border shuffles and the last block
+    for (h, w), dilation in [((5, 3), 1), ((6, 17), 1), ((7, 40), 2), ((4, 16), 1)]:
+        q, k, v = _inputs(2, 9, 11, h, w, seed=w)
+        scale = 0.6
+        read_ref, sim_ref, aff_ref = local_memory_read_reference(q.double(), k.double(), v.double(), 2, scale, dilation)
+        with torch.no_grad():
+            read, aff, top, _ = lw.local_attention_inference(q, k, v, 2, dilation, scale, top_k=4, affinity=True)
+            assert _max_diff(read, read_ref) <= TOL
+            assert _max_diff(window_to_4d(aff, 2, dilation).reshape(2, h * w, h * w), aff_ref) <= TOL
+            sim = lw.local_similarity_plain(q.double(), k.double(), 2, dilation, scale)
+            assert _max_diff(top, sim.topk(4, dim=1).values) <= TOL
+            weights = torch.rand(2, 25, h, w)
+            (wsum,) = lw.local_weighted_sums_inference(weights, [v], 2, dilation)
+            assert _max_diff(wsum, lw.local_weighted_sum_plain(weights.double(), v.double(), 2, dilation)) <= TOL
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        read_g, sim_g, _ = lw.local_attention(*leaves, 2, dilation, scale)
+        assert _is_native(read_g) and _max_diff(read_g.detach(), read_ref) <= TOL
+        assert _max_diff(sim_g.detach(), lw.local_similarity_plain(q, k, 2, dilation, scale)) <= TOL
+
+
+@pytest.mark.parametrize("isa", _native.supported_isas())
+def test_bf16_inputs_are_read_natively_by_the_inference_kernels(native, monkeypatch, isa):
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
+    assert _native.load(torch.float32).bf16_inputs
+    q, k, v = _inputs(1, 16, 10, 4, 100, seed=3)  # wide enough (>= NARROW_ROW) for the bf16 kernels
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    g = torch.Generator().manual_seed(5)
+    weights = torch.rand(1, 25, 2, 50, generator=g)
+    fine = [torch.randn(1, c, 4, 100, generator=g).bfloat16() for c in (16, 6)]
+    calls = []
+    lib = _native.load(torch.float32)
+    original = type(lib).__call__
+    monkeypatch.setattr(type(lib), "__call__", lambda self, name, *a: (calls.append(name), original(self, name, *a)))
+    with torch.no_grad():
+        read, aff, top, _ = lw.local_attention_inference(qb, kb, vb, 2, 1, 0.5, top_k=3, affinity=True)
+        sk, sv = lw.local_weighted_sums_inference(weights, fine, 2, 2, upsample=2)
+        # the same kernels on float32 copies of the bf16 values: the same arithmetic, bit for bit
+        read32, aff32, top32, _ = lw.local_attention_inference(qb.float(), kb.float(), vb.float(), 2, 1, 0.5, top_k=3,
+                                                               affinity=True)
+        sk32, sv32 = lw.local_weighted_sums_inference(weights, [t.float() for t in fine], 2, 2, upsample=2)
+    assert calls == ["lw_attention_inf_bf16", "lw_wsum_inf_bf16", "lw_attention_inf", "lw_wsum_inf"]
+    for a, b in ((read, read32), (aff, aff32), (top, top32)):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.bfloat16())
+    assert torch.equal(sk, sk32) and torch.equal(sv, sv32)  # float32 weights: float32 results
+    # and against the float64 reference on the unrounded inputs: bf16 rounding of the inputs only
+    read_ref, _, aff_ref = local_memory_read_reference(q.double(), k.double(), v.double(), 2, 0.5)
+    assert (read.double() - read_ref).abs().max().item() <= 0.05 * read_ref.abs().max().item()
+    assert _max_diff(window_to_4d(aff.float(), 2).reshape(1, 4 * 100, 4 * 100), aff_ref) <= 0.02
+    # narrow images are copied to float32 (cheaper there than widening every load)
+    calls.clear()
+    with torch.no_grad():
+        lw.local_attention_inference(qb[..., :40], kb[..., :40], vb[..., :40], 2, 1, 0.5)
+    assert calls == ["lw_attention_inf"]
+
+
+@pytest.mark.parametrize("isa", _native.supported_isas())
+def test_wide_rows_take_the_blocked_autograd_kernels_and_match(native, monkeypatch, isa):
+    """Rows at least a vector wide (16 floats / 8 doubles with AVX-512) run the blocked forward and backward."""
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 2, 17, dtype=torch.float64, seed=9))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: tuple(_masked(t) for t in lw.local_attention(a, b, c, 2, 1, 0.6)), (q, k, v), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: lw.local_attention(a, b, c, 1, 2, 0.6)[0], (q, k, v))
+    # float32 at model-like sizes against plain autograd
+    q, k, v = _inputs(2, 16, 24, 7, 37)
+    g = torch.Generator().manual_seed(1)
+    g_read, g_sim, g_aff = (torch.randn(2, c, 7, 37, generator=g) for c in (24, 25, 25))
+
+    def grads(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        read, sim, aff = fn(*leaves)
+        loss = (read * g_read).sum() + (_masked(sim) * g_sim).sum() + (aff * g_aff).sum()
+        return (read, sim, aff), torch.autograd.grad(loss, leaves)
+
+    def plain(a, b, c):
+        sim = lw.local_similarity_plain(a, b, 2, 1, 0.5)
+        aff = torch.softmax(sim, 1)
+        return lw.local_weighted_sum_plain(aff, c, 2, 1), sim, aff
+
+    (out_fast, grads_fast), (out_plain, grads_plain) = grads(lambda a, b, c: lw.local_attention(a, b, c, 2, 1, 0.5)), grads(plain)
+    assert _is_native(out_fast[0])
+    for fast, ref in zip(out_fast, out_plain):
+        assert _max_diff(fast.detach(), ref.detach()) <= TOL
+    for fast, ref in zip(grads_fast, grads_plain):
+        assert (fast - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_narrow_rows_take_8_float_vectors_where_avx512_was_chosen_automatically(native, monkeypatch):
+    monkeypatch.delenv("LMRC_LOCAL_WINDOW_ISA", raising=False)
+    wide = _native.load_for_width(torch.float32, 200)
+    assert wide.isa == _native.chosen_isa()
+    narrow = _native.load_for_width(torch.float32, 54)
+    if _native.chosen_isa() == "avx512":
+        assert narrow.isa == "avx512_256" and narrow.vector_bytes == 32
+        monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", "avx512")  # forced: kept
+        assert _native.load_for_width(torch.float32, 54).isa == "avx512"
+    else:
+        assert narrow is wide

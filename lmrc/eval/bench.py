@@ -16,7 +16,9 @@ With `--compare A F` both settings run in one process on the same frames, altern
 load change on a shared machine hits both alike; `ratio` is the second setting's mean frame time over the first's.
 With `--macs` the multiply-adds of each setting are counted too (`multiply_adds_per_frame`): a machine-independent
 figure, and with `--compare` the ratio of the two settings' arithmetic, which is the cost ratio an implementation
-running both at equal efficiency gets.
+running both at equal efficiency gets. They are attributed to the timed stages, so each stage gets its rate
+(GMAC/s = its multiply-adds per frame / its mean time per frame) and the fraction of the machine's peak
+(`lmrc.eval.peak`, whose derivation is printed).
 With `--runtime onnxruntime` one setting runs twice side by side in the same way: in PyTorch (the optimized
 inference copy) and as the exported ONNX graphs in onnxruntime (`lmrc export`, or `--onnx DIR`), with the same
 number of threads; `ratio` is onnxruntime's mean frame time over torch's.
@@ -172,12 +174,15 @@ class Run:
         per_stage = {s: 1000 * statistics.median(d.get(s, 0.0) for d in stages) for s in names}
         per_stage["other"] = 1000 * statistics.median(t - sum(d.values()) for t, d in zip(totals, stages))
         ms = 1000 * statistics.median(totals)
+        mean_stage = {s: 1000 * statistics.fmean(d.get(s, 0.0) for d in stages) for s in names}
+        mean_stage["other"] = 1000 * statistics.fmean(t - sum(d.values()) for t, d in zip(totals, stages))
         return {
             "frames_measured": len(totals),
             "ms_per_frame": round(ms, 2),
             "ms_per_frame_mean": round(1000 * statistics.fmean(totals), 2),
             "fps": round(len(totals) / sum(totals), 3),
             "stages_ms": {k: round(v, 2) for k, v in per_stage.items()},
+            "stages_ms_mean": {k: round(v, 3) for k, v in mean_stage.items()},
         }
 
 
@@ -227,14 +232,16 @@ def measure(segmenters: dict[str, "Segmenter"], frames: Iterator[tuple[np.ndarra
 
 
 def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.ndarray, np.ndarray | None]]  # noqa: F821
-                            ) -> dict[str, float] | None:
-    """Mean multiply-adds per frame, in GMAC, counted by PyTorch's FLOP counter over the frames after the first
-    (which takes the mask): `convolution`, and `total` with the matrix products of the global read. Pass
-    `mem_every` + 1 frames so each kind of frame counts as often as in a long video. The native local-window
-    kernels (LMR, SLMR) run outside PyTorch and are not counted: they add to the settings that have them, so for
-    a setting with local reads over one without, the ratio of `total`s is a lower bound. Resets the segmenter.
-    None when there is no frame after the first."""
+                            ) -> dict | None:
+    """Mean multiply-adds per frame, in GMAC, over the frames after the first (which takes the mask). PyTorch's
+    FLOP counter counts the convolutions (`convolution`) and matrix products; the native local-window kernels run
+    outside PyTorch, so `local_window` counts their nominal multiply-adds (`local_window.count_multiply_adds`);
+    `total` is both. `stages`: the same split by the stage of the segmenter's `timer` they ran in, `other`
+    for what ran outside every stage. Pass `mem_every` + 1 frames so each kind of frame counts as often as in a
+    long video. Resets the segmenter. None when there is no frame after the first."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from lmrc.ops.local_window import count_multiply_adds
 
     segmenter.reset()
     frames = iter(frames)
@@ -243,17 +250,48 @@ def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.nd
         return None
     segmenter.step(*first)
     counted = 0
-    with FlopCounterMode(display=False) as counter:
-        for rgb, mask in frames:
-            segmenter.step(rgb, mask)
-            counted += 1
+    by_stage: dict[str, float] = {}
+    started: dict[str, float] = {}
+    with FlopCounterMode(display=False) as counter, count_multiply_adds() as native:
+        def so_far() -> float:  # multiply-adds counted until now
+            return counter.get_total_flops() / 2 + native[0]
+
+        def listener(name: str, entering: bool) -> None:
+            if entering:
+                started[name] = so_far()
+            else:
+                by_stage[name] = by_stage.get(name, 0.0) + so_far() - started.pop(name)
+
+        with segmenter.timer.record(listener=listener):
+            for rgb, mask in frames:
+                segmenter.step(rgb, mask)
+                counted += 1
     segmenter.reset()
     if not counted:
         return None
     flops = counter.get_flop_counts().get("Global", {})
     convolution = sum(v for op, v in flops.items() if "convolution" in str(op))
-    scale = 2e9 * counted  # a multiply-add is two FLOPs
-    return {"total": round(counter.get_total_flops() / scale, 6), "convolution": round(convolution / scale, 6)}
+    scale = 1e9 * counted
+    total = counter.get_total_flops() / 2 + native[0]
+    by_stage["other"] = total - sum(by_stage.values())
+
+    def gmac(v: float) -> float:  # 9 significant digits: exact for small test cases, short in JSON
+        return float(f"{v / scale:.9g}")
+
+    return {"total": gmac(total), "convolution": gmac(convolution / 2), "local_window": gmac(native[0]),
+            "stages": {name: gmac(v) for name, v in by_stage.items()}}
+
+
+def stage_rates(gmac_per_frame: dict[str, float], ms_per_frame: dict[str, float], peak) -> dict[str, dict]:
+    """Per stage with both multiply-adds and time: GMAC/s (GMAC per frame / mean seconds per frame) and the fraction
+    of `peak` (GMAC/s: the fp32 or bf16 figure of a `lmrc.eval.peak.Peak`)."""
+    out = {}
+    for name, gmac in gmac_per_frame.items():
+        ms = ms_per_frame.get(name, 0.0)
+        if gmac > 0 and ms > 0:
+            rate = gmac / (ms / 1000)
+            out[name] = {"gmac_per_second": round(rate, 2), "fraction_of_peak": round(rate / peak, 4)}
+    return out
 
 
 def cpu_description() -> dict[str, str]:
@@ -337,13 +375,20 @@ def main(args) -> int:
     process_size = list(first.process_size or ())  # before --macs resets the segmenters
 
     results = {label: {**runs[label].summary(args.warmup), "checkpoints": runs[label].checkpoints} for label in runs}
+    peak = None
     if args.macs:
+        from lmrc.eval.peak import estimate_peak
+
+        peak = estimate_peak(torch.get_num_threads(), measure=False)
+        peak_precision = "bf16" if first.precision == "bf16" else "fp32"  # the precision chosen ("auto" resolved)
+        peak_gmacs = peak.bf16_gmacs if peak_precision == "bf16" else peak.fp32_gmacs
         for label, result in results.items():
             macs = multiply_adds_per_frame(segmenters[label], input_frames(args, args.mem_every + 1))
             if macs is None:
                 raise LmrcError(f"--macs needs at least 2 frames of {args.input}")
             result["gmac_per_frame"] = macs
             result["gmac_per_second"] = round(macs["total"] / (result["ms_per_frame_mean"] / 1000), 2)
+            result["stage_rates"] = stage_rates(macs["stages"], result["stages_ms_mean"], peak_gmacs)
     main_label = list(segmenters)[-1]
     report = {
         "model": args.model,
@@ -371,6 +416,10 @@ def main(args) -> int:
         "peak_memory_mb": round(peak_rss_mb(), 1),
         "torch": torch.__version__,
     }
+    if peak is not None:
+        report["peak"] = {"fp32_gmac_per_second": round(peak.fp32_gmacs, 1),
+                          "bf16_gmac_per_second": round(peak.bf16_gmacs, 1),
+                          "used": peak_precision, "derivation": peak.describe()}
     if args.compare or runtimes:
         a, f = list(segmenters)
         report["runs"] = results
@@ -419,6 +468,19 @@ def _print_table(report: dict, results: dict[str, dict]) -> None:
         print("  " + "GMAC per frame".ljust(width)
               + "".join(f"{results[l]['gmac_per_frame']['total']:12.2f}" for l in labels), file=out)
         print("  " + "GMAC/s".ljust(width) + "".join(f"{results[l]['gmac_per_second']:12.1f}" for l in labels), file=out)
+        peak = report["peak"]
+        print(f"  per stage: GMAC per frame, GMAC/s (its multiply-adds / its mean time), % of the {peak['used']} peak "
+              f"of {peak[peak['used'] + '_gmac_per_second']:.1f} GMAC/s", file=out)
+        for s in stages:
+            cells = []
+            for l in labels:
+                gmac = results[l]["gmac_per_frame"]["stages"].get(s, 0.0)
+                rate = results[l]["stage_rates"].get(s)
+                cells.append(f"{gmac:7.3f} {rate['gmac_per_second']:6.1f} {rate['fraction_of_peak']:5.0%}" if rate
+                             else f"{gmac:7.3f} {'-':>6} {'-':>5}")
+            print("  " + s.ljust(width) + "".join(f"{c:>22}" for c in cells), file=out)
+        for line in peak["derivation"]:
+            print(f"  {line}", file=out)
     print(f"  peak memory (process RSS): {report['peak_memory_mb']:.0f} MB", file=out)
     if "ratio" in report:
         a, f = labels
@@ -426,7 +488,7 @@ def _print_table(report: dict, results: dict[str, dict]) -> None:
               file=out)
     if "arithmetic_ratio" in report:
         print(f"  arithmetic ratio {f}/{a}: {report['arithmetic_ratio']:.3f} (multiply-adds per frame over a memory "
-              f"cycle; the native local reads are not counted)", file=out)
+              f"cycle, the native local reads included)", file=out)
     for label in labels:
         for c in results[label]["checkpoints"]:
             print(f"  [{label}] frame {c['frame']:>6}: {c['ms_per_frame']:8.1f} ms/frame, RSS {c['rss_mb']:8.1f} MB, "

@@ -1,9 +1,16 @@
 """Build the native kernels (`local_window.c`, `top_k.c`) with the system C compiler at first use and load them
 with ctypes.
 
+One library is built per instruction set ("ISA variant") with fixed -m flags, never -march=native, so a cache
+shared by machines with different CPUs stays valid; the variant is chosen at load time from the CPU's features
+(`cpu_features`): `avx512` (AVX-512 F/BW/VL/DQ; `avx512_256` for rows narrower than NARROW_ROW, the same
+instructions on 8-float vectors), `avx2` (AVX2 + FMA) or `generic`
+(the architecture's baseline, e.g. SSE2 on x86-64: 16-byte vectors). `LMRC_LOCAL_WINDOW_ISA=<variant>` forces one
+(an error if this CPU cannot run it).
+
 The shared library is cached per user in `$LMRC_CACHE_DIR` (default `~/.cache/lmrc`) under a name keyed by
-the source, the compiler, its flags and the CPU (the build uses -march=native). It is compiled into a
-temporary file and renamed into place, so concurrent processes never load a half-written library.
+the source, the compiler and its flags. It is compiled into a temporary file and renamed into place, so
+concurrent processes never load a half-written library.
 """
 from __future__ import annotations
 
@@ -22,16 +29,22 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("local_window.c", "top_k.c"))  # one library
-HEADERS = (Path(__file__).with_name("kernels.h"),)  # included by the sources: part of the cache key
+HEADERS = tuple(Path(__file__).with_name(name) for name in ("kernels.h", "local_window_inf.h"))  # in the cache key
 
-# Tried in order: the first set is the intended build, the others keep a working (slower) kernel when the
-# compiler rejects -march=native or has no OpenMP (e.g. Apple clang).
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-fopenmp"],
-    ["-O3", "-fopenmp"],
-    ["-O3", "-march=native"],
-    ["-O3"],
-)
+# Tried in order: the first set is the intended build, the second keeps a working (single-threaded) kernel when the
+# compiler has no OpenMP (e.g. Apple clang).
+_FLAG_SETS = (["-O3", "-fopenmp"], ["-O3"])
+
+_X86_AVX512 = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+               "-mprefer-vector-width=512"]
+# variant: (compiler flags, vector bytes, CPU features it needs (/proc/cpuinfo names)); best first
+ISA_VARIANTS = {
+    "avx512": (_X86_AVX512, 64, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma")),
+    # AVX-512 instructions (32 registers, masks) on 8-float vectors: for rows too narrow for 16-float blocks
+    "avx512_256": (_X86_AVX512[:-1], 32, ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma")),
+    "avx2": (["-mavx2", "-mfma", "-mf16c"], 32, ("avx2", "fma")),
+    "generic": ([], 16, ()),
+}
 _COMMON_FLAGS = ["-std=gnu11", "-shared", "-fPIC"]
 _REALS = {torch.float32: ("float", "_f32"), torch.float64: ("double", "_f64")}
 
@@ -47,22 +60,78 @@ _SIGNATURES = {
     "lw_wsum_inf": [_P] * 3 + [_L] + [_P] * 2 + [_L] * 7 + [_I],
     "tk_rows": [_P] + [_L] * 3 + [_P, _P, _I],
 }
+# float build only: the inference kernels reading bfloat16 inputs (same arguments)
+_BF16_SIGNATURES = {"lw_attention_inf_bf16": _SIGNATURES["lw_attention_inf"],
+                    "lw_wsum_inf_bf16": _SIGNATURES["lw_wsum_inf"]}
 
 _lock = threading.Lock()
-_loaded: dict[torch.dtype, "NativeLibrary | None"] = {}
+_loaded: dict[tuple[torch.dtype, str], "NativeLibrary | None"] = {}
 _warned = False
 
 
-class NativeLibrary:
-    """The compiled kernels for one floating type (float32 or float64)."""
+def cpu_features() -> set[str]:
+    """The CPU's instruction-set features as Linux names them (`avx2`, `fma`, `avx512f`, `avx512_bf16`, ...).
 
-    def __init__(self, path: Path, suffix: str, flags: list[str]):
+    Linux: the `flags` line of /proc/cpuinfo (the kernel leaves out what the OS does not enable, e.g. AVX-512
+    state it does not save). Elsewhere: macOS `sysctl` feature lists, lower-cased; empty when unknown (the
+    generic variant is used).
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    if platform.system() == "Darwin" and platform.machine() == "x86_64":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                                 capture_output=True, text=True, timeout=10).stdout.lower().split()
+            names = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw",
+                     "avx512vl": "avx512vl", "avx512dq": "avx512dq"}
+            return {names[x.replace(".", "")] for x in out if x.replace(".", "") in names}
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return set()
+
+
+def supported_isas() -> list[str]:
+    """The ISA variants this CPU can run, best first."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    features = cpu_features()
+    return [name for name, (_, _, needs) in ISA_VARIANTS.items()
+            if name == "generic" or (x86 and all(f in features for f in needs))]
+
+
+def chosen_isa() -> str:
+    """The variant to load: `LMRC_LOCAL_WINDOW_ISA` if set (an error if the CPU lacks it), else the best supported."""
+    forced = os.environ.get("LMRC_LOCAL_WINDOW_ISA", "").strip().lower()
+    supported = supported_isas()
+    if not forced or forced == "auto":
+        return supported[0]
+    if forced not in ISA_VARIANTS:
+        raise ValueError(f"LMRC_LOCAL_WINDOW_ISA must be auto or one of {', '.join(ISA_VARIANTS)}, got {forced!r}")
+    if forced not in supported:
+        raise RuntimeError(f"LMRC_LOCAL_WINDOW_ISA={forced}: this CPU lacks "
+                           f"{', '.join(f for f in ISA_VARIANTS[forced][2] if f not in cpu_features())}; "
+                           f"it can run {', '.join(supported)}")
+    return forced
+
+
+class NativeLibrary:
+    """The compiled kernels of one ISA variant for one floating type (float32 or float64)."""
+
+    def __init__(self, path: Path, suffix: str, flags: list[str], isa: str = "generic"):
         self.path = path
         self.flags = flags
+        self.isa = isa
+        self.vector_bytes = ISA_VARIANTS[isa][1] if isa in ISA_VARIANTS else None  # None: built elsewhere
         self.openmp = "-fopenmp" in flags
         lib = ctypes.CDLL(str(path))
         self._functions = {}
-        for name, argtypes in _SIGNATURES.items():
+        signatures = {**_SIGNATURES, **(_BF16_SIGNATURES if hasattr(lib, "lw_attention_inf_bf16" + suffix) else {})}
+        self.bf16_inputs = len(signatures) > len(_SIGNATURES)
+        for name, argtypes in signatures.items():
             fn = getattr(lib, name + suffix)
             fn.argtypes = argtypes
             fn.restype = None
@@ -85,21 +154,6 @@ def _compiler() -> list[str] | None:
     return cc
 
 
-def _cpu_id() -> str:
-    # -march=native binaries must not be reused on a different CPU sharing the same home directory.
-    ident = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("model name", "flags", "Features")):
-                    ident += line
-                if line.strip() == "":
-                    break
-    except OSError:
-        pass
-    return ident
-
-
 def _compiler_version(cc: list[str]) -> str:
     try:
         return subprocess.run(cc + ["--version"], capture_output=True, text=True, timeout=30).stdout
@@ -107,18 +161,23 @@ def _compiler_version(cc: list[str]) -> str:
         return ""
 
 
-def _build(cc: list[str], real: str, suffix: str) -> tuple[Path | None, list[str], str]:
+def _build(cc: list[str], real: str, suffix: str, isa: str) -> tuple[Path | None, list[str], str]:
     """Returns (library path or None, flags used, compiler error text)."""
+    isa_flags, vector_bytes, _ = ISA_VARIANTS[isa]
     source = b"\0".join(path.read_bytes() for path in SOURCES + HEADERS)
     version = _compiler_version(cc)
     errors = ""
     out_dir = cache_dir()
     for flags in _FLAG_SETS:
-        full = _COMMON_FLAGS + flags + [f"-DLW_REAL={real}", f"-DLW_SUFFIX={suffix}"]
+        full = _COMMON_FLAGS + flags + isa_flags + [f"-DLW_REAL={real}", f"-DLW_SUFFIX={suffix}",
+                                                    f"-DLW_VBYTES={vector_bytes}"]
+        if real == "float":
+            full.append("-DLW_BF16_INPUTS=1")
         key = hashlib.sha256(
-            b"\0".join([source, " ".join(cc).encode(), version.encode(), " ".join(full).encode(), _cpu_id().encode()])
+            b"\0".join([source, " ".join(cc).encode(), version.encode(), " ".join(full).encode(),
+                        platform.machine().encode()])
         ).hexdigest()[:20]
-        target = out_dir / f"local_window{suffix}_{key}.so"
+        target = out_dir / f"local_window{suffix}_{isa}_{key}.so"
         if target.exists():
             return target, flags, ""
         try:
@@ -151,13 +210,15 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def load(dtype: torch.dtype) -> NativeLibrary | None:
-    """The native kernels for `dtype` (float32 or float64), or None (warned once) when they cannot be built."""
-    if dtype in _loaded:
-        return _loaded[dtype]
+def load(dtype: torch.dtype, isa: str | None = None) -> NativeLibrary | None:
+    """The native kernels for `dtype` (float32 or float64) in ISA variant `isa` (default `chosen_isa()`), or None
+    (warned once) when they cannot be built. A variant the compiler rejects falls back to the next one."""
+    isa = isa or chosen_isa()
+    if (dtype, isa) in _loaded:
+        return _loaded[(dtype, isa)]
     with _lock:
-        if dtype in _loaded:
-            return _loaded[dtype]
+        if (dtype, isa) in _loaded:
+            return _loaded[(dtype, isa)]
         real, suffix = _REALS[dtype]
         lib = None
         cc = _compiler()
@@ -167,7 +228,11 @@ def load(dtype: torch.dtype) -> NativeLibrary | None:
                 "plain PyTorch, which is several times slower and uses more memory. Install gcc to get the fast path."
             )
         else:
-            path, flags, errors = _build(cc, real, suffix)
+            names = list(ISA_VARIANTS)
+            for built_isa in names[names.index(isa):]:  # this variant, else the next simpler one
+                path, flags, errors = _build(cc, real, suffix, built_isa)
+                if path is not None:
+                    break
             if path is None:
                 _warn_once(
                     f"lmrc: compiling {', '.join(source.name for source in SOURCES)} with `{' '.join(cc)}` failed; "
@@ -176,13 +241,28 @@ def load(dtype: torch.dtype) -> NativeLibrary | None:
                 )
             else:
                 try:
-                    lib = NativeLibrary(path, suffix, flags)
+                    lib = NativeLibrary(path, suffix, flags, built_isa)
                 except (OSError, AttributeError) as exc:
                     _warn_once(f"lmrc: cannot load {path}: {exc}; local-window ops fall back to plain PyTorch.")
                 if lib is not None and not lib.openmp:
                     _warn_once("lmrc: the C compiler has no OpenMP; local-window kernels run on one thread.")
-        _loaded[dtype] = lib
+        _loaded[(dtype, isa)] = lib
         return lib
+
+
+# Below this row width 16-float blocks do worse than 8-float ones: a row of 54 pixels is 4 overlapping blocks, 2 of
+# them border blocks, against 7 blocks with 2 (benchmarks/local_read.py, 1/16 scale).
+NARROW_ROW = 96
+
+
+def load_for_width(dtype: torch.dtype, width: int) -> NativeLibrary | None:
+    """`load(dtype)`, except that rows narrower than NARROW_ROW take `avx512_256` where `avx512` was chosen
+    automatically (a variant forced by LMRC_LOCAL_WINDOW_ISA is kept)."""
+    isa = chosen_isa()
+    forced = os.environ.get("LMRC_LOCAL_WINDOW_ISA", "").strip().lower() not in ("", "auto")
+    if width < NARROW_ROW and isa == "avx512" and not forced:
+        return load(dtype, "avx512_256")
+    return load(dtype, isa)
 
 
 def reset() -> None:

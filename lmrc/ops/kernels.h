@@ -1,7 +1,9 @@
-/* What the native kernels share: the floating type they are built for and 8 / 4-lane vectors of it.
+/* What the native kernels share: the floating type they are built for and vectors of it.
  *
  * Every .c file of lmrc/ops is compiled into one library, once with -DLW_REAL=float -DLW_SUFFIX=_f32 and once with
- * -DLW_REAL=double -DLW_SUFFIX=_f64; LW_FN(name) gives each exported function its suffix.
+ * -DLW_REAL=double -DLW_SUFFIX=_f64; LW_FN(name) gives each exported function its suffix. One library is built per
+ * instruction set (lmrc/ops/_native.py: ISA_VARIANTS), each with its -m flags and its vector width
+ * -DLW_VBYTES=16 / 32 / 64 (generic / AVX2 / AVX-512); the code is the same, written with GCC vector extensions.
  */
 #ifndef LMRC_KERNELS_H
 #define LMRC_KERNELS_H
@@ -20,7 +22,9 @@
 
 typedef LW_REAL real;
 
+#ifndef LW_VBYTES
 #define LW_VBYTES 32
+#endif
 typedef real vreal __attribute__((vector_size(LW_VBYTES)));
 typedef __typeof__((vreal){0} < (vreal){0}) vmask; /* signed integer lanes of the same width */
 #define VL ((long)(LW_VBYTES / sizeof(real)))

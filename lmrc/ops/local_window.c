@@ -329,6 +329,20 @@ static void softmax_row(const geom *g, const real *restrict s, real *restrict a,
         for (long x = 0; x < W; x++) arow[o * HW + x] *= tmp[x];
 }
 
+/* Softmax backward of one row in place: ds = a (ds - sum_o a ds), plus the similarity's own gradient gs (may be NULL).
+ * Rows of a, ds and gs are HW apart; tmp: W reals. */
+static void softmax_bwd_row(const geom *g, const real *arow, real *dsrow, const real *gsrow, real *tmp) {
+    const long W = g->W, HW = g->HW, O = g->O;
+    for (long x = 0; x < W; x++) tmp[x] = 0;
+    for (long o = 0; o < O; o++)
+        for (long x = 0; x < W; x++) tmp[x] += arow[o * HW + x] * dsrow[o * HW + x];
+    for (long o = 0; o < O; o++)
+        for (long x = 0; x < W; x++) dsrow[o * HW + x] = arow[o * HW + x] * (dsrow[o * HW + x] - tmp[x]);
+    if (gsrow)
+        for (long o = 0; o < O; o++)
+            for (long x = 0; x < W; x++) dsrow[o * HW + x] += gsrow[o * HW + x];
+}
+
 /* Rows in parallel, but only when there is enough work: forking a team costs far more than a tiny call
  * (gradcheck makes hundreds of them) and a descheduled worker stalls the join on a busy machine. */
 #define LW_MIN_PARALLEL_WORK (1L << 15)
@@ -371,9 +385,10 @@ void LW_FN(lw_wsum_bwd)(const real *gout, const real *w, const real *v, real *gw
     }
 }
 
-/* Fused LMR (eq. 4-5): similarity, affinity and readout of one row while its data is in cache. */
-void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *s, real *a, real *out, long B,
-                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
+/* Fused LMR (eq. 4-5), rows narrower than a vector: similarity, affinity and readout of one row while its data is
+ * in cache. Wider rows take lw_attention_fwd (after the inference kernels, whose loops it shares). */
+static void attention_fwd_rows(const real *q, const real *k, const real *v, real *s, real *a, real *out, long B,
+                               long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
     geom g = make_geom(H, W, R, D);
     LW_ROWS_PARALLEL
     for (long i = 0; i < B * H; i++) {
@@ -385,12 +400,13 @@ void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *
     }
 }
 
-/* Backward of the fused LMR. gr (readout grad) is required; gs and ga may be NULL (unused outputs).
+/* Backward of the fused LMR, row by row (rows narrower than a vector; lw_attention_bwd below takes wider ones).
+ * gr (readout grad) is required; gs and ga may be NULL (unused outputs).
  * ds (B x O x H x W) receives the similarity gradient; gq must be given (its rows serve as scratch),
  * gk and gv may be NULL. Two passes: ds and gq need only row y, gk and gv gather ds and a from other rows. */
-void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, const real *q, const real *k,
-                             const real *v, const real *a, real *ds, real *gq, real *gk, real *gv, long B,
-                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
+static void attention_bwd_rows(const real *gr, const real *gs, const real *ga, const real *q, const real *k,
+                               const real *v, const real *a, real *ds, real *gq, real *gk, real *gv, long B,
+                               long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
     geom g = make_geom(H, W, R, D);
     const long HW = g.HW, O = g.O;
     LW_ROWS_PARALLEL
@@ -402,15 +418,7 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
         for (long o = 0; o < O; o++)
             for (long x = 0; x < W; x++) dsrow[o * HW + x] = ga ? ga[b * O * HW + o * HW + y * W + x] : 0;
         wsum_grad_w_row(&g, Cv, gr, v, ds, 1, b, y);
-        /* softmax backward: ds = a * (da - sum_o a * da) */
-        for (long x = 0; x < W; x++) t[x] = 0;
-        for (long o = 0; o < O; o++)
-            for (long x = 0; x < W; x++) t[x] += arow[o * HW + x] * dsrow[o * HW + x];
-        for (long o = 0; o < O; o++)
-            for (long x = 0; x < W; x++) dsrow[o * HW + x] = arow[o * HW + x] * (dsrow[o * HW + x] - t[x]);
-        if (gs)
-            for (long o = 0; o < O; o++)
-                for (long x = 0; x < W; x++) dsrow[o * HW + x] += gs[b * O * HW + o * HW + y * W + x];
+        softmax_bwd_row(&g, arow, dsrow, gs ? gs + b * O * HW + y * W : NULL, t);
         sim_grad_q_row(&g, Ck, ds, q, k, gq, (real)scale, b, y);
     }
     LW_ROWS_PARALLEL
@@ -436,7 +444,12 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
 #include <stdlib.h>
 
 #define LW_MAX_TOPK 16 /* largest k of the fused top-k (the Python wrapper checks it) */
-#define LW_CB 8        /* value channels per readout pass */
+#ifndef LW_PREFETCH_BLOCKS
+#define LW_PREFETCH_BLOCKS 2 /* how far ahead (in vector blocks) the readout prefetches value rows */
+#endif
+#ifndef LW_CB
+#define LW_CB 8 /* value channels per readout pass */
+#endif
 #if defined(__clang__)
 static inline vreal vshuf(vreal v, vmask i) {
     vreal r;
@@ -506,39 +519,6 @@ static int inf_taps(const geom *g, long y, itap *t) {
     return n;
 }
 
-/* Sum over channels of (q - k)^2 for n (<= 5, a compile-time constant) taps of one block. */
-static inline __attribute__((always_inline)) void sim_chunk(const int n, long C, long HW, const real *qp,
-                                                            const real *const *kp, const int *border,
-                                                            const vmask *idx, const vmask *valid, real scale,
-                                                            vreal *out) {
-    vreal a[5] = {0};
-    int any = 0;
-    for (int j = 0; j < n; j++) any |= border[j];
-    if (!any) {
-        for (long c = 0; c < C; c++) {
-            vreal qv = vload(qp + c * HW);
-            for (int j = 0; j < n; j++) {
-                vreal d = qv - vload(kp[j] + c * HW);
-                a[j] += d * d;
-            }
-        }
-    } else {
-        for (long c = 0; c < C; c++) {
-            vreal qv = vload(qp + c * HW);
-            for (int j = 0; j < n; j++) {
-                vreal kv = vload(kp[j] + c * HW);
-                if (border[j]) kv = vshuf(kv, idx[j]);
-                vreal d = qv - kv;
-                a[j] += d * d;
-            }
-        }
-    }
-    for (int j = 0; j < n; j++) {
-        vreal s = a[j] * -scale;
-        out[j] = border[j] ? vsel(valid[j], s, vsplat((real)-INFINITY)) : s;
-    }
-}
-
 /* Where block bi of a row reads the neighbour row of each offset o (border tables, the same for every row). */
 typedef struct {
     long rel;          /* load start minus block start */
@@ -593,95 +573,14 @@ static inline real *out_plane(const olayout *ol, long HW, long b, long c) {
     return ol->base + b * ol->bstride + (c / ol->cper) * ol->gstride + (c % ol->cper) * HW;
 }
 
-/* out[c, y, block] = sum over taps of w[tap, block] * v(c, y + dy, block + dx) for n (<= LW_CB, compile-time
- * constant) channels starting at channel plane vc. Interior blocks (no tap crosses the border) have a loop of
- * their own: it needs no shuffle registers, so the n accumulators stay in registers. */
-static inline __attribute__((always_inline)) void read_chunk(const int n, long HW, long W, long y, long xs,
-                                                             const rowtaps *rt, const blocktap *tab, int any,
-                                                             const real *vc, real *oc) {
-    vreal acc[LW_CB] = {0};
-    const real *vy = vc + y * W + xs;
-    if (!any) {
-        for (int i = 0; i < rt->n; i++) {
-            vreal wv = vload(rt->wr[i] + xs);
-            const real *src = vy + rt->t[i].dy * W + rt->t[i].dx;
-            for (int j = 0; j < n; j++) acc[j] += wv * vload(src + j * HW);
-        }
-    } else {
-        for (int i = 0; i < rt->n; i++) {
-            vreal wv = vload(rt->wr[i] + xs);
-            const blocktap *e = tab + rt->t[i].o;
-            const real *src = vy + rt->t[i].dy * W + e->rel;
-            if (!e->border) {
-                for (int j = 0; j < n; j++) acc[j] += wv * vload(src + j * HW);
-            } else {
-                vmask ix = e->idx, ok = e->valid;
-                for (int j = 0; j < n; j++) acc[j] += wv * (vreal)((vmask)vshuf(vload(src + j * HW), ix) & ok);
-            }
-        }
-    }
-    if (rt->h) {
-        vreal hv = vload(rt->h + xs);
-        for (int j = 0; j < n; j++) acc[j] *= hv;
-    }
-    for (int j = 0; j < n; j++) vstore(oc + j * HW + y * W + xs, acc[j]);
-}
-
-/* Readout of rows y0 .. y0 + nr - 1 (W >= VL). Channel blocks outside the rows: the value rows of a block of
- * channels are reused from cache by the next rows of the band instead of being fetched again for every row. */
-static void read_band(const geom *g, long C, long y0, long nr, const rowtaps *rt, const blocktap *tab,
-                      const int *any, const real *v, const olayout *ol, long b) {
-    const long W = g->W, HW = g->HW, O = g->O, nb = (W + VL - 1) / VL;
-    long m;
-    for (long c = 0; c < C; c += m) {
-        const real *vc = v + (b * C + c) * HW;
-        real *oc = out_plane(ol, HW, b, c);
-        m = C - c < LW_CB ? C - c : LW_CB;
-        if (ol->cper - c % ol->cper < m) m = ol->cper - c % ol->cper; /* a block stays within one object */
-        for (long r = 0; r < nr; r++) {
-            for (long bi = 0; bi < nb; bi++) {
-                long xs = block_start(bi, W), y = y0 + r;
-                const blocktap *tb = tab + bi * O;
-                switch (m) {
-                case 8: read_chunk(8, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 7: read_chunk(7, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 6: read_chunk(6, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 5: read_chunk(5, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 4: read_chunk(4, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 3: read_chunk(3, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 2: read_chunk(2, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                default: read_chunk(1, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                }
-            }
-        }
-    }
-}
-
-/* Readout of rows y0 .. y0 + nr - 1, plain per pixel (rows narrower than VL). */
-static void read_band_plain(const geom *g, long C, long y0, long nr, const rowtaps *rt, const real *v,
-                            const olayout *ol, long b) {
-    const long W = g->W, HW = g->HW;
-    for (long r = 0; r < nr; r++) {
-        long y = y0 + r;
-        for (long c = 0; c < C; c++) {
-            const real *vc = v + (b * C + c) * HW;
-            real *orow = out_plane(ol, HW, b, c) + y * W;
-            for (long x = 0; x < W; x++) {
-                real acc = 0;
-                for (int i = 0; i < rt[r].n; i++) {
-                    long xx = x + rt[r].t[i].dx;
-                    if (xx >= 0 && xx < W) acc += rt[r].wr[i][x] * vc[(y + rt[r].t[i].dy) * W + xx];
-                }
-                orow[x] = rt[r].h ? acc * rt[r].h[x] : acc;
-            }
-        }
-    }
-}
-
-/* Rows per band: the band's weight rows (O x W each) stay within ~128 KB, at most 16 rows, and every thread
- * gets a band. */
+/* Rows per band: the band's weight rows (O x W each) stay within LW_BAND_KB (in L2 with the value rows they
+ * read), at most 16 rows, and every thread gets a band. A band reads its value rows from memory once, plus 2 R D
+ * rows of halo: taller bands cost less memory traffic. */
+#ifndef LW_BAND_KB
+#define LW_BAND_KB 128
+#endif
 static long band_rows(const geom *g, long B, int nthreads) {
-    long rows = (128L * 1024) / (g->O * g->W * (long)sizeof(real));
+    long rows = (LW_BAND_KB * 1024L) / (g->O * g->W * (long)sizeof(real));
     if (rows > 16) rows = 16;
     long per_thread = (B * g->H + nthreads - 1) / (nthreads > 0 ? nthreads : 1);
     if (rows > per_thread) rows = per_thread;
@@ -720,212 +619,233 @@ static inline vreal reliability_block(long K, const vreal *top, const vreal *G, 
     return vsigmoid(z);
 }
 
-/* Similarity rows of row y into s (O rows of W, -inf outside), W >= VL. */
-static void sim_row_inf(const geom *g, long C, const real *q, const real *k, real scale, real *s, long b,
-                        long y) {
-    const long W = g->W, HW = g->HW, O = g->O, K = g->K, nb = (W + VL - 1) / VL;
-    const real *qb = q + b * C * HW + y * W, *kb = k + b * C * HW;
-    for (long o = 0; o < O; o++) {
-        long dy = g->oy[o];
-        if (y + dy < 0 || y + dy >= g->H)
-            for (long x = 0; x < W; x++) s[o * W + x] = (real)-INFINITY;
-    }
-    for (long bi = 0; bi < nb; bi++) {
-        long xs = block_start(bi, W);
-        for (long r0 = 0; r0 < O; r0 += K) { /* one window row (same dy) at a time */
-            long dy = g->oy[r0];
-            if (y + dy < 0 || y + dy >= g->H) continue;
-            for (long j0 = 0; j0 < K; j0 += 5) {
-                const int n = K - j0 < 5 ? (int)(K - j0) : 5;
-                const real *kp[5];
-                int border[5];
-                vmask idx[5], valid[5];
-                vreal out[5];
-                for (int j = 0; j < n; j++) {
-                    long st;
-                    border[j] = block_src(xs, g->ox[r0 + j0 + j], W, &st, &idx[j], &valid[j]);
-                    kp[j] = kb + (y + dy) * W + st;
-                }
-                switch (n) {
-                case 5: sim_chunk(5, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
-                case 4: sim_chunk(4, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
-                case 3: sim_chunk(3, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
-                case 2: sim_chunk(2, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
-                default: sim_chunk(1, C, HW, qb + xs, kp, border, idx, valid, scale, out); break;
-                }
-                for (int j = 0; j < n; j++) vstore(s + (r0 + j0 + j) * W + xs, out[j]);
-            }
-        }
-    }
-}
+/* The kernels that read q, k, v: once for real inputs and, in the float build, once for bfloat16 inputs
+ * (lw_attention_inf_bf16, lw_wsum_inf_bf16), widened to float in registers as they are loaded. */
+#define LW_IN real
+#define LW_INF(name) name
+#define vload_in vload
+#define LD_IN(x) (x)
+#include "local_window_inf.h"
+#undef LW_IN
+#undef LW_INF
+#undef vload_in
+#undef LD_IN
 
-/* Similarity rows, plain per pixel (rows narrower than VL). */
-static void sim_row_inf_plain(const geom *g, long C, const real *q, const real *k, real scale, real *s, long b,
-                              long y) {
-    const long W = g->W, HW = g->HW;
-    for (long o = 0; o < g->O; o++) {
-        long dy = g->oy[o], dx = g->ox[o];
-        for (long x = 0; x < W; x++) {
-            if (y + dy < 0 || y + dy >= g->H || x + dx < 0 || x + dx >= W) {
-                s[o * W + x] = (real)-INFINITY;
-                continue;
-            }
-            real acc = 0;
-            for (long c = 0; c < C; c++) {
-                real d = q[(b * C + c) * HW + y * W + x] - k[(b * C + c) * HW + (y + dy) * W + x + dx];
-                acc += d * d;
-            }
-            s[o * W + x] = acc * -scale;
-        }
-    }
-}
+#ifdef LW_BF16_INPUTS
+typedef unsigned short lw_bf16; /* the upper half of a float's bits */
+typedef unsigned short vhalf __attribute__((vector_size(LW_VBYTES / 2)));
 
-/* LMR (eq. 4-5) for inference. out: the B x Cv x H x W readout, laid out as in olayout (obs, ogs, cper). aff
- * (B x O x H x W) and topk (B x K x H x W, the K largest similarities per pixel, descending) may be NULL. No
- * similarity tensor is written. gtop (B x K x H x W global top-k) given: the readout is multiplied by the memory
- * comparator's reliability weight (eq. 9-10; 1x1 conv weights relw[K], bias relb, SCB alpha), which is also
- * written to relout (B x 1 x H x W) unless NULL. */
-void LW_FN(lw_attention_inf)(const real *q, const real *k, const real *v, real *out, real *aff, real *topk,
-                             long K, long B, long Ck, long Cv, long H, long W, long R, long D, double scale,
-                             long obs, long ogs, long cper, const real *gtop, const real *relw, double relb,
-                             double alpha, real *relout, int nthreads) {
-    const olayout ol = {out, obs, ogs, cper};
+static inline vreal vload_bf16(const lw_bf16 *p) {
+    vhalf h;
+    memcpy(&h, p, sizeof h);
+    return (vreal)(__builtin_convertvector(h, vmask) << 16);
+}
+static inline real ld_bf16(const lw_bf16 *p) {
+    unsigned int u = (unsigned int)*p << 16;
+    real f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#define LW_IN lw_bf16
+#define LW_INF(name) LW_CAT(name, _bf16)
+#define vload_in vload_bf16
+#define LD_IN(x) ld_bf16(&(x))
+#include "local_window_inf.h"
+#endif
+
+/* Fused LMR (eq. 4-5) for autograd: writes the similarity s and affinity a (B x O x H x W, kept for the backward
+ * pass) and the readout. Bands of rows as lw_attention_inf: the similarity in dot form from the band's squared
+ * norms (sim_row_inf), softmax_row, then the register-blocked readout of the band (read_band). */
+void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *s, real *a, real *out, long B,
+                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
+    if (W < VL) {
+        attention_fwd_rows(q, k, v, s, a, out, B, Ck, Cv, H, W, R, D, scale, nthreads);
+        return;
+    }
     geom g = make_geom(H, W, R, D);
-    const long O = g.O, HW = g.HW, nb = (W + VL - 1) / VL, Y = band_rows(&g, B, nthreads);
-    const long bands = (H + Y - 1) / Y;
-    if (K > LW_MAX_TOPK) K = LW_MAX_TOPK; /* never reached through the Python wrapper */
-    blocktap *tab = W >= VL ? alloc_tables(nb * O) : NULL;
-    int *any = W >= VL ? malloc(sizeof(int) * nb) : NULL;
-    if (tab) block_tables(&g, tab, any);
+    const olayout ol = {out, Cv * g.HW, Cv * g.HW, Cv > 0 ? Cv : 1};
+    const long O = g.O, HW = g.HW, nb = (W + VL - 1) / VL, Y = band_rows(&g, B, nthreads), bands = (H + Y - 1) / Y;
+    blocktap *tab = alloc_tables(nb * O);
+    int *any = malloc(sizeof(int) * nb);
+    if (!tab || !any) {
+        free(any);
+        free(tab);
+        attention_fwd_rows(q, k, v, s, a, out, B, Ck, Cv, H, W, R, D, scale, nthreads);
+        return;
+    }
+    block_tables(&g, tab, any);
 #pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
     {
-        /* per thread: the similarity rows of one image row, the affinity rows of a band (unless written to aff) */
-        real *s = malloc(sizeof(real) * ((1 + Y) * O * W + Y * W));
-        real *abuf = s + O * W, *hbuf = abuf + Y * O * W;
+        const long reach = R * D, krows = Y + 2 * reach < H ? Y + 2 * reach : H;
+        real *qn = malloc(sizeof(real) * (Y + krows + 1) * W), *knb = qn + Y * W, *tmp = knb + krows * W;
         rowtaps *rt = malloc(sizeof(rowtaps) * Y);
 #pragma omp for schedule(static)
         for (long i = 0; i < B * bands; i++) {
             const long b = i / bands, y0 = (i % bands) * Y, nr = H - y0 < Y ? H - y0 : Y;
+            const long k0 = y0 - reach > 0 ? y0 - reach : 0, k1 = y0 + nr + reach < H ? y0 + nr + reach : H;
+            sq_norm_rows(q + b * Ck * HW, Ck, HW, W, y0, y0 + nr, qn);
+            sq_norm_rows(k + b * Ck * HW, Ck, HW, W, k0, k1, knb);
             for (long r = 0; r < nr; r++) {
                 const long y = y0 + r;
-                if (W >= VL)
-                    sim_row_inf(&g, Ck, q, k, (real)scale, s, b, y);
-                else
-                    sim_row_inf_plain(&g, Ck, q, k, (real)scale, s, b, y);
-                real *arow = aff ? aff + b * O * HW + y * W : abuf + r * O * W;
-                const long ast = aff ? HW : W;
-                /* softmax over taps and top-k, VL pixels at a time (a narrow row pads a block) */
-                for (long xs = 0; xs < W; xs += VL) {
-                    long x0 = xs + VL > W ? (W >= VL ? W - VL : 0) : xs, m = W - x0 < VL ? W - x0 : VL;
-                    vreal sv[LW_MAX_O], mx = vsplat((real)-INFINITY), sum = vsplat(0);
-                    for (long o = 0; o < O; o++) {
-                        if (m == VL)
-                            sv[o] = vload(s + o * W + x0);
-                        else
-                            for (long l = 0; l < VL; l++) sv[o][l] = l < m ? s[o * W + x0 + l] : 0;
-                        mx = vmax(mx, sv[o]);
-                    }
-                    if (topk || gtop) {
-                        vreal top[LW_MAX_TOPK];
-                        topk_block(O, K, sv, top);
-                        if (topk)
-                            for (long j = 0; j < K; j++) {
-                                real *tr = topk + b * K * HW + j * HW + y * W + x0;
-                                if (m == VL)
-                                    vstore(tr, top[j]);
-                                else
-                                    for (long l = 0; l < m; l++) tr[l] = top[j][l];
-                            }
-                        if (gtop) {
-                            vreal G[LW_MAX_TOPK], hv;
-                            for (long j = 0; j < K; j++) {
-                                const real *gr = gtop + b * K * HW + j * HW + y * W + x0;
-                                if (m == VL)
-                                    G[j] = vload(gr);
-                                else
-                                    for (long l = 0; l < VL; l++) G[j][l] = l < m ? gr[l] : 0;
-                            }
-                            hv = reliability_block(K, top, G, relw, (real)relb, (real)alpha);
-                            for (long l = 0; l < m; l++) {
-                                hbuf[r * W + x0 + l] = hv[l];
-                                if (relout) relout[b * HW + y * W + x0 + l] = hv[l];
-                            }
-                        }
-                    }
-                    for (long o = 0; o < O; o++) {
-                        sv[o] = vexp(sv[o] - mx);
-                        sum += sv[o];
-                    }
-                    vreal inv = (real)1 / sum;
-                    for (long o = 0; o < O; o++) {
-                        vreal e = sv[o] * inv;
-                        if (m == VL)
-                            vstore(arow + o * ast + x0, e);
-                        else
-                            for (long l = 0; l < m; l++) arow[o * ast + x0 + l] = e[l];
-                    }
-                }
+                sim_row_inf(&g, Ck, q, k, qn + r * W, knb - k0 * W, (real)scale, s + b * O * HW + y * W, HW, b, y);
+                softmax_row(&g, s, a, tmp, b, y);
                 rt[r].n = inf_taps(&g, y, rt[r].t);
-                for (int j = 0; j < rt[r].n; j++) rt[r].wr[j] = arow + rt[r].t[j].o * ast;
-                rt[r].h = gtop ? hbuf + r * W : NULL;
+                for (int j = 0; j < rt[r].n; j++) rt[r].wr[j] = a + b * O * HW + rt[r].t[j].o * HW + y * W;
+                rt[r].h = NULL;
             }
-            if (tab && any)
-                read_band(&g, Cv, y0, nr, rt, tab, any, v, &ol, b);
-            else
-                read_band_plain(&g, Cv, y0, nr, rt, v, &ol, b);
+            read_band(&g, Cv, y0, nr, rt, tab, any, v, &ol, b);
         }
         free(rt);
-        free(s);
+        free(qn);
     }
     free(any);
     free(tab);
 }
 
-/* Eq. (6)-(7) for inference: out_i[b, c, y, x] = sum_o w(o, y, x) v_i(c, y + dy, x + dx) for up to two (value,
- * output, channels) triples in one pass over the weights (v2 may be NULL). up = 2: w is B x O x H/2 x W/2 and
- * pixel (y, x) uses weight (y/2, x/2), i.e. nearest upsampling by 2 without an upsampled copy; up = 1: w is
- * B x O x H x W. Weights of neighbours outside the image are ignored (they must be finite). */
-void LW_FN(lw_wsum_inf)(const real *w, const real *v1, real *out1, long C1, const real *v2, real *out2, long C2,
-                        long B, long H, long W, long R, long D, long up, int nthreads) {
+/* out(c, y, x) = sum over taps of w(o, y + dy, x + dx) v(c, y + dy, x + dx) for one image (w: O x H x W, v and out:
+ * C x H x W), the taps given by the negated-offset geometry gn and its block tables: the gather form of a
+ * weighted sum's transpose (its value gradient), n value channels at a time in registers as in read_chunk. */
+static inline __attribute__((always_inline)) void gather_chunk(const int n, long HW, long W, long y, long xs,
+                                                               const itap *taps, int ntaps, const blocktap *tab,
+                                                               int any, const real *w, const real *vc, real *oc) {
+    vreal acc[LW_CB] = {0};
+    for (int i = 0; i < ntaps; i++) {
+        const blocktap *e = tab + taps[i].o;
+        const long at = (y + taps[i].dy) * W + xs + e->rel;
+        const real *wsrc = w + taps[i].o * HW + at, *vsrc = vc + at;
+        if (!any || !e->border) {
+            vreal wv = vload(wsrc);
+            for (int j = 0; j < n; j++) acc[j] += wv * vload(vsrc + j * HW);
+        } else { /* both shifted alike; the weight's lanes outside the image are zeroed */
+            vmask ix = e->idx;
+            vreal wv = (vreal)((vmask)vshuf(vload(wsrc), ix) & e->valid);
+            for (int j = 0; j < n; j++) acc[j] += wv * vshuf(vload(vsrc + j * HW), ix);
+        }
+    }
+    for (int j = 0; j < n; j++) vstore(oc + j * HW + y * W + xs, acc[j]);
+}
+
+static void gather_row(const geom *gn, long C, long y, const itap *taps, int ntaps, const blocktap *tab,
+                       const int *any, const real *w, const real *v, real *out) {
+    const long W = gn->W, HW = gn->HW, O = gn->O, nb = (W + VL - 1) / VL;
+    long m;
+    for (long c = 0; c < C; c += m) {
+        m = C - c < LW_CB ? C - c : LW_CB;
+        for (long bi = 0; bi < nb; bi++) {
+            const long xs = block_start(bi, W), lx = xs + LW_PREFETCH_BLOCKS * VL;
+            if (lx < W) /* the newest rows of weights and values, a few blocks ahead (too many streams otherwise) */
+                for (int i = 0; i < ntaps; i++)
+                    if (taps[i].dy == taps[ntaps - 1].dy) {
+                        const long at = (y + taps[i].dy) * W + lx;
+                        __builtin_prefetch(w + taps[i].o * HW + at, 0, 3);
+                        if (taps[i].dx == taps[ntaps - 1].dx)
+                            for (long j = 0; j < m; j++) __builtin_prefetch(v + (c + j) * HW + at, 0, 3);
+                    }
+#define LW_GATHER(N) gather_chunk(N, HW, W, y, xs, taps, ntaps, tab + bi * O, any[bi], w, v + c * HW, out + c * HW)
+            switch (m) {
+            case 8: LW_GATHER(8); break;
+            case 7: LW_GATHER(7); break;
+            case 6: LW_GATHER(6); break;
+            case 5: LW_GATHER(5); break;
+            case 4: LW_GATHER(4); break;
+            case 3: LW_GATHER(3); break;
+            case 2: LW_GATHER(2); break;
+            default: LW_GATHER(1); break;
+            }
+#undef LW_GATHER
+        }
+    }
+}
+
+/* Backward of the fused LMR (arguments as attention_bwd_rows). Pass 1, per row, with the inference loops: the
+ * affinity gradient sum_c gr(c) v(c, shifted) as raw dot products (sim_row_inf), the softmax backward, and
+ * gq = -2 scale (q S - sum_o ds_o k(shifted)) with S = sum of ds over the neighbours inside the image, the sum
+ * being a readout (read_band) with ds as its weights. Pass 2, per row, the gathers from other rows: gv = sum_o a_o gr
+ * and gk = 2 scale (sum_o ds_o q - k T) at the shifted positions (gather_row). */
+void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, const real *q, const real *k,
+                             const real *v, const real *a, real *ds, real *gq, real *gk, real *gv, long B,
+                             long Ck, long Cv, long H, long W, long R, long D, double scale, int nthreads) {
     geom g = make_geom(H, W, R, D);
-    const long O = g.O, Hw = H / up, Ww = W / up, HWw = Hw * Ww, nb = (W + VL - 1) / VL;
-    const olayout ol1 = {out1, C1 * g.HW, C1 * g.HW, C1 > 0 ? C1 : 1}, ol2 = {out2, C2 * g.HW, C2 * g.HW, C2 > 0 ? C2 : 1};
-    const long Y = band_rows(&g, B, nthreads), bands = (H + Y - 1) / Y;
+    const long HW = g.HW, O = g.O, nb = (W + VL - 1) / VL;
     blocktap *tab = W >= VL ? alloc_tables(nb * O) : NULL;
-    int *any = W >= VL ? malloc(sizeof(int) * nb) : NULL;
-    if (tab) block_tables(&g, tab, any);
+    int *any = tab ? malloc(sizeof(int) * nb) : NULL;
+    if (!tab || !any) {
+        free(any);
+        free(tab);
+        attention_bwd_rows(gr, gs, ga, q, k, v, a, ds, gq, gk, gv, B, Ck, Cv, H, W, R, D, scale, nthreads);
+        return;
+    }
+    block_tables(&g, tab, any);
+    const olayout olq = {gq, Ck * HW, Ck * HW, Ck > 0 ? Ck : 1};
 #pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
     {
-        real *scratch = up == 1 ? NULL : malloc(sizeof(real) * Y * O * W);
-        rowtaps *rt = malloc(sizeof(rowtaps) * Y);
+        real *dot = malloc(sizeof(real) * (O + 1) * W), *t = dot + O * W;
+        rowtaps *rt = malloc(sizeof(rowtaps));
 #pragma omp for schedule(static)
-        for (long i = 0; i < B * bands; i++) {
-            const long b = i / bands, y0 = (i % bands) * Y, nr = H - y0 < Y ? H - y0 : Y;
-            for (long r = 0; r < nr; r++) {
-                const long y = y0 + r;
-                rt[r].n = inf_taps(&g, y, rt[r].t);
-                rt[r].h = NULL;
-                for (int j = 0; j < rt[r].n; j++) {
-                    const real *src = w + b * O * HWw + rt[r].t[j].o * HWw + (y / up) * Ww;
-                    if (up == 1) {
-                        rt[r].wr[j] = src;
-                    } else {
-                        real *row = scratch + (r * O + rt[r].t[j].o) * W;
-                        for (long x = 0; x < W; x++) row[x] = src[x / up];
-                        rt[r].wr[j] = row;
-                    }
-                }
+        for (long i = 0; i < B * H; i++) {
+            const long b = i / H, y = i % H;
+            real *dsrow = ds + b * O * HW + y * W;
+            const real *arow = a + b * O * HW + y * W;
+            sim_row_inf(&g, Cv, gr, v, NULL, NULL, 1, dot, W, b, y);
+            for (long o = 0; o < O; o++)
+                for (long x = 0; x < W; x++)
+                    dsrow[o * HW + x] = (ga ? ga[b * O * HW + o * HW + y * W + x] : 0) + dot[o * W + x];
+            softmax_bwd_row(&g, arow, dsrow, gs ? gs + b * O * HW + y * W : NULL, t);
+            /* query gradient: S over the neighbours inside the image, then the readout of k weighted by ds */
+            rt->n = inf_taps(&g, y, rt->t);
+            rt->h = NULL;
+            for (long x = 0; x < W; x++) t[x] = 0;
+            for (int j = 0; j < rt->n; j++) {
+                const long dx = rt->t[j].dx, x0 = dx < 0 ? -dx : 0, x1 = dx > 0 ? W - dx : W;
+                rt->wr[j] = dsrow + rt->t[j].o * HW;
+                for (long x = x0; x < x1; x++) t[x] += rt->wr[j][x];
             }
-            if (tab && any) {
-                read_band(&g, C1, y0, nr, rt, tab, any, v1, &ol1, b);
-                if (v2) read_band(&g, C2, y0, nr, rt, tab, any, v2, &ol2, b);
-            } else {
-                read_band_plain(&g, C1, y0, nr, rt, v1, &ol1, b);
-                if (v2) read_band_plain(&g, C2, y0, nr, rt, v2, &ol2, b);
+            read_band(&g, Ck, y, 1, rt, tab, any, k, &olq, b);
+            const real f = (real)(-2 * scale);
+            for (long c = 0; c < Ck; c++) {
+                const real *qr = q + (b * Ck + c) * HW + y * W;
+                real *gqr = gq + (b * Ck + c) * HW + y * W;
+                for (long x = 0; x < W; x++) gqr[x] = f * (qr[x] * t[x] - gqr[x]);
             }
         }
         free(rt);
-        free(scratch);
+        free(dot);
+    }
+    /* pass 2: the gathers, over the negated offsets (a source pixel receives from the pixels it is a neighbour of) */
+    geom gn = g;
+    for (long o = 0; o < O; o++) {
+        gn.oy[o] = -g.oy[o];
+        gn.ox[o] = -g.ox[o];
+    }
+    block_tables(&gn, tab, any);
+#pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
+    {
+        real *t = malloc(sizeof(real) * W);
+        itap *taps = malloc(sizeof(itap) * LW_MAX_O);
+#pragma omp for schedule(static)
+        for (long i = 0; i < B * H; i++) {
+            const long b = i / H, y = i % H;
+            const int n = inf_taps(&gn, y, taps);
+            if (gv) gather_row(&gn, Cv, y, taps, n, tab, any, a + b * O * HW, gr + b * Cv * HW, gv + b * Cv * HW);
+            if (gk) {
+                /* gk = 2 scale (sum_o ds_o q - k T), T = sum of ds over the pixels this one is a neighbour of */
+                gather_row(&gn, Ck, y, taps, n, tab, any, ds + b * O * HW, q + b * Ck * HW, gk + b * Ck * HW);
+                for (long x = 0; x < W; x++) t[x] = 0;
+                for (int j = 0; j < n; j++) {
+                    const long dx = taps[j].dx, x0 = dx < 0 ? -dx : 0, x1 = dx > 0 ? W - dx : W;
+                    const real *dr = ds + b * O * HW + taps[j].o * HW + (y + taps[j].dy) * W + dx;
+                    for (long x = x0; x < x1; x++) t[x] += dr[x];
+                }
+                const real f = (real)(2 * scale);
+                for (long c = 0; c < Ck; c++) {
+                    const real *kr = k + (b * Ck + c) * HW + y * W;
+                    real *gkr = gk + (b * Ck + c) * HW + y * W;
+                    for (long x = 0; x < W; x++) gkr[x] = f * (gkr[x] - kr[x] * t[x]);
+                }
+            }
+        }
+        free(taps);
+        free(t);
     }
     free(any);
     free(tab);

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,29 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lmrc.ops import _native
+
+
+_mac_count: list[float] | None = None  # [multiply-adds] while count_multiply_adds() is active
+
+
+@contextmanager
+def count_multiply_adds():
+    """Count the nominal multiply-adds of the local-window ops called in the block (forward only, whichever path
+    runs them): similarity B H W (2d+1)^2 C, weighted sum B H W (2d+1)^2 C, attention B H W (2d+1)^2 (Ck + Cv).
+    Yields a one-element list holding the running count. The native kernels run outside PyTorch, so its FLOP
+    counter does not see them."""
+    global _mac_count
+    previous, counter = _mac_count, [0.0]
+    _mac_count = counter
+    try:
+        yield counter
+    finally:
+        _mac_count = previous
+
+
+def _count_macs(pixels_times_window: int, channels: int) -> None:
+    if _mac_count is not None:
+        _mac_count[0] += float(pixels_times_window) * channels
 
 
 def window_offsets(radius: int) -> list[tuple[int, int]]:
@@ -98,7 +122,7 @@ def _native_for(radius: int, *tensors: Tensor):
         if mode == "native":
             raise RuntimeError("LMRC_LOCAL_WINDOW=native needs floating-point CPU tensors")
         return None
-    lib = _native.load(_compute_dtype(*tensors))
+    lib = _native.load_for_width(_compute_dtype(*tensors), max(t.shape[-1] for t in tensors))
     if lib is None and mode == "native":
         raise RuntimeError("LMRC_LOCAL_WINDOW=native but the native kernels could not be built (see the warning)")
     return lib
@@ -118,6 +142,14 @@ def _result_dtype(*tensors: Tensor) -> torch.dtype:
 
 def _prep(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype).contiguous()
+
+
+def _bf16_inputs(lib, *tensors: Tensor) -> bool:
+    """True when the inference kernels read these tensors as bfloat16 (all bf16, and the library has the variant).
+    Narrow images are copied to float32 instead: their data stays in cache, and widening every load costs more
+    than one copy (benchmarks/local_read.py: x0.7 at 1/16 of 480p, x1.1-1.3 at 1/8 and 1/4)."""
+    return (getattr(lib, "bf16_inputs", False) and all(t.dtype == torch.bfloat16 for t in tensors)
+            and max(t.shape[-1] for t in tensors) >= _native.NARROW_ROW)
 
 
 def _ptr(t: Tensor | None):
@@ -231,6 +263,7 @@ def local_similarity(query: Tensor, key: Tensor, radius: int, dilation: int = 1,
     _check(radius, dilation, ("query", query), ("key", key))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
+    _count_macs(query.shape[0] * query.shape[2] * query.shape[3] * _window_size(radius), query.shape[1])
     lib = _native_for(radius, query, key)
     if lib is None:
         return local_similarity_plain(query, key, radius, dilation, scale)
@@ -242,6 +275,7 @@ def local_weighted_sum(weights: Tensor, value: Tensor, radius: int, dilation: in
     _check(radius, dilation, ("value", value), ("weights", weights))
     if weights.shape[1] != _window_size(radius):
         raise ValueError(f"weights need {_window_size(radius)} channels for radius {radius}, got {weights.shape[1]}")
+    _count_macs(value.shape[0] * value.shape[2] * value.shape[3] * _window_size(radius), value.shape[1])
     lib = _native_for(radius, weights, value)
     if lib is None:
         return local_weighted_sum_plain(weights, value, radius, dilation)
@@ -255,6 +289,7 @@ def local_attention(
     _check(radius, dilation, ("query", query), ("key", key), ("value", value))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
+    _count_macs(query.shape[0] * query.shape[2] * query.shape[3] * _window_size(radius), query.shape[1] + value.shape[1])
     lib = _native_for(radius, query, key, value)
     if lib is None:
         sim = local_similarity_plain(query, key, radius, dilation, scale)
@@ -267,6 +302,7 @@ def local_attention(
 # --- inference (no autograd) ---------------------------------------------------------------------------------------
 
 _MAX_NATIVE_TOP_K = 16  # LW_MAX_TOPK in local_window.c
+
 
 def _output(out: Tensor | None, like_shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     # the caller's buffer when the kernel can write it directly, else a new tensor
@@ -315,11 +351,15 @@ def local_attention_inference(
         top = sim.topk(k, dim=1).values if k > 0 else None
         return readout, aff if affinity else None, top, None  # not weighed: the caller applies the comparator
     dtype = _compute_dtype(query, key, value)
-    q, kk, v = _prep(query, dtype), _prep(key, dtype), _prep(value, dtype)
+    # bf16 inputs (bf16 autocast) are read as they are, without float32 copies; all else computes in `dtype`
+    bf16 = _bf16_inputs(lib, query, key, value)
+    q, kk, v = (t.contiguous() if bf16 else _prep(t, dtype) for t in (query, key, value))
     b, ck, h, w = q.shape
     cv = v.shape[1]
+    _count_macs(b * h * w * _window_size(radius), ck + cv)
     layout = _out_layout(out, b, cv, h, w, dtype)
-    readout, bstride, gstride, cper = layout if layout else (torch.empty_like(v), cv * h * w, cv * h * w, cv)
+    readout, bstride, gstride, cper = layout if layout else (torch.empty(b, cv, h, w, dtype=dtype), cv * h * w,
+                                                             cv * h * w, cv)
     aff = torch.empty(b, _window_size(radius), h, w, dtype=dtype) if affinity else None
     top = torch.empty(b, k, h, w, dtype=dtype) if k > 0 else None
     gtop = relw = weight = None
@@ -328,7 +368,8 @@ def local_attention_inference(
         gtop, relw = _prep(reliability[0], dtype), _prep(reliability[1].reshape(-1), dtype)
         bias, alpha = float(reliability[2]), float(reliability[3])
         weight = torch.empty(b, 1, h, w, dtype=dtype)
-    lib("lw_attention_inf", _ptr(q), _ptr(kk), _ptr(v), _ptr(readout), _ptr(aff), _ptr(top),
+    lib("lw_attention_inf_bf16" if bf16 else "lw_attention_inf", _ptr(q), _ptr(kk), _ptr(v), _ptr(readout),
+        _ptr(aff), _ptr(top),
         k, b, ck, cv, h, w, int(radius), int(dilation), float(scale), bstride, gstride, cper,
         _ptr(gtop), _ptr(relw), bias, alpha, _ptr(weight))
     out_dtype = _result_dtype(query, key, value)
@@ -375,9 +416,11 @@ def local_weighted_sums_inference(
         full = F.interpolate(weights, size=(h, w), mode="nearest") if upsample == 2 else weights
         return [local_weighted_sum(full, v, radius, dilation) for v in values]
     dtype = _compute_dtype(weights, *values)
-    wt, vs = _prep(weights, dtype), [_prep(v, dtype) for v in values]
+    bf16 = _bf16_inputs(lib, *values)  # values read as bf16; the (small) weights in float32
+    wt, vs = _prep(weights, dtype), [v.contiguous() if bf16 else _prep(v, dtype) for v in values]
+    _count_macs(b * h * w * _window_size(radius), sum(v.shape[1] for v in vs))
     outs = [_output(None if out is None else o, v.shape, dtype) for o, v in zip(out or [None] * len(vs), vs)]
     second = (vs[1], outs[1], vs[1].shape[1]) if len(vs) == 2 else (None, None, 0)
-    lib("lw_wsum_inf", _ptr(wt), _ptr(vs[0]), _ptr(outs[0]), vs[0].shape[1], _ptr(second[0]), _ptr(second[1]),
+    lib("lw_wsum_inf_bf16" if bf16 else "lw_wsum_inf", _ptr(wt), _ptr(vs[0]), _ptr(outs[0]), vs[0].shape[1], _ptr(second[0]), _ptr(second[1]),
         second[2], vs[0].shape[0], h, w, int(radius), int(dilation), int(upsample))
     return [o.to(_result_dtype(weights, v)) for o, v in zip(outs, values)]

@@ -9,6 +9,8 @@ trace; a `StageTimer` also sums each stage's wall-clock seconds while its `recor
     with timer.record() as times:          # in the benchmark
         seg.step(frame)
     times  # {"decoder": seconds, ...} summed over the calls inside the block
+    with timer.record(listener=f):         # also f(name, entering) at every stage boundary (`lmrc bench --macs`)
+        seg.step(frame)
 
 Stages must not nest (a nested stage would be counted twice). On CPU every op is synchronous, so wall time
 around a call is the call's cost; on CUDA `record(sync=True)` synchronises at each stage boundary.
@@ -42,6 +44,8 @@ class _TimedStage:
         if self.timer.times is not None:
             if self.timer.sync is not None:
                 self.timer.sync()
+            if self.timer.listener is not None:
+                self.timer.listener(self.name, True)
             self.start = time.perf_counter()
 
     def __exit__(self, *exc) -> bool:
@@ -49,6 +53,8 @@ class _TimedStage:
         if times is not None:
             if self.timer.sync is not None:
                 self.timer.sync()
+            if self.timer.listener is not None:
+                self.timer.listener(self.name, False)
             times[self.name] = times.get(self.name, 0.0) + time.perf_counter() - self.start
         self.range.__exit__(*exc)
         return False
@@ -60,6 +66,7 @@ class StageTimer:
     def __init__(self) -> None:
         self.times: dict[str, float] | None = None
         self.sync: Callable[[], None] | None = None
+        self.listener: Callable[[str, bool], None] | None = None
 
     def stage(self, name: str) -> _TimedStage:
         return _TimedStage(self, name)
@@ -68,11 +75,13 @@ class StageTimer:
         return self.times is not None
 
     @contextmanager
-    def record(self, sync: bool = False) -> Iterator[dict[str, float]]:
-        """Collect stage times (seconds, summed per name) into the yielded dict while the block runs."""
-        previous, previous_sync = self.times, self.sync
+    def record(self, sync: bool = False, listener: Callable[[str, bool], None] | None = None
+               ) -> Iterator[dict[str, float]]:
+        """Collect stage times (seconds, summed per name) into the yielded dict while the block runs. `listener(name,
+        entering)` is called when each stage starts and ends (e.g. to attribute counted operations to stages)."""
+        previous, previous_sync, previous_listener = self.times, self.sync, self.listener
         times: dict[str, float] = {}
-        self.times = times
+        self.times, self.listener = times, listener
         if sync:
             import torch
 
@@ -80,4 +89,4 @@ class StageTimer:
         try:
             yield times
         finally:
-            self.times, self.sync = previous, previous_sync
+            self.times, self.sync, self.listener = previous, previous_sync, previous_listener
