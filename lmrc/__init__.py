@@ -6,7 +6,8 @@ The public API:
     model = lmrc.load_model("lmrc-lite")                       # shipped weights (or a .safetensors file)
     config = lmrc.InferenceConfig(size=480, flip=False)        # every inference setting
     for index, ids, probs in lmrc.segment_video("clip.mp4", "first_mask.png", config, model):
-        ...                                                     # whole videos
+        ...                                                     # whole videos, forward and backward from the masks
+    mask = lmrc.mask_from_prompts(frame_rgb, box=(x0, y0, x1, y1), points=[(x, y, True)])  # no mask yet: GrabCut
     seg = lmrc.Segmenter(model, config)                        # frame by frame (a camera, a stream)
     probs = seg.step(frame_rgb, mask=first_mask_ids); ids = seg.probs_to_ids(probs)
 
@@ -25,6 +26,7 @@ _PUBLIC = {
     "InferenceConfig": "lmrc.inference.config",
     "Segmenter": "lmrc.inference.segmenter",
     "segment_video": "lmrc.inference.run",
+    "mask_from_prompts": "lmrc.inference.prompts",
     "LmrcError": "lmrc.utils.errors",
     "LmrcWarning": "lmrc.utils.errors",
     "reuse_freed_memory": "lmrc.utils.memory",

@@ -149,4 +149,3 @@ def _youtube_vos(args: argparse.Namespace) -> int:
     zip_path = prepare_submission(args.results, args.gt, args.out, all_frames=args.all)
     print(f"wrote {Path(args.out) / 'Annotations'} and {zip_path}")
     return 0
-

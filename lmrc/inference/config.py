@@ -93,4 +93,3 @@ def inference_config_from_args(args: argparse.Namespace, **overrides) -> Inferen
         return InferenceConfig(**values)
     except ValueError as exc:
         raise LmrcError(str(exc)) from None
-
