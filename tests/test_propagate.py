@@ -201,3 +201,27 @@ def test_corrupt_frame_keeps_the_masks_written_and_says_how_to_go_on(tmp_path, c
     # The advice works: resume past the bad frame.
     assert cli([*argv, "--resume", "--skip-bad-frames"]) == 0
     assert len(list(out.glob("*.png"))) == COUNT - 1
+
+
+def test_other_errors_after_written_frames_say_what_is_kept_without_bad_frame_advice(tmp_path):
+    import torch
+
+    from lmrc.config import model_config
+    from lmrc.inference.io import Prompts
+    from lmrc.inference.run import segment_sequence
+    from lmrc.model.network import LMRC
+
+    torch.manual_seed(0)
+    model = LMRC(model_config("lmrc-lite"), pretrained_backbone=False).eval()
+    folder = tmp_path / "clip"
+    truth = _save_clip(folder)
+    first = (truth[0] > 0).astype(np.uint8)
+    # a mask naming a frame past the video's end: found only when the video ends, after every frame was written
+    prompts = Prompts({0: first, COUNT + 5: first}, [1], {1: 0})
+    out = tmp_path / "out"
+    with pytest.raises(LmrcError) as caught:
+        segment_sequence(model, folder, prompts, out, size=32, precision="fp32")
+    message = str(caught.value)
+    assert f"frame {COUNT + 5}" in message and f"masks of the {COUNT} frames finished before it are kept" in message
+    assert "--skip-bad-frames" not in message  # the advice is for bad frames only
+    assert len(list(out.glob("*.png"))) == COUNT

@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps
 
-from lmrc.utils.errors import LmrcError, LmrcWarning
+from lmrc.utils.errors import BadFrameError, LmrcError, LmrcWarning
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".avi", ".webm", ".mkv", ".m4v")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
@@ -121,7 +121,7 @@ class FrameSource:
     def _bad_frame(self, index: int, what: str, reason: str) -> None:
         """Raise for a frame that cannot be decoded, or (skip_bad_frames) record it and warn."""
         if not self.skip_bad_frames:
-            raise LmrcError(
+            raise BadFrameError(
                 f"frame {index} ({what}) cannot be decoded: {reason}; "
                 "repair or remove it, or pass --skip-bad-frames to continue without it"
             )

@@ -26,7 +26,7 @@ from lmrc.inference.config import InferenceConfig
 from lmrc.inference.io import OverlayWriter, Prompts, ResultWriter, load_prompts
 from lmrc.inference.propagate import propagate_frames
 from lmrc.inference.segmenter import Segmenter
-from lmrc.utils.errors import LmrcError
+from lmrc.utils.errors import BadFrameError, LmrcError
 
 
 @dataclass
@@ -161,9 +161,10 @@ def segment_sequence(
             video.abort()
         bar.close()
         if writer.written:
-            raise LmrcError(f"{error}. The masks of the {len(writer.written)} frames finished before it are kept "
-                            f"in {writer.out_dir}; rerun with --resume to keep them (they are not rewritten), "
-                            "adding --skip-bad-frames to go on without the bad frame") from None
+            advice = ("; rerun with --resume to keep them (they are not rewritten), adding --skip-bad-frames to go on "
+                      "without the bad frame") if isinstance(error, BadFrameError) else ""
+            raise type(error)(f"{error}. The masks of the {len(writer.written)} frames finished before it are kept "
+                              f"in {writer.out_dir}{advice}") from None
         raise
     except BaseException:
         if video is not None:

@@ -6,5 +6,9 @@ class LmrcError(Exception):
     """A problem with the user's input (file, mask, checkpoint, config), stated with the fix."""
 
 
+class BadFrameError(LmrcError):
+    """A frame of the input cannot be decoded (`--skip-bad-frames` goes on without it)."""
+
+
 class LmrcWarning(UserWarning):
     """Something in the user's input was repaired or skipped; the run goes on (e.g. a bad frame, a resized mask)."""
