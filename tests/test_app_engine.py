@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch.nn.functional as F
 from PIL import Image
 
 from lmrc.app.engine import Engine
@@ -63,8 +62,8 @@ def test_saved_maps_are_the_segmenters_reliability_and_the_pool_reuses_segmenter
     reference = Segmenter(model, engine.config)  # forward from the prompt, as the forward pass
     reference.step(session.frame_rgb(2), session.ids(2))
     reference.step(session.frame_rgb(3))
-    expected = {name: (F.interpolate(h[None, None].float(), size=reference.process_size, mode="area")[0, 0]
-                       .clamp(0, 1) * 255).round().byte().numpy() for name, h in reference.reliability.items()}
+    expected = {name: (h.clamp(0, 1) * 255).round().byte().numpy()
+                for name, h in reference.reliability_at(reference.process_size).items()}
     saved = saved_maps(session, 3)
     assert expected and set(saved) == set(expected)
     for name, weight in saved.items():

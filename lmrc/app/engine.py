@@ -12,7 +12,6 @@ import weakref
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from lmrc.app.session import Job, Session
 from lmrc.data.video import FolderSource
@@ -107,11 +106,8 @@ class _MapKeeper(Segmenter):
 
 
 def reliability_maps(segmenter: Segmenter) -> dict[str, np.ndarray]:
-    """The comparator's H maps (eq. 10) of the segmenter's last frame (`Segmenter.reliability`) as uint8 (H * 255)
-    at the processing size, where they carry all their detail (smaller on disk than at the frame's size):
-    {readout name: h x w}. Empty when the model has no comparator or no frame was predicted yet."""
-    maps = {}
-    for name, weight in segmenter.reliability.items():
-        small = F.interpolate(weight[None, None].float(), size=segmenter.process_size, mode="area")[0, 0]
-        maps[name] = (small.clamp(0, 1) * 255).round().byte().cpu().numpy()
-    return maps
+    """The comparator's H maps (eq. 10) of the segmenter's last frame as uint8 (H * 255) at the processing size,
+    where they carry all their detail (smaller on disk than at the frame's size): {readout name: h x w}. Empty when
+    the model has no comparator or no frame was predicted yet."""
+    return {name: (weight.clamp(0, 1) * 255).round().byte().cpu().numpy()
+            for name, weight in segmenter.reliability_at(segmenter.process_size).items()}

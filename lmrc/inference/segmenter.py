@@ -119,11 +119,15 @@ class Segmenter:
     def reliability(self) -> dict[str, Tensor]:
         """The memory comparator's reliability maps H (eq. 10) of the last stepped frame, {"L4": H x W, ...} at
         the input's size (of the first object group, and the unmirrored view); empty without a comparator."""
+        return self.reliability_at(self.input_size)
+
+    def reliability_at(self, size: tuple[int, int]) -> dict[str, Tensor]:
+        """`reliability` at another size (H, W); `process_size` holds all their detail without a resize."""
         if self._reliability is None:
             return {}
         maps, pads, padded = self._reliability
         return {name: self._resize(crop_padding(F.interpolate(h.float(), size=padded, mode="bilinear",
-                                                              align_corners=False), pads), self.input_size)[0, 0]
+                                                              align_corners=False), pads), size)[0, 0]
                 for name, h in maps.items()}
 
     def probs_to_ids(self, probs: Tensor | np.ndarray) -> np.ndarray:
