@@ -41,8 +41,12 @@ import numpy as np
 import torch
 
 from lmrc.config import ABLATION_SETTINGS, MODEL_PRESETS, model_config
-from lmrc.inference.command import check_runtime_options, onnx_runtime_overrides
-from lmrc.inference.config import add_inference_arguments, inference_config_from_args
+from lmrc.inference.config import (
+    add_inference_arguments,
+    check_runtime_options,
+    inference_config_from_args,
+    onnx_runtime_overrides,
+)
 from lmrc.utils import timing
 from lmrc.utils.errors import LmrcError
 

@@ -13,7 +13,12 @@ import sys
 import warnings
 from pathlib import Path
 
-from lmrc.inference.config import add_inference_arguments, inference_config_from_args
+from lmrc.inference.config import (
+    add_inference_arguments,
+    check_runtime_options,
+    inference_config_from_args,
+    onnx_runtime_overrides,
+)
 from lmrc.utils.errors import LmrcError, LmrcWarning
 
 MODELS = ("lmrc-lite", "lmrc-r50")
@@ -143,24 +148,6 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.onnx and args.weights:
         raise LmrcError("--onnx graphs carry their own weights: drop --weights (or export them with "
                         "`lmrc export --weights FILE`)")
-
-
-def check_runtime_options(args: argparse.Namespace) -> None:
-    """--runtime / --onnx against the inference options (`lmrc segment` and `lmrc bench`): one LmrcError."""
-    if args.onnx and args.runtime != "onnxruntime":
-        raise LmrcError("--onnx names exported graphs: add --runtime onnxruntime")
-    if args.runtime == "onnxruntime":
-        wrong = ([f"--precision {args.precision}"] if args.precision not in ("auto", "fp32") else []) + (
-            [f"--device {args.device}"] if args.device == "cuda" else [])
-        if wrong:
-            raise LmrcError(f"--runtime onnxruntime runs the fp32 graphs on the CPU: drop {' and '.join(wrong)} "
-                            "(or use the torch runtime)")
-
-
-def onnx_runtime_overrides(args: argparse.Namespace) -> dict:
-    """InferenceConfig fields the onnxruntime runtime fixes: fp32 on the CPU (precision and device "auto" become
-    those quietly; anything else was refused by `check_runtime_options`)."""
-    return {"precision": "fp32", "device": "cpu"} if args.runtime == "onnxruntime" else {}
 
 
 def default_out_dir(source) -> Path:

@@ -93,3 +93,21 @@ def inference_config_from_args(args: argparse.Namespace, **overrides) -> Inferen
         return InferenceConfig(**values)
     except ValueError as exc:
         raise LmrcError(str(exc)) from None
+
+
+def check_runtime_options(args: argparse.Namespace) -> None:
+    """--runtime / --onnx against the inference options (`lmrc segment` and `lmrc bench`): one LmrcError."""
+    if args.onnx and args.runtime != "onnxruntime":
+        raise LmrcError("--onnx names exported graphs: add --runtime onnxruntime")
+    if args.runtime == "onnxruntime":
+        wrong = ([f"--precision {args.precision}"] if args.precision not in ("auto", "fp32") else []) + (
+            [f"--device {args.device}"] if args.device == "cuda" else [])
+        if wrong:
+            raise LmrcError(f"--runtime onnxruntime runs the fp32 graphs on the CPU: drop {' and '.join(wrong)} "
+                            "(or use the torch runtime)")
+
+
+def onnx_runtime_overrides(args: argparse.Namespace) -> dict:
+    """InferenceConfig fields the onnxruntime runtime fixes: fp32 on the CPU (precision and device "auto" become
+    those quietly; anything else was refused by `check_runtime_options`)."""
+    return {"precision": "fp32", "device": "cpu"} if args.runtime == "onnxruntime" else {}
