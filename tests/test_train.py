@@ -112,6 +112,10 @@ def test_lr_schedule_warmup_step_and_cosine(tiny_data):
     cfg = config_from_dict(tiny_config(tiny_data, optim={"iterations": 100, "schedule": "step",
                                                          "step_milestones": [0.5], "step_gamma": 0.1}))
     assert lr_factor(cfg, 49) == 1.0 and lr_factor(cfg, 50) == pytest.approx(0.1)
+    cfg = config_from_dict(tiny_config(tiny_data, optim={"iterations": 100, "warmup_iterations": 10, "hold_until": 60,
+                                                         "schedule": "cosine", "min_lr_ratio": 0.0}))
+    assert lr_factor(cfg, 30) == 1.0 and lr_factor(cfg, 60) == 1.0
+    assert lr_factor(cfg, 80) == pytest.approx(0.5) and lr_factor(cfg, 100) == pytest.approx(0.0, abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------- the recipe
@@ -299,7 +303,8 @@ def test_resume_with_another_config_is_refused(tiny_data, tmp_path):
     cfg["optim"]["lr"] = 0.5
     code, err = _run_cli("--config", write_config(tmp_path / "b.yaml", cfg), "--out", tmp_path / "run", "--resume")
     assert code == 2 and "optim.lr" in err and "another config" in err
-    cfg["optim"]["lr"], cfg["optim"]["iterations"] = 1e-3, 2  # what is validated never changes the training
+    # what is validated, the run length and where its decay starts (a run cut short) never change what was trained
+    cfg["optim"]["lr"], cfg["optim"]["iterations"], cfg["optim"]["hold_until"] = 1e-3, 2, 1
     cfg["data"]["validation"] = {"video_frames": None, "short_side": 64}
     code, err = _run_cli("--config", write_config(tmp_path / "c.yaml", cfg), "--out", tmp_path / "run", "--resume")
     assert code == 0, err

@@ -92,6 +92,7 @@ class OptimConfig:
     weight_decay: float = 1e-7
     schedule: str = "constant"  # constant | step | cosine
     warmup_iterations: int = 0  # linear ramp from 0 to lr
+    hold_until: int = 0  # "cosine": the lr stays at its peak until this step, then decays to the end
     step_milestones: list[float] = field(default_factory=lambda: [0.8])  # fractions of iterations ("step")
     step_gamma: float = 0.1
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr

@@ -106,7 +106,7 @@ def set_train_mode(model: nn.Module) -> None:
 
 
 def lr_factor(cfg: TrainConfig, step: int) -> float:
-    """Multiplier of optim.lr at `step` (0-based): linear warmup, then constant / step / cosine."""
+    """Multiplier of optim.lr at `step` (0-based): linear warmup, then constant / step / cosine (after a hold)."""
     o = cfg.optim
     if o.warmup_iterations > 0 and step < o.warmup_iterations:
         return (step + 1) / o.warmup_iterations
@@ -115,8 +115,9 @@ def lr_factor(cfg: TrainConfig, step: int) -> float:
     if o.schedule == "step":
         passed = sum(step >= int(round(m * o.iterations)) for m in o.step_milestones)
         return o.step_gamma ** passed
-    span = max(1, o.iterations - o.warmup_iterations)
-    t = min(1.0, (step - o.warmup_iterations) / span)
+    start = max(o.warmup_iterations, o.hold_until)
+    span = max(1, o.iterations - start)
+    t = min(1.0, max(0.0, (step - start) / span))
     return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -330,13 +331,15 @@ def load_checkpoint(path: Path, cfg: TrainConfig) -> dict[str, Any]:
         raise LmrcError(f"checkpoint {path} cannot be read ({exc}); delete it to start over") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise LmrcError(f"{path} is not an lmrc training checkpoint; delete it or choose another --out")
-    # Logging cadence, validation and the run length may change on resume; anything else changes what is trained.
+    # Logging cadence, validation, the run length and where its decay starts may change on resume (a run cut short
+    # or extended); anything else changes what is trained.
     # Options added after a run started are absent from its stored config: they had their defaults then.
     stored = _fill_defaults(copy.deepcopy(payload["config"]), config_to_dict(TrainConfig()))
     current = config_to_dict(cfg)
     for c in (stored, current):
         c.pop("logging", None)
         c.get("optim", {}).pop("iterations", None)
+        c.get("optim", {}).pop("hold_until", None)
         c.get("data", {}).pop("validation", None)
     differ = config_differences(stored, current)
     if differ:
