@@ -207,7 +207,14 @@ def test_transfer_sums_a_3x3_fusion_into_the_1x1_one(tmp_path):
     new = _model("F", seed=5)
     report = transfer_weights(new, path)
     assert "value_encoder.fuse_frame.r2.weight" in report.pointwise
-    assert "value_encoder.trunk.stem.0.0.weight" in " ".join(report.fresh)  # 5 input channels there, 2 here
+    assert report.mask_inputs == ["value_encoder.trunk.stem.0.0.weight"] and not report.fresh
+    # on a mid-grey image (0 once normalised) the first trunk computes what the mask-only trunk now does
+    masks, others = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        before = old.value_encoder.trunk(torch.full((2, 3, 32, 32), 0.5), masks, others)
+        after = new.value_encoder.trunk(None, masks, others)
+    for r in (2, 3, 4):
+        torch.testing.assert_close(after[r], before[r])
     # on a constant feature map, away from the zero padding, the 3x3 conv and its 1x1 sum of taps agree
     features = torch.full((1, 24, 9, 9), 0.7)
     with torch.no_grad():

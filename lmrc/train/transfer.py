@@ -4,7 +4,9 @@
 ``init.transfer_from`` takes any lmrc weights file of the same backbone family: tensors equal in name and shape
 are copied; the decoder's readout projections are copied read by read (columns of the reads both settings have;
 reads new to the model start at zero, so it first computes what the file's network computed); everything else
-(e.g. a value encoder of another layout) keeps its fresh initialisation and is listed in the report.
+(e.g. a value encoder of another layout) keeps its fresh initialisation and is listed in the report. Two layout
+changes of lmrc-lite's value encoder have their own rule: a k x k fusion conv made 1 x 1 starts as its sum of taps,
+and the mask-only trunk's first conv starts as the first trunk's mask channels (it read image, mask, other objects).
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ from lmrc.config import ModelConfig
 from lmrc.utils.errors import LmrcError
 
 READOUT_SUFFIX = ".readout_conv.weight"
+# lmrc-lite's first value trunk read (RGB image, mask, other objects); MaskValueTrunk reads (mask, other objects)
+VALUE_STEM = "value_encoder.trunk.stem.0.0.weight"
+IMAGE_CHANNELS = 3
 
 
 @dataclass
@@ -26,6 +31,7 @@ class TransferReport:
     copied: list[str] = field(default_factory=list)
     partly: list[str] = field(default_factory=list)  # readout projections: the reads both settings have
     pointwise: list[str] = field(default_factory=list)  # k x k conv weights summed over taps into a 1 x 1 conv
+    mask_inputs: list[str] = field(default_factory=list)  # the value stem: the file's mask input channels
     fresh: list[str] = field(default_factory=list)  # model tensors left as initialised (absent or other shape)
     unused: list[str] = field(default_factory=list)  # file tensors the model has no place for
 
@@ -36,6 +42,8 @@ class TransferReport:
         text = f"{len(self.copied)} tensors copied, {len(self.partly)} readout projections copied read by read"
         if self.pointwise:
             text += f", {len(self.pointwise)} k x k convs summed into 1 x 1 ({names(self.pointwise)})"
+        if self.mask_inputs:
+            text += f", {names(self.mask_inputs)} from the file's mask input channels (its image ones dropped)"
         if self.fresh:
             text += f"; {len(self.fresh)} start fresh: {names(self.fresh)}"
         if self.unused:
@@ -89,6 +97,12 @@ def transfer_weights(model: nn.Module, path: str | Path) -> TransferReport:
                 # the nearest 1 x 1 start for a fusion conv made cheaper (lmrc-lite's value encoder).
                 tensor.copy_(state[name].sum((2, 3), keepdim=True))
                 report.pointwise.append(name)
+            elif name == VALUE_STEM and state[name].shape[1] == tensor.shape[1] + IMAGE_CHANNELS \
+                    and state[name].shape[::2] == tensor.shape[::2]:
+                # Without this the stem starts random, and how well the copied trunk after it does depends on the
+                # seed (seed 1 of lmrc-lite-v2 started at a CE of ~3 instead of ~0.3).
+                tensor.copy_(state[name][:, IMAGE_CHANNELS:])
+                report.mask_inputs.append(name)
             else:
                 report.fresh.append(f"{name} (shape {tuple(state[name].shape)} in the file, "
                                     f"{tuple(tensor.shape)} here)")
