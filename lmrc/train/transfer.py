@@ -98,7 +98,7 @@ def transfer_weights(model: nn.Module, path: str | Path) -> TransferReport:
                 tensor.copy_(state[name].sum((2, 3), keepdim=True))
                 report.pointwise.append(name)
             elif name == VALUE_STEM and state[name].shape[1] == tensor.shape[1] + IMAGE_CHANNELS \
-                    and state[name].shape[::2] == tensor.shape[::2]:
+                    and state[name].shape[0] == tensor.shape[0] and state[name].shape[2:] == tensor.shape[2:]:
                 # Without this the stem starts random, and how well the copied trunk after it does depends on the
                 # seed (seed 1 of lmrc-lite-v2 started at a CE of ~3 instead of ~0.3).
                 tensor.copy_(state[name][:, IMAGE_CHANNELS:])
