@@ -53,6 +53,10 @@ def body(driver, key: str) -> str:
     return driver.find_element(By.TAG_NAME, "body").get_attribute(f"data-{key}") or ""
 
 
+def job_number(driver) -> int:
+    return int(body(driver, "job-number") or 0)
+
+
 def message(driver) -> str:
     return driver.find_element(By.ID, "message").text
 
@@ -72,8 +76,10 @@ def open_path(driver, path: Path | str, frames: int) -> None:
     field = driver.find_element(By.ID, "path")
     field.clear()
     field.send_keys(str(path))
+    earlier = job_number(driver)
     driver.find_element(By.ID, "open").click()
-    wait(driver, lambda d: body(d, "job") == "open:done" and body(d, "frames") == str(frames), 60,
+    wait(driver, lambda d: job_number(d) > earlier and body(d, "job") == "open:done"
+         and body(d, "frames") == str(frames), 60,
          f"the video to open; the page says {message(driver)!r}")
 
 
@@ -96,8 +102,10 @@ def wait_masked(driver, count: int, timeout: float = 60) -> None:
 
 
 def propagate(driver, timeout: float = 150) -> None:
+    """Click propagate and wait for that job (not an earlier one, which may also say done) to finish."""
+    earlier = job_number(driver)
     driver.find_element(By.ID, "propagate").click()
-    wait(driver, lambda d: body(d, "job") == "propagate:done", timeout,
+    wait(driver, lambda d: job_number(d) > earlier and body(d, "job") == "propagate:done", timeout,
          f"the propagation to finish; the page says {message(driver)!r}")
 
 

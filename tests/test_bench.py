@@ -185,8 +185,9 @@ def test_global_read_with_kept_key_norms_and_chunks_matches():
 @pytest.mark.parametrize("opt_out", [False, True])
 def test_cli_keeps_freed_memory_for_the_next_frame(opt_out):
     """After `reuse_freed_memory`, a loop that allocates and frees two 40 MB tensors per step (as a 480p frame does)
-    settles on pages it already has: no page faults after a few steps. glibc's default maps each one afresh and
-    unmaps it on free, so the kernel faults in all 2 x 10240 pages again every step. LMRC_KEEP_MALLOC=1 opts out."""
+    settles on pages it already has: after a few steps almost none fault (an odd step may, when the kernel or another
+    thread moves the heap). glibc's default maps each one afresh and unmaps it on free, so the kernel faults in all
+    2 x 10240 pages again every step. LMRC_KEEP_MALLOC=1 opts out."""
     import os
     import platform
     import subprocess
@@ -202,7 +203,7 @@ import resource, torch
 from lmrc.cli import reuse_freed_memory
 print(reuse_freed_memory())
 faults = []
-for step in range(12):
+for step in range(16):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(40 << 20, dtype=torch.uint8)
     y = x + 1
@@ -213,8 +214,8 @@ print(*faults)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     applied, *faults = out.split()
     assert applied == str(not opt_out)
-    settled = sum(int(f) for f in faults[-3:])
-    assert (settled > 30000) if opt_out else (settled < 1000), faults
+    faulting = [int(f) > 10000 for f in faults[4:]]  # each of the 12 steps after warm-up: did it fault its pages in?
+    assert all(faulting) if opt_out else sum(faulting) <= 2, faults
 
 
 def test_reused_zero_padding_pads_like_zero_pad_2d_call_after_call():

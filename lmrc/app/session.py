@@ -57,6 +57,7 @@ class Job:
     kind: str
     total: int
     done: int = 0
+    number: int = 0  # the n-th job of its session, so the page can tell a new job from the last one
     state: str = "running"  # running | done | cancelled | error
     message: str = ""
     result: str | None = None  # a download name, for exports
@@ -67,7 +68,7 @@ class Job:
 
     def as_dict(self) -> dict:
         elapsed = (self.finished or time.monotonic()) - self.started
-        return {"kind": self.kind, "total": self.total, "done": self.done, "state": self.state,
+        return {"kind": self.kind, "number": self.number, "total": self.total, "done": self.done, "state": self.state,
                 "message": self.message, "result": self.result,
                 "rate": round(self.done / elapsed, 2) if elapsed > 0 and self.done else 0.0}
 
@@ -333,6 +334,7 @@ class Session:
 
         with self.lock:
             self._check_idle()
+            job.number = 1 if self.job is None else self.job.number + 1
             self.job = job
             job.thread = threading.Thread(target=run, name=f"lmrc-app-{job.kind}-{self.id[:8]}", daemon=True)
             job.thread.start()

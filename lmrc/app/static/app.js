@@ -102,6 +102,7 @@ function renderJob() {
   const job = status.job;
   const running = job && job.state === "running";
   document.body.dataset.job = job ? `${job.kind}:${job.state}` : "none";
+  document.body.dataset.jobNumber = job ? job.number : 0;
   $("cancel").disabled = !running;
   for (const id of ["propagate", "open", "add-object", "export-masks", "export-overlay", "export-cutout"]) {
     $(id).disabled = running;
