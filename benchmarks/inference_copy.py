@@ -1,5 +1,6 @@
 """The streaming Segmenter with the model as trained (`base`, optimize=False) against variants, side by side in
-one process (alternating per frame), per-stage medians. Threads: T (default 1), frames: N (default 12), size: S.
+one process (alternating per frame), per-stage medians. Threads: T (default 1), frames: N (default 12), size: S,
+precision: P (fp32 or bf16, default fp32).
 SEQ=name runs the shipped weights on that DAVIS sequence (frames and first mask under DAVIS, default
 ../shared/data/davis2016) instead of random weights on the synthetic video; NOBASE=1 leaves `base` out.
 
@@ -10,6 +11,8 @@ SEQ=name runs the shipped weights on that DAVIS sequence (frames and first mask 
         'opt={"optimize":true}' 'compiled={"optimize":true,"compile":true}'
     SEQ=soccerball NOBASE=1 T=2 .venv/bin/python benchmarks/inference_copy.py lmrc-lite F \
         'before={"prep":{"project_values":false}}' 'after={"prep":{"project_values":true}}'
+    P=bf16 T=2 N=20 NOBASE=1 .venv/bin/python benchmarks/inference_copy.py lmrc-lite F \
+        'unpacked={"prep":{"pack":false}}' 'packed={"prep":{"pack":true}}'
 """
 import sys, os, torch, json
 from lmrc.utils.memory import reuse_freed_memory
@@ -21,6 +24,7 @@ reuse_freed_memory()  # as the command line does
 torch.set_num_threads(int(os.environ.get("T", "1")))
 name, setting = sys.argv[1], sys.argv[2]
 frames = int(os.environ.get("N", "12")); size = int(os.environ.get("S", "480"))
+precision = os.environ.get("P", "fp32")
 seq, davis = os.environ.get("SEQ"), os.environ.get("DAVIS", "../shared/data/davis2016")
 if seq:
     m = load_model(name)
@@ -36,9 +40,11 @@ segs = {}
 for k, kw in variants.items():
     prep = kw.pop("prep", None)
     if prep is not None:
-        s = Segmenter(m, size=size, precision="fp32", optimize=False); s.model = prepare_for_inference(m, timer=s.timer, **prep); segs[k] = s
+        s = Segmenter(m, size=size, precision=precision, optimize=False)
+        s.model = prepare_for_inference(m, timer=s.timer, dtype=s._autocast_dtype, **prep)
+        segs[k] = s
     else:
-        segs[k] = Segmenter(m, size=size, precision="fp32", **kw)
+        segs[k] = Segmenter(m, size=size, precision=precision, **kw)
 print("load", os.getloadavg())
 runs = measure(segs, iter(video), 4)
 for k, r in runs.items():

@@ -28,6 +28,7 @@ from lmrc.model.encoders import STAGES
 from lmrc.model.memory_reads import ReadResult, global_memory_read, pad_top_k
 from lmrc.model.network import LMRC, FrameEncoding, MemoryInput, SegmentOutput
 from lmrc.model.readouts import Readout
+from lmrc.inference.packed_conv import pack_convolutions, packed_convolutions_available
 from lmrc.model.transforms import fold_batch_norms, inplace_activations, project_values_before_reading
 from lmrc.ops import local_window
 from lmrc.utils.timing import StageTimer
@@ -230,8 +231,8 @@ def _reuse_padding(model: nn.Module, workspace: Workspace) -> int:
 
 
 def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool = True, project_values: bool = True,
-                          compile: bool = False, device: torch.device | str | None = None,
-                          timer: StageTimer | None = None) -> InferenceLMRC:
+                          pack: bool = True, compile: bool = False, device: torch.device | str | None = None,
+                          dtype: torch.dtype | None = None, timer: StageTimer | None = None) -> InferenceLMRC:
     """An inference copy of `model` (see the module docstring) in eval mode without gradients, on `device`
     (default: the model's); `timer` (default: a new one) times its stages."""
     prepared = copy.deepcopy(model)
@@ -251,6 +252,9 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
     if channels_last:
         prepared.key_encoder.to(memory_format=torch.channels_last)
         prepared.value_encoder.to(memory_format=torch.channels_last)
+    if pack and fold and not compile and packed_convolutions_available(next(prepared.parameters()).device):
+        for part in (prepared.key_encoder, prepared.value_encoder, prepared.decoder):
+            pack_convolutions(part, dtype or torch.float32)
     if compile:
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         prepared.key_encoder = torch.compile(prepared.key_encoder, dynamic=False)

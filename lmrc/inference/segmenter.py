@@ -70,7 +70,8 @@ class Segmenter:
         self.timer = StageTimer()
         if optimize or compile:
             self.model = prepare_for_inference(model, fold=optimize, channels_last=optimize, project_values=optimize,
-                                               compile=compile, device=self.device, timer=self.timer)
+                                               compile=compile, device=self.device, dtype=self._autocast_dtype,
+                                               timer=self.timer)
         else:  # the plain network, on a copy: the caller's model stays as it is
             self.model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
 

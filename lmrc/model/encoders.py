@@ -191,8 +191,8 @@ class KeyEncoder(nn.Module):
 
     def forward(self, image: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         features = self.trunk(image)
-        # contiguous: a no-op unless the encoder runs channels-last (inference), the memory reads want NCHW
-        keys = {r: self.key_proj[f"r{r}"](features[r]).contiguous() for r in STAGES}
+        # NCHW for the memory reads: a no-op unless the encoder runs channels-last (inference)
+        keys = {r: contiguous_nchw(self.key_proj[f"r{r}"](features[r])) for r in STAGES}
         return keys, features
 
 
@@ -234,6 +234,21 @@ class ValueEncoder(nn.Module):
             else:  # channels-last inference copy: the memory reads want NCHW
                 values[r] = _add_to_nchw(own, shared, b, n)
         return values
+
+
+def contiguous_nchw(x: Tensor) -> Tensor:
+    """x (B x C x H x W) as a contiguous NCHW tensor. From a large channels-last image, each image's H*W x C matrix
+    is transposed by a 2-D copy, which PyTorch runs in cache-sized tiles: 2.5x faster than `.contiguous()`'s
+    element-wise pass at 1/4 of 480p, slower on images that fit in cache (1/8 and below)."""
+    if x.is_contiguous() or x.dim() != 4 or not x.is_contiguous(memory_format=torch.channels_last) \
+            or x[0].numel() < 1 << 20:
+        return x.contiguous()
+    b, c, h, w = x.shape
+    out = x.new_empty(b, c, h, w)
+    rows = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view
+    for index, image in enumerate(out.view(b, c, h * w)):
+        image.copy_(rows[index].t())
+    return out
 
 
 def _add_to_nchw(own: Tensor, shared: Tensor, b: int, n: int) -> Tensor:

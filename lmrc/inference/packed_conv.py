@@ -1,0 +1,196 @@
+"""Convolutions packed once for oneDNN, with the activation (and a residual sum) applied inside them: the
+inference copy's encoders and decoder on a CPU.
+
+Under autocast every call casts the fp32 weight to bf16 and oneDNN reorders it into its blocked layout again, and
+each ReLU6 or residual sum is one more pass over a large activation. Packing the weight once, in the precision the
+copy runs in, and giving oneDNN the activation and the sum as post-ops removes both: on a 2-core Xeon with AMX the
+480p expand conv of EfficientNet's first block went 4.4 -> 2.5 ms (`benchmarks/packed_conv.py`). The results are
+the same operations in the same order: exact in fp32, and equal to autocast's in bf16 (tested).
+
+Only the module types whose forward is known are rewritten (EfficientNet-Lite blocks, `LightValueTrunk`'s
+conv + ReLU pairs, the decoder's residual blocks, plain convolutions); anything else keeps its modules.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lmrc.model.decoder import DecoderStage, ResidualBlock
+from lmrc.model.encoders import EfficientNetLite0Trunk, contiguous_nchw
+from lmrc.model.transforms import ReadoutGroupSum
+
+# activation name -> oneDNN post-op name and its scalars
+_POST_OPS = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
+
+
+def packed_convolutions_available(device: torch.device) -> bool:
+    """oneDNN's fused convolution runs here (a CPU build of PyTorch with oneDNN)."""
+    return (device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+class PackedConv2d(nn.Module):
+    """`conv` (its own padding module included) followed by `activation`, with weights packed in `dtype`.
+
+    forward(x, residual) = activation(conv(x) + residual); the output is in `dtype`. Not trainable, not saved: the
+    inference copy is rebuilt from the model's state dict.
+    """
+
+    def __init__(self, conv: nn.Conv2d, dtype: torch.dtype, activation: str = "none") -> None:
+        super().__init__()
+        if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+            raise ValueError(f"PackedConv2d takes numeric zero padding, not {conv.padding!r} / {conv.padding_mode}")
+        weight, padding = conv.weight.detach(), list(conv.padding)
+        pad = getattr(conv, "static_padding", None)  # EfficientNet's TF-style asymmetric padding, if any
+        self.pad = pad if isinstance(pad, nn.Module) else nn.Identity()
+        sides = getattr(pad, "padding", None)
+        if sides is not None and padding == [0, 0] and conv.dilation == (1, 1) and sides[1] >= sides[0] \
+                and sides[3] >= sides[2]:
+            weight, padding = _absorb_padding(weight, *sides)
+            self.pad = nn.Identity()
+        self.dtype = dtype
+        self.geometry = (padding, list(conv.stride), list(conv.dilation), conv.groups)
+        self.post_op, self.scalars = _POST_OPS[activation]
+        self.weight = weight.to(dtype)
+        self.bias = None if conv.bias is None else conv.bias.detach().to(dtype)
+        self.shape = tuple(conv.weight.shape)
+        # oneDNN picks its weight layout for the input's shape: packed for another shape, the weight would be
+        # reordered again on every call (measured: 1.7 ms of a 0.09 ms conv). A video has one shape at each stage.
+        self._packed: dict[tuple[int, ...], Tensor] = {}
+
+    def packed_weight(self, shape: tuple[int, ...]) -> Tensor:
+        weight = self._packed.get(shape)
+        if weight is None:
+            if len(self._packed) >= 4:  # another video size: forget the old ones
+                self._packed.clear()
+            weight = self._packed[shape] = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, *self.geometry, list(shape))
+        return weight
+
+    def extra_repr(self) -> str:
+        return f"{self.shape}, {self.dtype}, post_op={self.post_op}"
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        x = self.pad(x).to(self.dtype)
+        weight = self.packed_weight(tuple(x.shape))
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, weight, self.bias, *self.geometry, self.post_op, self.scalars, "")
+        fused = self.post_op == "relu"  # the only activation oneDNN's binary fusion takes here
+        y = torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual.to(self.dtype), weight, self.bias, *self.geometry, "add", 1.0,
+            "relu" if fused else None, [], None)
+        return y if fused or self.post_op == "none" else y.clamp_(*self.scalars)
+
+
+def _absorb_padding(weight: Tensor, left: int, right: int, top: int, bottom: int) -> tuple[Tensor, list[int]]:
+    """A kernel and symmetric padding that compute conv(pad(x, left, right, top, bottom), weight) (no padding, any
+    stride) without the padded copy, for right >= left and bottom >= top: pad symmetrically by (bottom, right) and
+    prepend bottom - top zero rows and right - left zero columns to the kernel, so each output still starts at the
+    same input row and column. The extra products are with exact zeros."""
+    weight = F.pad(weight, (right - left, 0, bottom - top, 0))
+    return weight, [bottom, right]
+
+
+class PackedMBConvBlock(nn.Module):
+    """EfficientNet-Lite's inverted residual block (no squeeze-excitation): expand 1x1 + ReLU6, depthwise + ReLU6,
+    project 1x1, plus the input where the shapes allow; BatchNorms already folded into the convolutions."""
+
+    def __init__(self, block: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        args = block._block_args
+        expand = getattr(block, "_expand_conv", None) if args.expand_ratio != 1 else None
+        self.expand = None if expand is None else PackedConv2d(expand, dtype, "relu6")
+        self.depthwise = PackedConv2d(block._depthwise_conv, dtype, "relu6")
+        self.project = PackedConv2d(block._project_conv, dtype)
+        self.skip = block.id_skip and args.stride == 1 and args.input_filters == args.output_filters
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        x = inputs if self.expand is None else self.expand(inputs)
+        return self.project(self.depthwise(x), inputs if self.skip else None)
+
+
+class PackedResidualBlock(nn.Module):
+    """The decoder's `ResidualBlock`, x + conv2(relu(conv1(relu(x)))), with the inner ReLU and the sum fused."""
+
+    def __init__(self, block: ResidualBlock, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.conv1 = PackedConv2d(block.conv1, dtype, "relu")
+        self.conv2 = PackedConv2d(block.conv2, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        inner = self.conv1(F.relu(x))
+        if x.dtype != self.conv2.dtype:  # an fp32 sum stays in fp32, as under autocast
+            return x + self.conv2(inner)
+        return self.conv2(inner, x)
+
+
+class PackedDecoderStage(nn.Module):
+    """The decoder's `DecoderStage` with its sum taken in the convolutions' channels-last order, in fp32: the frame
+    term broadcast over the objects onto the upsampled coarser term, then each readout group (NCHW, as the memory
+    reads write them) added through a tiled transpose. Summing the NCHW readouts with the channels-last terms
+    element-wise cost more than all of the stage's convolutions at 1/4 scale."""
+
+    def __init__(self, stage: DecoderStage, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.frame_conv = PackedConv2d(stage.frame_conv, dtype)
+        readout = stage.readout_conv
+        self.readout_conv = PackedConv2d(readout, dtype) if isinstance(readout, nn.Conv2d) else readout
+        self.coarser_conv = None if stage.coarser_conv is None else PackedConv2d(stage.coarser_conv, dtype)
+        self.block = PackedResidualBlock(stage.block, dtype)
+
+    def forward(self, frame: Tensor, readouts: Tensor | None, coarser: Tensor | None, objects: int) -> Tensor:
+        f = self.frame_conv(frame)
+        b, c, h, w = f.shape
+        if self.coarser_conv is not None:  # upsampled in fp32: 2x faster than in bf16 here
+            x = F.interpolate(self.coarser_conv(coarser).float(), size=(h, w), mode="bilinear", align_corners=False)
+            x.view(b, objects, c, h, w).add_(f.unsqueeze(1))
+        else:
+            x = torch.empty(b * objects, c, h, w, device=f.device, memory_format=torch.channels_last)
+            x.view(b, objects, c, h, w).copy_(f.unsqueeze(1).expand(b, objects, c, h, w))
+        if readouts is not None and self.readout_conv is not None:
+            if isinstance(self.readout_conv, ReadoutGroupSum):
+                groups = readouts.reshape(b * objects, self.readout_conv.groups, c, h * w)
+            else:
+                groups = contiguous_nchw(self.readout_conv(readouts)).view(b * objects, 1, c, h * w)
+            rows = x.permute(0, 2, 3, 1).view(b * objects, h * w, c)
+            for image in range(b * objects):
+                for group in groups[image]:
+                    rows[image].add_(group.t())
+        return self.block(x)
+
+
+def _is_mbconv(module: nn.Module) -> bool:
+    return (type(module).__name__ == "MBConvBlock" and hasattr(module, "_block_args") and not module.has_se
+            and all(not isinstance(m, nn.BatchNorm2d) for m in module.modules()))
+
+
+def pack_convolutions(module: nn.Module, dtype: torch.dtype) -> int:
+    """Rewrite `module` in place (BatchNorms already folded): every Conv2d becomes a PackedConv2d in `dtype`, with the
+    ReLU / ReLU6 that follows it fused where the forward is known. Returns how many convolutions were packed."""
+    packed = 0
+    if isinstance(module, EfficientNetLite0Trunk) and isinstance(module.bn0, nn.Identity):
+        module.stem, module.act = PackedConv2d(module.stem, dtype, "relu6"), nn.Identity()
+        packed += 1
+    for name, child in list(module.named_children()):
+        if _is_mbconv(child):
+            setattr(module, name, PackedMBConvBlock(child, dtype))
+            packed += 2 + (child._block_args.expand_ratio != 1)
+        elif isinstance(child, DecoderStage):
+            setattr(module, name, PackedDecoderStage(child, dtype))
+            packed += sum(isinstance(m, PackedConv2d) for m in getattr(module, name).modules())
+        elif isinstance(child, ResidualBlock):
+            setattr(module, name, PackedResidualBlock(child, dtype))
+            packed += 2
+        elif isinstance(child, nn.Sequential) and len(child) == 2 and type(child[0]) is nn.Conv2d \
+                and type(child[1]) in (nn.ReLU, nn.ReLU6):
+            activation = "relu" if type(child[1]) is nn.ReLU else "relu6"
+            child[0], child[1] = PackedConv2d(child[0], dtype, activation), nn.Identity()
+            packed += 1
+        elif isinstance(child, nn.Conv2d):
+            setattr(module, name, PackedConv2d(child, dtype))
+            packed += 1
+        else:
+            packed += pack_convolutions(child, dtype)
+    return packed

@@ -1,0 +1,143 @@
+"""Convolutions packed for oneDNN (lmrc/inference/packed_conv.py): the same function as the modules they replace."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmrc.config import model_config
+from lmrc.inference.fast_path import prepare_for_inference
+from lmrc.inference.packed_conv import (PackedConv2d, PackedDecoderStage, _absorb_padding, pack_convolutions,
+                                        packed_convolutions_available)
+from lmrc.model.decoder import DecoderStage
+from lmrc.model.encoders import contiguous_nchw
+from lmrc.model.network import LMRC
+from lmrc.model.transforms import ReadoutGroupSum
+
+needs_onednn = pytest.mark.skipif(not packed_convolutions_available(torch.device("cpu")),
+                                  reason="this PyTorch build has no oneDNN")
+CL = torch.channels_last
+
+
+def _reference(conv: nn.Conv2d, x: torch.Tensor, activation: str, residual=None) -> torch.Tensor:
+    y = conv(x) if residual is None else conv(x) + residual
+    return {"none": y, "relu": F.relu(y), "relu6": F.relu6(y)}[activation]
+
+
+@pytest.mark.parametrize("left,right,top,bottom,k", [(0, 1, 0, 1, 3), (1, 2, 1, 2, 5), (0, 0, 1, 2, 3), (2, 2, 0, 0, 3)])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_absorbed_padding_is_the_padded_convolution(left, right, top, bottom, k, stride):
+    """Symmetric padding and zero rows/columns prepended to the kernel compute conv(pad(x)) exactly (float64)."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 3, k, k, generator=g, dtype=torch.float64)
+    for h, w in ((17, 24), (16, 25)):  # odd and even sizes
+        x = torch.randn(2, 3, h, w, generator=g, dtype=torch.float64)
+        wanted = F.conv2d(F.pad(x, (left, right, top, bottom)), weight, stride=stride)
+        shifted, padding = _absorb_padding(weight, left, right, top, bottom)
+        torch.testing.assert_close(F.conv2d(x, shifted, stride=stride, padding=padding), wanted, rtol=0, atol=1e-12)
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+@pytest.mark.parametrize("cin,cout,k,stride,groups,bias", [
+    (16, 96, 1, 1, 1, True), (24, 64, 3, 1, 1, True), (96, 96, 3, 2, 96, True), (32, 32, 5, 1, 32, False),
+    (3, 32, 3, 2, 1, True),
+])
+def test_packed_conv_is_the_convolution_and_its_activation(cin, cout, k, stride, groups, bias, activation):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, groups=groups, bias=bias).eval()
+    packed = PackedConv2d(conv, torch.float32, activation)
+    with torch.no_grad():
+        for shape in ((1, cin, 40, 56), (3, cin, 23, 31)):  # a second size gets its own packed weight
+            for layout in (CL, torch.contiguous_format):
+                x = torch.randn(shape).contiguous(memory_format=layout) * 4  # beyond ReLU6's clip
+                torch.testing.assert_close(packed(x), _reference(conv, x, activation), rtol=1e-5, atol=1e-5)
+        assert len(packed._packed) == 2
+        if stride == 1 and cin == cout:  # the residual sum, added before the activation
+            residual = torch.randn(2, cout, 20, 24).contiguous(memory_format=CL)
+            x = torch.randn(2, cin, 20, 24).contiguous(memory_format=CL)
+            torch.testing.assert_close(packed(x, residual), _reference(conv, x, activation, residual),
+                                       rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packed_conv_in_bf16_is_autocasts_convolution():
+    """bf16: the same products as autocast's convolution (weights and inputs rounded to bf16, fp32 accumulation)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(24, 144, 1).eval()
+    x = torch.randn(1, 24, 30, 54).contiguous(memory_format=CL)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        wanted = F.relu6(conv(x))
+    got = PackedConv2d(conv, torch.bfloat16, "relu6")(x)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), wanted.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_onednn
+def test_padding_module_is_absorbed_or_kept():
+    """EfficientNet's TF-style stride-2 padding goes into the kernel; padding the trick cannot express stays."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, stride=2, groups=8).eval()
+    conv.static_padding = nn.ZeroPad2d((0, 1, 0, 1))
+    packed = PackedConv2d(conv, torch.float32)
+    assert isinstance(packed.pad, nn.Identity) and packed.weight.shape[-2:] == (4, 4)  # a zero row and column first
+    conv.static_padding = nn.ZeroPad2d((1, 0, 1, 0))  # more on the left than on the right
+    kept = PackedConv2d(conv, torch.float32)
+    assert kept.pad is conv.static_padding
+    x = torch.randn(1, 8, 32, 48).contiguous(memory_format=CL)
+    with torch.no_grad():
+        for module, pad in ((packed, (0, 1, 0, 1)), (kept, (1, 0, 1, 0))):
+            torch.testing.assert_close(module(x), conv(F.pad(x, pad)), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize("readouts", ["groups", "conv", "none"])
+@pytest.mark.parametrize("coarser", [True, False])
+def test_packed_decoder_stage_is_the_stage(readouts, coarser):
+    torch.manual_seed(0)
+    stage = DecoderStage(24, 64 if readouts != "none" else 0, 16 if coarser else 0, 32).eval()
+    if readouts == "groups":
+        stage.readout_conv = ReadoutGroupSum(2)  # two readouts projected to 32 channels each
+    b, n, h, w = 1, 3, 20, 28
+    frame = torch.randn(b, 24, h, w).contiguous(memory_format=CL)
+    reads = torch.randn(b * n, 64, h, w) if readouts != "none" else None
+    coarse = torch.randn(b * n, 16, h // 2, w // 2).contiguous(memory_format=CL) if coarser else None
+    with torch.no_grad():
+        wanted = stage(frame, reads, coarse, n)
+        got = PackedDecoderStage(stage, torch.float32)(frame, reads, coarse, n)
+    assert got.shape == wanted.shape
+    torch.testing.assert_close(got, wanted, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("setting", ["A", "F"])
+def test_packed_network_is_the_folded_network(setting):
+    """Every convolution of lmrc-lite's encoders and decoder packed: the inference copy gives the same keys, values
+    and logits as the copy without packing (fp32)."""
+    torch.manual_seed(0)
+    model = LMRC(model_config("lmrc-lite", setting=setting), pretrained_backbone=False).eval()
+    plain = prepare_for_inference(model, pack=False)
+    packed = prepare_for_inference(model, pack=True, dtype=torch.float32)
+    for part in ("key_encoder", "value_encoder", "decoder"):
+        assert not [m for m in getattr(packed, part).modules() if isinstance(m, nn.Conv2d)], part
+    image = torch.rand(1, 3, 96, 160)
+    masks = torch.rand(1, 2, 96, 160)
+    with torch.no_grad():
+        frames = [m.encode_key(image) for m in (plain, packed)]
+        for r in frames[0].keys:
+            torch.testing.assert_close(frames[1].keys[r], frames[0].keys[r], rtol=1e-4, atol=1e-4)
+            assert frames[1].keys[r].is_contiguous()  # NCHW for the memory reads
+        if setting == "F":
+            values = [m.encode_value(image, f, masks) for m, f in zip((plain, packed), frames)]
+            for r in values[0]:
+                torch.testing.assert_close(values[1][r], values[0][r], rtol=1e-4, atol=1e-4)
+    assert pack_convolutions(nn.Sequential(nn.Linear(2, 2)), torch.float32) == 0  # nothing it does not know
+
+
+def test_contiguous_nchw_is_contiguous():
+    for shape in ((2, 64, 120, 216), (1, 8, 5, 7)):  # the tiled path and the small one
+        x = torch.randn(shape)
+        for t in (x, x.contiguous(memory_format=CL), x.bfloat16().contiguous(memory_format=CL)):
+            out = contiguous_nchw(t)
+            assert out.is_contiguous() and torch.equal(out, t.contiguous())
