@@ -10,7 +10,7 @@ import torch
 from lmrc.config import ABLATION_SETTINGS, ModelConfig, model_config
 from lmrc.errors import LmrcError
 from lmrc.inference.fast_path import fast_local_memory_read, fast_sequential_local_memory_read, prepare_for_inference
-from lmrc.model.aggregate import soft_aggregate
+from lmrc.model.aggregate import soft_aggregate, soft_aggregate_probabilities
 from lmrc.model.comparator import similarity_comparison_block
 from lmrc.model.memory_reads import global_memory_read, local_memory_read, sequential_local_memory_read
 from lmrc.model.network import LMRC, MemoryInput, crop_padding, pad_to_multiple
@@ -139,6 +139,19 @@ def test_soft_aggregation_values():
     p = torch.tensor([0.125, 0.5, 0.75])  # background = 0.5 * 0.25
     odds = p / (1 - p)
     torch.testing.assert_close(probs.flatten(), odds / odds.sum())
+    torch.testing.assert_close(soft_aggregate_probabilities(logits), probs)
+
+
+def test_soft_aggregate_probabilities_are_soft_aggregates():
+    """The inference form (normalised odds) against the training form (softmax of log-odds), with saturated
+    logits (the clamp) and objects marked invalid."""
+    logits = torch.randn(2, 3, 17, 23) * 8
+    logits[0, 0, :3] = 40.0
+    logits[1, 2, :3] = -40.0
+    valid = torch.tensor([[True, True, False], [True, True, True]])
+    for v in (None, valid):
+        torch.testing.assert_close(soft_aggregate_probabilities(logits, v), soft_aggregate(logits, v)[1],
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_scale_loss_on_known_keys():

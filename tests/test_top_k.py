@@ -28,6 +28,22 @@ def test_row_top_k_equals_torch_topk(dtype, shape, k):
     assert torch.equal(indices[finite], expected.indices[finite])
 
 
+@native
+@pytest.mark.parametrize("shape, k", [((3, 200, 1000), 20), ((7, 37), 1), ((5, 37), 37), ((4, 33), 9)])
+def test_row_top_k_of_bfloat16_rows(shape, k):
+    """bf16 similarities (bf16 autocast) are read natively: the same values as torch.topk; bf16 has many ties, so
+    the indices are checked by what they point at and by being distinct."""
+    g = torch.Generator().manual_seed(sum(shape) + k)
+    x = torch.randn(shape, generator=g).bfloat16()
+    x[..., ::7] = float("-inf")
+    assert _native.load(torch.float32).bf16_inputs
+    values, indices = row_top_k(x, k)
+    assert values.dtype == torch.bfloat16 and indices.dtype == torch.int64
+    torch.testing.assert_close(values, x.topk(k, dim=-1).values, rtol=0, atol=0)
+    assert torch.equal(x.gather(-1, indices), values)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
+
+
 def test_row_top_k_falls_back_to_torch_topk_for_gradients_and_plain_mode(monkeypatch):
     x = torch.randn(4, 50, requires_grad=True)
     values, indices = row_top_k(x, 3)

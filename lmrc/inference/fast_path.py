@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmrc.model.aggregate import soft_aggregate
+from lmrc.model.aggregate import soft_aggregate_probabilities
 from lmrc.model.comparator import upsample_global_top_k
 from lmrc.model.encoders import STAGES
 from lmrc.model.memory_reads import ReadResult, global_memory_read, pad_top_k
@@ -198,8 +198,8 @@ class InferenceLMRC(LMRC):
                 self._weigh(inputs, readout, result, global_top_k, reliability)
         with timer.stage("decoder"):
             logits = self.decoder(query.features, {r: inputs.folded(r) for r in STAGES}, n)
-            agg_logits, probs = soft_aggregate(logits, memory.valid_objects)
-        return SegmentOutput(logits, agg_logits, probs, reliability)
+            probs = soft_aggregate_probabilities(logits, memory.valid_objects)
+        return SegmentOutput(logits, None, probs, reliability)  # aggregated logits: only training reads them
 
     def _fused_weight(self, readout: Readout, global_top_k: dict[int, Tensor]) -> tuple[Tensor, Tensor, float, float]:
         """What a read needs to apply the comparator's reliability weight of `readout` itself."""

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from lmrc.model.decoder import DecoderStage, ResidualBlock
 from lmrc.model.encoders import EfficientNetLite0Trunk, contiguous_nchw
 from lmrc.model.transforms import ReadoutGroupSum
+from lmrc.ops.layout import add_nchw_groups_to_nhwc
 
 # activation name -> oneDNN post-op name and its scalars
 _POST_OPS = {"none": ("none", []), "relu": ("relu", []), "relu6": ("hardtanh", [0.0, 6.0])}
@@ -129,8 +130,8 @@ class PackedResidualBlock(nn.Module):
 class PackedDecoderStage(nn.Module):
     """The decoder's `DecoderStage` with its sum taken in the convolutions' channels-last order, in fp32: the frame
     term broadcast over the objects onto the upsampled coarser term, then each readout group (NCHW, as the memory
-    reads write them) added through a tiled transpose. Summing the NCHW readouts with the channels-last terms
-    element-wise cost more than all of the stage's convolutions at 1/4 scale."""
+    reads write them) added through a tiled transpose (`lmrc.ops.layout`). Summing the NCHW readouts with the
+    channels-last terms element-wise cost more than all of the stage's convolutions at 1/4 scale."""
 
     def __init__(self, stage: DecoderStage, dtype: torch.dtype) -> None:
         super().__init__()
@@ -151,13 +152,10 @@ class PackedDecoderStage(nn.Module):
             x.view(b, objects, c, h, w).copy_(f.unsqueeze(1).expand(b, objects, c, h, w))
         if readouts is not None and self.readout_conv is not None:
             if isinstance(self.readout_conv, ReadoutGroupSum):
-                groups = readouts.reshape(b * objects, self.readout_conv.groups, c, h * w)
+                groups = readouts.reshape(b * objects, self.readout_conv.groups, c, h, w)
             else:
-                groups = contiguous_nchw(self.readout_conv(readouts)).view(b * objects, 1, c, h * w)
-            rows = x.permute(0, 2, 3, 1).view(b * objects, h * w, c)
-            for image in range(b * objects):
-                for group in groups[image]:
-                    rows[image].add_(group.t())
+                groups = contiguous_nchw(self.readout_conv(readouts)).view(b * objects, 1, c, h, w)
+            add_nchw_groups_to_nhwc(x, groups.float())
         return self.block(x)
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from lmrc.inference.config import InferenceConfig
 from lmrc.inference.fast_path import prepare_for_inference
 from lmrc.inference.memory_bank import MemoryBank
-from lmrc.model.aggregate import soft_aggregate
+from lmrc.model.aggregate import soft_aggregate_probabilities
 from lmrc.model.network import FrameEncoding, crop_padding, pad_to_multiple
 from lmrc.utils.device import choose_device, choose_precision
 from lmrc.utils.errors import LmrcError
@@ -212,7 +212,7 @@ class Segmenter:
                 return result.probs.float(), result.reliability
             reliability = reliability or result.reliability
             logits.append(result.logits)
-        return soft_aggregate(torch.cat(logits, 1))[1].float(), reliability
+        return soft_aggregate_probabilities(torch.cat(logits, 1)), reliability
 
     def _merge(self, probs: Tensor | None, given: Tensor, listed: list[int]) -> Tensor:
         """Put the given masks (1 x K x h x w, objects `listed`) over the prediction (1 x (N_old+1) x h x w) -> 1 x

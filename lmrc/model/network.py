@@ -50,11 +50,11 @@ class MemoryInput:
 
 @dataclass
 class SegmentOutput:
-    """logits B x N x H x W (per object), agg_logits / probs B x (N+1) x H x W (0 = background),
-    reliability {"L4": B x 1 x H4 x W4, ...} from the memory comparator."""
+    """logits B x N x H x W (per object), agg_logits / probs B x (N+1) x H x W (0 = background; the inference
+    fast path leaves agg_logits None), reliability {"L4": B x 1 x H4 x W4, ...} from the memory comparator."""
 
     logits: Tensor
-    agg_logits: Tensor
+    agg_logits: Tensor | None
     probs: Tensor
     reliability: dict[str, Tensor] = field(default_factory=dict)
 

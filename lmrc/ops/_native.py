@@ -1,5 +1,5 @@
-"""Build the native kernels (`local_window.c`, `top_k.c`) with the system C compiler at first use and load them
-with ctypes.
+"""Build the native kernels (`local_window.c`, `top_k.c`, `layout.c`) with the system C compiler at first use and
+load them with ctypes.
 
 One library is built per instruction set ("ISA variant") with fixed -m flags, never -march=native, so a cache
 shared by machines with different CPUs stays valid; the variant is chosen at load time from the CPU's features
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("local_window.c", "top_k.c"))  # one library
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("local_window.c", "top_k.c", "layout.c"))  # one library
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("kernels.h", "local_window_inf.h"))  # in the cache key
 
 # Tried in order: the first set is the intended build, the second keeps a working (single-threaded) kernel when the
@@ -59,10 +59,13 @@ _SIGNATURES = {
     "lw_attention_inf": [_P] * 6 + [_L] * 8 + [_D] + [_L] * 3 + [_P] * 2 + [_D, _D, _P, _I],
     "lw_wsum_inf": [_P] * 3 + [_L] + [_P] * 2 + [_L] * 7 + [_I],
     "tk_rows": [_P] + [_L] * 3 + [_P, _P, _I],
+    "ly_nhwc_to_nchw_bf16": [_P] * 3 + [_L] * 4 + [_I],
+    "ly_nhwc_to_nchw_f32": [_P] * 3 + [_L] * 4 + [_I],
+    "ly_add_nchw_groups_to_nhwc_f32": [_P] * 2 + [_L] * 4 + [_I],
 }
 # float build only: the inference kernels reading bfloat16 inputs (same arguments)
 _BF16_SIGNATURES = {"lw_attention_inf_bf16": _SIGNATURES["lw_attention_inf"],
-                    "lw_wsum_inf_bf16": _SIGNATURES["lw_wsum_inf"]}
+                    "lw_wsum_inf_bf16": _SIGNATURES["lw_wsum_inf"], "tk_rows_bf16": _SIGNATURES["tk_rows"]}
 
 _lock = threading.Lock()
 _loaded: dict[tuple[torch.dtype, str], "NativeLibrary | None"] = {}

@@ -40,4 +40,22 @@ static inline vreal vsel(vmask m, vreal a, vreal b) { return (vreal)((m & (vmask
 static inline vreal vmax(vreal a, vreal b) { return vsel(a > b, a, b); }
 static inline vreal vmin(vreal a, vreal b) { return vsel(a < b, a, b); }
 
+
+#ifdef LW_BF16_INPUTS /* float builds: inputs stored as bfloat16 (bf16 autocast), read as float */
+typedef unsigned short lw_bf16; /* the upper half of a float's bits */
+typedef unsigned short vhalf __attribute__((vector_size(LW_VBYTES / 2)));
+
+static inline vreal vload_bf16(const lw_bf16 *p) {
+    vhalf h;
+    memcpy(&h, p, sizeof h);
+    return (vreal)(__builtin_convertvector(h, vmask) << 16);
+}
+static inline real ld_bf16(const lw_bf16 *p) {
+    unsigned int u = (unsigned int)*p << 16;
+    real f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#endif
+
 #endif

@@ -632,20 +632,6 @@ static inline vreal reliability_block(long K, const vreal *top, const vreal *G, 
 #undef LD_IN
 
 #ifdef LW_BF16_INPUTS
-typedef unsigned short lw_bf16; /* the upper half of a float's bits */
-typedef unsigned short vhalf __attribute__((vector_size(LW_VBYTES / 2)));
-
-static inline vreal vload_bf16(const lw_bf16 *p) {
-    vhalf h;
-    memcpy(&h, p, sizeof h);
-    return (vreal)(__builtin_convertvector(h, vmask) << 16);
-}
-static inline real ld_bf16(const lw_bf16 *p) {
-    unsigned int u = (unsigned int)*p << 16;
-    real f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
 #define LW_IN lw_bf16
 #define LW_INF(name) LW_CAT(name, _bf16)
 #define vload_in vload_bf16

@@ -5,6 +5,8 @@
  * that almost every vector of entries fails at once; the few that pass are inserted into a sorted list of k.
  * About 10x faster than a general selection here.
  */
+#include <stdlib.h>
+
 #include "kernels.h"
 
 /* x into the sorted (descending) list val/idx of k entries, dropping the smallest; x > val[k-1] */
@@ -58,3 +60,27 @@ void LW_FN(tk_rows)(const real *x, long rows, long cols, long k, real *val, long
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (long r = 0; r < rows; r++) tk_row(x + r * cols, cols, k, val + r * k, idx + r * k);
 }
+
+#ifdef LW_BF16_INPUTS
+/* tk_rows of bfloat16 rows (the global read's similarities under bf16 autocast): each row widened into a float
+ * scratch row that stays in cache, then scanned as above; val is float (exactly the bf16 values). */
+void LW_FN(tk_rows_bf16)(const lw_bf16 *x, long rows, long cols, long k, real *val, long *idx, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        real *row = malloc((size_t)cols * sizeof(real));
+#pragma omp for schedule(static)
+        for (long r = 0; r < rows; r++) {
+            if (!row) { /* out of memory: the caller sees index -1 */
+                idx[r * k] = -1;
+                continue;
+            }
+            const lw_bf16 *src = x + r * cols;
+            long j = 0;
+            for (; j + VL <= cols; j += VL) vstore(row + j, vload_bf16(src + j));
+            for (; j < cols; j++) row[j] = ld_bf16(src + j);
+            tk_row(row, cols, k, val + r * k, idx + r * k);
+        }
+        free(row);
+    }
+}
+#endif

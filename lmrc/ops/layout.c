@@ -1,0 +1,88 @@
+/* Layout changes between the convolutions' channels-last tensors (NHWC) and the memory reads' NCHW ones.
+ *
+ * A P x C matrix transposed in tiles of TILE rows: the tile's rows (TILE * C elements) stay in L1 while each of
+ * the C output rows gets TILE contiguous elements. PyTorch runs this copy on one thread, element-wise; the
+ * tiles here are split over the threads. The types are fixed (bfloat16 bits, float), whatever LW_REAL is.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define TILE 32
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* float -> bfloat16, rounding to nearest even as PyTorch does; NaN stays NaN. Branch-free, so loops vectorise. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+
+
+/* dst[i] (C x P) = src[i] (P x C) + shared[i / per_shared] (P x C, optional) for i < images; bfloat16. */
+void LW_FN(ly_nhwc_to_nchw_bf16)(const uint16_t *src, const uint16_t *shared, uint16_t *dst, long images,
+                                 long per_shared, long C, long P, int nthreads) {
+    const long tiles = (P + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (long i = 0; i < images; i++)
+        for (long t = 0; t < tiles; t++) {
+            const long p0 = t * TILE, n = P - p0 < TILE ? P - p0 : TILE;
+            const uint16_t *s = src + (i * P + p0) * C;
+            const uint16_t *h = shared ? shared + ((i / per_shared) * P + p0) * C : 0;
+            uint16_t *d = dst + i * C * P + p0;
+            uint16_t sum[h ? TILE * C : 1];
+            if (h) { /* the tile's sum, row by row (contiguous, vectorised), then transposed */
+                for (long e = 0; e < n * C; e++) sum[e] = f32_to_bf16(bf16_to_f32(s[e]) + bf16_to_f32(h[e]));
+                s = sum;
+            }
+            for (long c = 0; c < C; c++)
+                for (long p = 0; p < n; p++) d[c * P + p] = s[p * C + c];
+        }
+}
+
+/* The same for float. */
+void LW_FN(ly_nhwc_to_nchw_f32)(const float *src, const float *shared, float *dst, long images, long per_shared,
+                                long C, long P, int nthreads) {
+    const long tiles = (P + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (long i = 0; i < images; i++)
+        for (long t = 0; t < tiles; t++) {
+            const long p0 = t * TILE, n = P - p0 < TILE ? P - p0 : TILE;
+            const float *s = src + (i * P + p0) * C;
+            const float *h = shared ? shared + ((i / per_shared) * P + p0) * C : 0;
+            float *d = dst + i * C * P + p0;
+            for (long c = 0; c < C; c++) {
+                if (h)
+                    for (long p = 0; p < n; p++) d[c * P + p] = s[p * C + c] + h[p * C + c];
+                else
+                    for (long p = 0; p < n; p++) d[c * P + p] = s[p * C + c];
+            }
+        }
+}
+
+/* dst[i] (P x C) += sum over g < groups of src[i, g] (C x P) for i < images; float. The groups are added in
+ * order, each in float, as a sequence of in-place adds would. */
+void LW_FN(ly_add_nchw_groups_to_nhwc_f32)(const float *src, float *dst, long images, long groups, long C, long P,
+                                          int nthreads) {
+    const long tiles = (P + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (long i = 0; i < images; i++)
+        for (long t = 0; t < tiles; t++) {
+            const long p0 = t * TILE, n = P - p0 < TILE ? P - p0 : TILE;
+            float *d = dst + (i * P + p0) * C;
+            for (long g = 0; g < groups; g++) {
+                const float *s = src + (i * groups + g) * C * P + p0;
+                for (long c = 0; c < C; c++)
+                    for (long p = 0; p < n; p++) d[p * C + c] += s[c * P + p];
+            }
+        }
+}

@@ -1,0 +1,61 @@
+"""Layout changes between channels-last (the convolutions') and NCHW (the memory reads') tensors: `layout.c` on
+CPU, PyTorch elsewhere. PyTorch transposes a large channels-last image on one thread (`.contiguous()`, or a 2-D
+copy of each image's H*W x C matrix); the native tiles run on every thread."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from lmrc.ops import _native
+
+_NATIVE_DTYPES = {torch.bfloat16: "ly_nhwc_to_nchw_bf16", torch.float32: "ly_nhwc_to_nchw_f32"}
+
+
+def _library(*tensors: Tensor):
+    if os.environ.get("LMRC_LOCAL_WINDOW", "auto").strip().lower() == "plain":
+        return None
+    if any(t.device.type != "cpu" or (t.requires_grad and torch.is_grad_enabled()) for t in tensors):
+        return None
+    return _native.load(torch.float32)
+
+
+def _channels_last(t: Tensor) -> bool:
+    return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def nhwc_to_nchw(x: Tensor, shared: Tensor | None = None) -> Tensor:
+    """x (B*N x C x H x W, channels-last) [+ shared (B x C x H x W, channels-last) broadcast over each group of N
+    images] as a contiguous NCHW tensor of x's shape; in x's dtype (a bf16 sum is rounded once, as PyTorch's)."""
+    n = 1 if shared is None else x.shape[0] // shared.shape[0]
+    lib = _library(x) if shared is None else _library(x, shared)
+    name = _NATIVE_DTYPES.get(x.dtype)
+    # A plain transpose of an image that fits in cache is as fast in PyTorch (no call overhead): native from 1M
+    # elements per image; a sum is always faster here (one pass instead of two).
+    usable = (lib is not None and name is not None and _channels_last(x) and x.shape[1] <= 4096
+              and (shared is not None or x[0].numel() >= 1 << 20)
+              and (shared is None or (_channels_last(shared) and shared.dtype == x.dtype
+                                      and shared.shape[1:] == x.shape[1:] and shared.shape[0] * n == x.shape[0])))
+    if not usable:
+        if shared is None:
+            return x.contiguous()
+        b = shared.shape[0]
+        return (x.view(b, n, *x.shape[1:]) + shared.unsqueeze(1)).reshape(x.shape).contiguous()
+    images, c, h, w = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype)
+    lib(name, x.data_ptr(), None if shared is None else shared.data_ptr(), out.data_ptr(), images, n, c, h * w)
+    return out
+
+
+def add_nchw_groups_to_nhwc(out: Tensor, groups: Tensor) -> None:
+    """out (B x C x H x W, float32, channels-last) += the sum of groups (B x G x C x H x W, float32, contiguous) over
+    G, in place, the groups added in order."""
+    b, g, c, h, w = groups.shape
+    lib = _library(out, groups)
+    if (lib is None or out.dtype != torch.float32 or groups.dtype != torch.float32 or not _channels_last(out)
+            or not groups.is_contiguous() or tuple(out.shape) != (b, c, h, w)):
+        for index in range(g):
+            out.add_(groups[:, index])
+        return
+    lib("ly_add_nchw_groups_to_nhwc_f32", groups.data_ptr(), out.data_ptr(), b, g, c, h * w)
