@@ -13,11 +13,9 @@ CL = torch.channels_last
 
 @native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 64, 120, 216), (3, 24, 37, 29), (4, 5, 3, 11)])
+@pytest.mark.parametrize("shape", [(2, 64, 120, 216), (4, 24, 37, 29), (2, 5, 3, 11)])
 @pytest.mark.parametrize("objects", [0, 1, 2])  # 0: no shared term
 def test_nhwc_to_nchw_is_the_contiguous_sum(dtype, shape, objects):
-    if objects and shape[0] % objects:
-        pytest.skip("the batch is a whole number of frames")
     g = torch.Generator().manual_seed(sum(shape) + objects)
     x = (torch.randn(shape, generator=g) * 100).to(dtype).contiguous(memory_format=CL)
     x.permute(0, 2, 3, 1).reshape(-1)[::97] = float("nan")  # NaN stays NaN through the bf16 rounding

@@ -235,6 +235,23 @@ def measure(segmenters: dict[str, "Segmenter"], frames: Iterator[tuple[np.ndarra
     return runs
 
 
+def _packed_convolution_flops() -> dict:
+    """FLOP formulas for oneDNN's fused convolutions (`lmrc.inference.packed_conv`), which PyTorch's counter does not
+    know: those of a plain convolution of the same shapes (a kernel enlarged to absorb padding counts its zeros:
+    they are computed)."""
+    from torch.utils.flop_counter import conv_flop_count
+
+    pointwise = getattr(getattr(torch.ops, "mkldnn", None), "_convolution_pointwise", None)
+    if pointwise is None:
+        return {}
+
+    def flops(*args, out_shape=None, **kwargs) -> int:  # unary (X, W, B, ...: 10 args) or binary (X, other, W, ...)
+        x_shape, w_shape = args[0], args[1] if len(args) == 10 else args[2]
+        return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+    return {pointwise: flops}  # the counter looks formulas up by overload packet
+
+
 def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.ndarray, np.ndarray | None]]  # noqa: F821
                             ) -> dict | None:
     """Mean multiply-adds per frame, in GMAC, over the frames after the first (which takes the mask). PyTorch's
@@ -256,7 +273,8 @@ def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.nd
     counted = 0
     by_stage: dict[str, float] = {}
     started: dict[str, float] = {}
-    with FlopCounterMode(display=False) as counter, count_multiply_adds() as native:
+    with FlopCounterMode(display=False, custom_mapping=_packed_convolution_flops()) as counter, \
+            count_multiply_adds() as native:
         def so_far() -> float:  # multiply-adds counted until now
             return counter.get_total_flops() / 2 + native[0]
 

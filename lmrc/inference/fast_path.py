@@ -252,7 +252,9 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
     if channels_last:
         prepared.key_encoder.to(memory_format=torch.channels_last)
         prepared.value_encoder.to(memory_format=torch.channels_last)
-    if pack and fold and not compile and packed_convolutions_available(next(prepared.parameters()).device):
+    weights = next(prepared.parameters())
+    if (pack and fold and not compile and weights.dtype == torch.float32
+            and packed_convolutions_available(weights.device)):  # oneDNN packs fp32 / bf16 (not float64)
         for part in (prepared.key_encoder, prepared.value_encoder, prepared.decoder):
             pack_convolutions(part, dtype or torch.float32)
     if compile:
