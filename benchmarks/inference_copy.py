@@ -13,6 +13,10 @@ SEQ=name runs the shipped weights on that DAVIS sequence (frames and first mask 
         'before={"prep":{"project_values":false}}' 'after={"prep":{"project_values":true}}'
     P=bf16 T=2 N=20 NOBASE=1 .venv/bin/python benchmarks/inference_copy.py lmrc-lite F \
         'unpacked={"prep":{"pack":false}}' 'packed={"prep":{"pack":true}}'
+A variant's "none" lists attributes of the inference copy set to None after it is built, e.g. keys and values left
+in the encoders' bf16 instead of float32:
+    P=bf16 T=2 N=25 NOBASE=1 .venv/bin/python benchmarks/inference_copy.py lmrc-lite F 'f32={}' \
+        'bf16={"none":["key_encoder.nchw_dtype","value_encoder.nchw_dtype"]}'
 """
 import sys, os, torch, json
 from lmrc.utils.memory import reuse_freed_memory
@@ -38,13 +42,16 @@ for v in sys.argv[3:]:
     variants[k] = json.loads(val)
 segs = {}
 for k, kw in variants.items():
-    prep = kw.pop("prep", None)
+    prep, nones = kw.pop("prep", None), kw.pop("none", [])
     if prep is not None:
         s = Segmenter(m, size=size, precision=precision, optimize=False)
         s.model = prepare_for_inference(m, timer=s.timer, dtype=s._autocast_dtype, **prep)
         segs[k] = s
     else:
         segs[k] = Segmenter(m, size=size, precision=precision, **kw)
+    for path in nones:
+        owner, _, name = path.rpartition(".")
+        setattr(segs[k].model.get_submodule(owner) if owner else segs[k].model, name, None)
 print("load", os.getloadavg())
 runs = measure(segs, iter(video), 4)
 for k, r in runs.items():

@@ -48,11 +48,13 @@ class MemoryBank:
     others, `max_frames` in all (at least 2).
     """
 
-    def __init__(self, max_frames: int | None = None, initial_capacity: int = 8) -> None:
+    def __init__(self, max_frames: int | None = None, initial_capacity: int = 8,
+                 dtype: torch.dtype | None = None) -> None:
         if max_frames is not None and max_frames < 2:
             raise ValueError("max_frames must be at least 2 (the first frame and one recent frame)")
         self.max_frames = max_frames
         self.initial_capacity = initial_capacity
+        self.dtype = dtype  # of the global buffers (None: the first key's and value's)
         self.keys: Tensor | None = None  # B x Ck x T_cap x P
         self.key_sq: Tensor | None = None  # B x T_cap x P: ||key||^2, computed once per memory frame
         self.values: Tensor | None = None  # B x T_cap x P x N_cap x Cv4
@@ -123,9 +125,10 @@ class MemoryBank:
             b, ck = key.shape[:2]
             p = key.shape[-2] * key.shape[-1]
             cap = self.initial_capacity if self.max_frames is None else min(self.initial_capacity, self.max_frames)
-            self.keys = key.new_zeros(b, ck, cap, p)
-            self.key_sq = key.new_zeros(b, cap, p)
-            self.values = value.new_zeros(b, cap, p, max(value.shape[1], 1), value.shape[2])
+            self.keys = key.new_zeros(b, ck, cap, p, dtype=self.dtype or key.dtype)
+            self.key_sq = self.keys.new_zeros(b, cap, p)
+            self.values = value.new_zeros(b, cap, p, max(value.shape[1], 1), value.shape[2],
+                                          dtype=self.dtype or value.dtype)
             return 0
         limit = self.max_frames
         if limit is not None:

@@ -95,7 +95,8 @@ class Segmenter:
         """Forget the video: memory, objects and frame counter (the inference copy is kept)."""
         cap = self.config.max_memory_frames
         # one memory per view: the frame, and with flip its mirror image
-        self.memories = [MemoryBank(cap) for _ in range(2 if self.config.flip else 1)]
+        # the global memory in the precision the network computes in (the fast path's keys leave it as float32)
+        self.memories = [MemoryBank(cap, dtype=self._autocast_dtype) for _ in range(2 if self.config.flip else 1)]
         self.object_ids: list[int] = []
         self.frame_index = 0  # frames stepped so far; the schedule counts in these
         self.start: int | None = None  # frame index of the first mask

@@ -184,6 +184,8 @@ def build_trunks(backbone: str, pretrained: bool, value_trunk: str = "image_and_
 class KeyEncoder(nn.Module):
     """Query/local-memory key encoder: frame features F_r and 3x3-conv keys K_r (64 channels) at r = 2, 3, 4."""
 
+    nchw_dtype: torch.dtype | None = None  # the keys' dtype when they leave a channels-last copy (None: the conv's)
+
     def __init__(self, trunk: nn.Module, key_dim: int) -> None:
         super().__init__()
         self.trunk = trunk
@@ -194,7 +196,7 @@ class KeyEncoder(nn.Module):
     def forward(self, image: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         features = self.trunk(image)
         # NCHW for the memory reads: a no-op unless the encoder runs channels-last (inference)
-        keys = {r: contiguous_nchw(self.key_proj[f"r{r}"](features[r])) for r in STAGES}
+        keys = {r: contiguous_nchw(self.key_proj[f"r{r}"](features[r]), self.nchw_dtype) for r in STAGES}
         return keys, features
 
 
@@ -204,6 +206,8 @@ class ValueEncoder(nn.Module):
     conv3x3(concat(e, f)) is computed as conv_e(e) + conv_f(f): the frame part is shared by every object,
     so it runs once per frame instead of once per object; the result is the same convolution.
     """
+
+    nchw_dtype: torch.dtype | None = None  # the values' dtype when they leave a channels-last copy (None: the conv's)
 
     def __init__(self, trunk: nn.Module, frame_channels: dict[int, int], value_dims: tuple[int, int, int],
                  fusion_kernel: int = 3) -> None:
@@ -234,16 +238,19 @@ class ValueEncoder(nn.Module):
             if own.is_contiguous():
                 values[r] = own.view(b, n, *own.shape[1:]) + shared.unsqueeze(1)
             else:  # channels-last inference copy: the memory reads want NCHW
-                values[r] = _add_to_nchw(own, shared, b, n)
+                values[r] = _add_to_nchw(own, shared, b, n, self.nchw_dtype)
         return values
 
 
-def contiguous_nchw(x: Tensor) -> Tensor:
-    """x (B x C x H x W) as a contiguous NCHW tensor (from channels-last: the native tiled transpose on CPU)."""
-    return nhwc_to_nchw(x) if x.dim() == 4 and not x.is_contiguous() else x.contiguous()
+def contiguous_nchw(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """x (B x C x H x W) as a contiguous NCHW tensor in `dtype` (default x's; from channels-last: the native tiled
+    transpose on CPU)."""
+    if x.dim() == 4 and not x.is_contiguous():
+        return nhwc_to_nchw(x, dtype=dtype)
+    return x.to(dtype or x.dtype).contiguous()
 
 
-def _add_to_nchw(own: Tensor, shared: Tensor, b: int, n: int) -> Tensor:
-    """own (B*N x C x H x W) + shared (B x C x H x W), both channels-last, as a contiguous B x N x C x H x W tensor,
-    summed and transposed in one pass."""
-    return nhwc_to_nchw(own, shared).view(b, n, *own.shape[1:])
+def _add_to_nchw(own: Tensor, shared: Tensor, b: int, n: int, dtype: torch.dtype | None = None) -> Tensor:
+    """own (B*N x C x H x W) + shared (B x C x H x W), both channels-last, as a contiguous B x N x C x H x W tensor
+    in `dtype`, summed and transposed in one pass."""
+    return nhwc_to_nchw(own, shared, dtype).view(b, n, *own.shape[1:])

@@ -47,7 +47,11 @@ def global_similarity(query_key: Tensor, memory_key: Tensor, scale: float, *, me
     m_sq = memory_key_sq(memory_key) if memory_sq is None else memory_sq
     keys = torch.cat([memory_key * (2 * scale), (m_sq * -scale).unsqueeze(1).to(memory_key.dtype)], 1)  # B x C+1 x M
     rows = torch.cat([query_key, query_key.new_ones(b, 1, n)], 1).transpose(1, 2)  # B x n x C+1
-    keys = keys.to(rows.dtype)
+    if rows.dtype != keys.dtype:  # the dtype autocast would compute the product in, cast once here (not per chunk)
+        device = rows.device.type
+        common = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                  else torch.promote_types(rows.dtype, keys.dtype))
+        rows, keys = rows.to(common), keys.to(common)
     step = n if chunk_size is None else max(1, chunk_size)
     for start in range(0, n, step):
         yield start, torch.bmm(rows[:, start: start + step], keys)

@@ -49,6 +49,24 @@ void LW_FN(ly_nhwc_to_nchw_bf16)(const uint16_t *src, const uint16_t *shared, ui
         }
 }
 
+/* The same from bfloat16 to float: the sum in float, not rounded. */
+void LW_FN(ly_nhwc_bf16_to_nchw_f32)(const uint16_t *src, const uint16_t *shared, float *dst, long images,
+                                     long per_shared, long C, long P, int nthreads) {
+    const long tiles = (P + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (long i = 0; i < images; i++)
+        for (long t = 0; t < tiles; t++) {
+            const long p0 = t * TILE, n = P - p0 < TILE ? P - p0 : TILE;
+            const uint16_t *s = src + (i * P + p0) * C;
+            const uint16_t *h = shared ? shared + ((i / per_shared) * P + p0) * C : 0;
+            float *d = dst + i * C * P + p0;
+            float tile[TILE * C];
+            for (long e = 0; e < n * C; e++) tile[e] = bf16_to_f32(s[e]) + (h ? bf16_to_f32(h[e]) : 0.0f);
+            for (long c = 0; c < C; c++)
+                for (long p = 0; p < n; p++) d[c * P + p] = tile[p * C + c];
+        }
+}
+
 /* The same for float. */
 void LW_FN(ly_nhwc_to_nchw_f32)(const float *src, const float *shared, float *dst, long images, long per_shared,
                                 long C, long P, int nthreads) {

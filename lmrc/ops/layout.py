@@ -10,7 +10,9 @@ from torch import Tensor
 
 from lmrc.ops import _native
 
-_NATIVE_DTYPES = {torch.bfloat16: "ly_nhwc_to_nchw_bf16", torch.float32: "ly_nhwc_to_nchw_f32"}
+# (input dtype, output dtype) -> kernel
+_NATIVE = {(torch.bfloat16, torch.bfloat16): "ly_nhwc_to_nchw_bf16", (torch.float32, torch.float32): "ly_nhwc_to_nchw_f32",
+           (torch.bfloat16, torch.float32): "ly_nhwc_bf16_to_nchw_f32"}
 
 
 def _library(*tensors: Tensor):
@@ -25,25 +27,29 @@ def _channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
 
 
-def nhwc_to_nchw(x: Tensor, shared: Tensor | None = None) -> Tensor:
+def nhwc_to_nchw(x: Tensor, shared: Tensor | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """x (B*N x C x H x W, channels-last) [+ shared (B x C x H x W, channels-last) broadcast over each group of N
-    images] as a contiguous NCHW tensor of x's shape; in x's dtype (a bf16 sum is rounded once, as PyTorch's)."""
+    images] as a contiguous NCHW tensor of x's shape in `dtype` (default x's). The sum is taken in float32 and
+    rounded once to `dtype`, as PyTorch's bf16 addition does; bf16 widened to float32 is not rounded at all."""
+    dtype = dtype or x.dtype
     n = 1 if shared is None else x.shape[0] // shared.shape[0]
     lib = _library(x) if shared is None else _library(x, shared)
-    name = _NATIVE_DTYPES.get(x.dtype)
+    name = _NATIVE.get((x.dtype, dtype))
     # A plain transpose of an image that fits in cache is as fast in PyTorch (no call overhead): native from 1M
-    # elements per image; a sum is always faster here (one pass instead of two).
+    # elements per image; a sum or a widening is always faster here (one pass instead of two).
     usable = (lib is not None and name is not None and _channels_last(x) and x.shape[1] <= 4096
-              and (shared is not None or x[0].numel() >= 1 << 20)
+              and (shared is not None or dtype != x.dtype or x[0].numel() >= 1 << 20)
               and (shared is None or (_channels_last(shared) and shared.dtype == x.dtype
                                       and shared.shape[1:] == x.shape[1:] and shared.shape[0] * n == x.shape[0])))
     if not usable:
         if shared is None:
-            return x.contiguous()
+            return x.to(dtype, memory_format=torch.contiguous_format)
         b = shared.shape[0]
-        return (x.view(b, n, *x.shape[1:]) + shared.unsqueeze(1)).reshape(x.shape).contiguous()
+        wide = torch.promote_types(x.dtype, dtype)
+        total = x.to(wide).view(b, n, *x.shape[1:]) + shared.to(wide).unsqueeze(1)
+        return total.reshape(x.shape).to(dtype, memory_format=torch.contiguous_format)
     images, c, h, w = x.shape
-    out = torch.empty(x.shape, dtype=x.dtype)
+    out = torch.empty(x.shape, dtype=dtype)
     lib(name, x.data_ptr(), None if shared is None else shared.data_ptr(), out.data_ptr(), images, n, c, h * w)
     return out
 
