@@ -30,7 +30,8 @@ class _Normalize(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, image: Tensor) -> Tensor:
-        return (image - self.mean.to(image.dtype)) / self.std.to(image.dtype)
+        scale = 1 / self.std.to(image.dtype)  # one pass over the image: x * (1 / std) - mean / std
+        return torch.addcmul(-self.mean.to(image.dtype) * scale, image, scale)
 
 
 class ResNet50Trunk(nn.Module):
