@@ -187,6 +187,22 @@ def test_noncontiguous_inputs_and_thread_count_do_not_change_results(native):
         assert torch.equal(a, b) and torch.equal(a, c)  # rows are independent: bitwise equal whatever the split
 
 
+def test_denormals_are_flushed_inside_the_kernels_only(native):
+    """Horizontal neighbours give weights exp(-80) ~ 2e-35; times values of 1e-5 their terms are ~2e-40, denormal.
+    The kernel flushes those to zero (a CPU takes a slow assist per denormal: trained weights on flat regions ran
+    2x slower) and leaves the caller's handling of denormals as it was, on the calling thread and on the thread
+    pool that PyTorch shares with the kernels."""
+    h, w = 6, 40
+    q = (torch.arange(h * w, dtype=torch.float32) * 10).view(1, 1, h, w)  # neighbours 10 apart, rows 400 apart
+    v = torch.zeros(1, 4, h, w)
+    v[..., 1::2] = 1e-5
+    readout = lw.local_attention_inference(q, q, v, 2, scale=0.8)[0]
+    assert not readout[..., ::2].any()  # the neighbours' denormal terms flushed: exactly zero
+    torch.testing.assert_close(readout[..., 1::2], v[..., 1::2])
+    tiny = torch.full((1 << 20,), 1e-40)
+    assert (tiny * 1.0).min().item() > 0  # denormals survive in PyTorch's own ops afterwards
+
+
 def test_env_forces_plain_fallback(monkeypatch):
     q, k, v = (t.requires_grad_() for t in _inputs(1, 4, 3, 6, 7))
     monkeypatch.setenv("LMRC_LOCAL_WINDOW", "plain")

@@ -662,6 +662,7 @@ void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *
     block_tables(&g, tab, any);
 #pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
     {
+        LW_DENORMALS_TO_ZERO;
         const long reach = R * D, krows = Y + 2 * reach < H ? Y + 2 * reach : H;
         real *qn = malloc(sizeof(real) * (Y + krows + 1) * W), *knb = qn + Y * W, *tmp = knb + krows * W;
         rowtaps *rt = malloc(sizeof(rowtaps) * Y);
@@ -765,6 +766,7 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
     const olayout olq = {gq, Ck * HW, Ck * HW, Ck > 0 ? Ck : 1};
 #pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
     {
+        LW_DENORMALS_TO_ZERO;
         real *dot = malloc(sizeof(real) * (O + 1) * W), *t = dot + O * W;
         rowtaps *rt = malloc(sizeof(rowtaps));
 #pragma omp for schedule(static)
@@ -806,6 +808,7 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
     block_tables(&gn, tab, any);
 #pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
     {
+        LW_DENORMALS_TO_ZERO;
         real *t = malloc(sizeof(real) * W);
         itap *taps = malloc(sizeof(itap) * LW_MAX_O);
 #pragma omp for schedule(static)

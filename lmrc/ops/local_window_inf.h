@@ -237,6 +237,7 @@ void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const LW_IN
     if (tab) block_tables(&g, tab, any);
 #pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
     {
+        LW_DENORMALS_TO_ZERO;
         /* per thread: the similarity rows of one image row, the affinity rows of a band (unless written to aff) */
         real *s = malloc(sizeof(real) * ((1 + Y) * O * W + Y * W));
         real *abuf = s + O * W, *hbuf = abuf + Y * O * W;
@@ -343,6 +344,7 @@ void LW_FN(LW_INF(lw_wsum_inf))(const real *w, const LW_IN *v1, real *out1, long
     if (tab) block_tables(&g, tab, any);
 #pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
     {
+        LW_DENORMALS_TO_ZERO;
         real *scratch = up == 1 ? NULL : malloc(sizeof(real) * Y * O * W);
         rowtaps *rt = malloc(sizeof(rowtaps) * Y);
 #pragma omp for schedule(static)
