@@ -1,7 +1,7 @@
 """The shipped weights keep their accuracy in bf16 (issue #16): J&F within 0.005 of fp32 on held-out sequences.
 
 Slow (two held-out sequences segmented twice at 480 px): `make test-slow`. The whole held-out set, one command per
-precision, is in docs/RESULTS.md (0.808 fp32, 0.807 bf16).
+precision, is in docs/RESULTS.md (0.808 fp32, 0.808 bf16).
 """
 from __future__ import annotations
 
