@@ -227,6 +227,10 @@ def test_output_prob_to_mask():
     np.testing.assert_array_equal(output_prob_to_mask(probs, [4, 7]), [[0, 4], [7, 7]])
     with pytest.raises(ValueError):
         output_prob_to_mask(probs, [4])
+    # ties go to the first channel, as argmax's do (equal probabilities are common: an empty channel, a clamp)
+    tied = torch.randint(0, 3, (4, 60, 70)).float() / 2
+    lookup = np.array([0, 3, 5, 9], np.uint8)
+    np.testing.assert_array_equal(output_prob_to_mask(tied, [3, 5, 9]), lookup[tied.argmax(0).numpy()])
 
 
 JUDO = DATA / "cutie_examples"

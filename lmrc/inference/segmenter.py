@@ -297,4 +297,6 @@ def output_prob_to_mask(probs: Tensor | np.ndarray, object_ids: Sequence[int]) -
     if probs.shape[0] != len(object_ids) + 1:
         raise ValueError(f"probs has {probs.shape[0]} channels, expected {len(object_ids) + 1} (background + objects)")
     lookup = torch.tensor([0, *object_ids], dtype=torch.uint8)
-    return lookup[probs.argmax(0).cpu()].numpy()
+    # max(0).indices, not argmax(0): the same first-maximum index, but argmax over the outer dim of a few channels
+    # took 78 ms at 480p here (half of `lmrc segment`'s time per frame) against 1.3 ms
+    return lookup[probs.max(0).indices.cpu()].numpy()

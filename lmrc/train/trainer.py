@@ -419,7 +419,7 @@ def validate(model: nn.Module, val: Validation, cfg: TrainConfig, device: torch.
                 # The loss as it stands after the warm-ups: no scale term, the configured CE kind.
                 loss, _ = training_loss(out, masks, max(cfg.loss.scale_loss_iterations, cfg.loss.plain_ce_iterations), cfg)
                 losses.append(float(loss))
-                js += _mean_j(out.outputs[-1].probs.argmax(1)[0].cpu(), ids_from_masks(masks[:, -1])[0].cpu(),
+                js += _mean_j(out.outputs[-1].probs.max(1).indices[0].cpu(), ids_from_masks(masks[:, -1])[0].cpu(),
                               sample["valid_objects"])
             results["val/loss"] = float(np.mean(losses))
             results["val/J_triplets"] = float(np.mean(js)) if js else 0.0
