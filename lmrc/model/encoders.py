@@ -11,7 +11,6 @@ import warnings
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet18, resnet50
 
 from lmrc.ops.layout import nhwc_to_nchw
 
@@ -41,6 +40,8 @@ class ResNet50Trunk(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        from torchvision.models import resnet50  # imported here: torchvision takes 1.6 s to import, lmrc-lite skips it
+
         net = resnet50(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3 = net.layer1, net.layer2, net.layer3
@@ -60,6 +61,8 @@ class ResNet18ValueTrunk(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
+        from torchvision.models import resnet18
+
         net = resnet18(weights=None)
         net.conv1 = nn.Conv2d(5, 64, kernel_size=7, stride=2, padding=3, bias=False)
         for module in net.modules():
