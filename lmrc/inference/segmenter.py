@@ -244,7 +244,7 @@ class Segmenter:
         else:
             raise TypeError(f"frame must be a numpy array or a tensor, got {type(frame).__name__}")
         image = image.to(self.device)
-        image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
+        image = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
         size = tuple(image.shape[-2:])
         if self.input_size is None:
             self.input_size = size
@@ -283,7 +283,9 @@ class Segmenter:
     def _resize(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         if tuple(x.shape[-2:]) == tuple(size):
             return x
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        # antialiasing only matters when shrinking; enlarging with it gives the same values 3x slower (1080p output)
+        shrink = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
     def _autocast(self):
         dtype = self._autocast_dtype
