@@ -3,9 +3,10 @@ inference copy's encoders and decoder on a CPU.
 
 Under autocast every call casts the fp32 weight to bf16 and oneDNN reorders it into its blocked layout again, and
 each ReLU6 or residual sum is one more pass over a large activation. Packing the weight once, in the precision the
-copy runs in, and giving oneDNN the activation and the sum as post-ops removes both: on a 2-core Xeon with AMX the
-480p expand conv of EfficientNet's first block went 4.4 -> 2.5 ms (`benchmarks/packed_conv.py`). The results are
-the same operations in the same order: exact in fp32, and equal to autocast's in bf16 (tested).
+copy runs in, and giving oneDNN the activation and the sum as post-ops removes both: on a 2-core Xeon with AMX
+lmrc-lite F went 113 -> 91 ms per 480p frame in bf16 (docs/PERFORMANCE.md, `benchmarks/inference_copy.py`). The
+results equal the plain modules' up to float rounding in fp32 and autocast's up to bf16 rounding (a fused sum is
+rounded once, not twice) (tested).
 
 Only the module types whose forward is known are rewritten (EfficientNet-Lite blocks, `LightValueTrunk`'s
 conv + ReLU pairs, the decoder's residual blocks, plain convolutions); anything else keeps its modules.
