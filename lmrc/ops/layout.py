@@ -37,7 +37,8 @@ def nhwc_to_nchw(x: Tensor, shared: Tensor | None = None, dtype: torch.dtype | N
     name = _NATIVE.get((x.dtype, dtype))
     # A plain transpose of an image that fits in cache is as fast in PyTorch (no call overhead): native from 1M
     # elements per image; a sum or a widening is always faster here (one pass instead of two).
-    usable = (lib is not None and name is not None and _channels_last(x) and x.shape[1] <= 1024  # the kernel keeps a 32 x C tile on its stack
+    # (the kernel keeps a 32 x C tile on its thread's stack: at most 1024 channels)
+    usable = (lib is not None and name is not None and _channels_last(x) and x.shape[1] <= 1024
               and (shared is not None or dtype != x.dtype or x[0].numel() >= 1 << 20)
               and (shared is None or (_channels_last(shared) and shared.dtype == x.dtype
                                       and shared.shape[1:] == x.shape[1:] and shared.shape[0] * n == x.shape[0])))
