@@ -25,7 +25,8 @@ def _reference(conv: nn.Conv2d, x: torch.Tensor, activation: str, residual=None)
     return {"none": y, "relu": F.relu(y), "relu6": F.relu6(y)}[activation]
 
 
-@pytest.mark.parametrize("left,right,top,bottom,k", [(0, 1, 0, 1, 3), (1, 2, 1, 2, 5), (0, 0, 1, 2, 3), (2, 2, 0, 0, 3)])
+@pytest.mark.parametrize("left,right,top,bottom,k",
+                         [(0, 1, 0, 1, 3), (1, 2, 1, 2, 5), (0, 0, 1, 2, 3), (2, 2, 0, 0, 3)])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_absorbed_padding_is_the_padded_convolution(left, right, top, bottom, k, stride):
     """Symmetric padding and zero rows/columns prepended to the kernel compute conv(pad(x)) exactly (float64)."""

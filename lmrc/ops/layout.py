@@ -11,7 +11,8 @@ from torch import Tensor
 from lmrc.ops import _native
 
 # (input dtype, output dtype) -> kernel
-_NATIVE = {(torch.bfloat16, torch.bfloat16): "ly_nhwc_to_nchw_bf16", (torch.float32, torch.float32): "ly_nhwc_to_nchw_f32",
+_NATIVE = {(torch.bfloat16, torch.bfloat16): "ly_nhwc_to_nchw_bf16",
+           (torch.float32, torch.float32): "ly_nhwc_to_nchw_f32",
            (torch.bfloat16, torch.float32): "ly_nhwc_bf16_to_nchw_f32"}
 
 
