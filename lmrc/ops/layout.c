@@ -26,65 +26,51 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
 }
 
+/* Element e of a bfloat16 (f32 = 0) or float (f32 = 1) array, as float, and back (bf16 rounded to nearest even). */
+static inline float load_as_f32(const void *p, long e, int f32) {
+    return f32 ? ((const float *)p)[e] : bf16_to_f32(((const uint16_t *)p)[e]);
+}
+static inline void store_from_f32(void *p, long e, float v, int f32) {
+    if (f32)
+        ((float *)p)[e] = v;
+    else
+        ((uint16_t *)p)[e] = f32_to_bf16(v);
+}
 
+/* dst[i] (C x P) = src[i] (P x C) + shared[i / per_shared] (P x C, optional) for i < images. Each tile is first
+ * summed row by row into float (contiguous, vectorised), then transposed out; a bf16 sum is rounded once. Inlined
+ * into each exported variant, where the types are constants. */
+static inline __attribute__((always_inline)) void nhwc_to_nchw(const void *src, const void *shared, void *dst,
+                                                               long images, long per_shared, long C, long P,
+                                                               int src_f32, int dst_f32, int nthreads) {
+    const long tiles = (P + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
+    for (long i = 0; i < images; i++)
+        for (long t = 0; t < tiles; t++) {
+            const long p0 = t * TILE, n = P - p0 < TILE ? P - p0 : TILE;
+            const long s0 = (i * P + p0) * C, h0 = ((i / per_shared) * P + p0) * C, d0 = i * C * P + p0;
+            float tile[TILE * C];
+            for (long e = 0; e < n * C; e++)
+                tile[e] = shared ? load_as_f32(src, s0 + e, src_f32) + load_as_f32(shared, h0 + e, src_f32)
+                                 : load_as_f32(src, s0 + e, src_f32);
+            for (long c = 0; c < C; c++)
+                for (long p = 0; p < n; p++) store_from_f32(dst, d0 + c * P + p, tile[p * C + c], dst_f32);
+        }
+}
 
-/* dst[i] (C x P) = src[i] (P x C) + shared[i / per_shared] (P x C, optional) for i < images; bfloat16. */
 void LW_FN(ly_nhwc_to_nchw_bf16)(const uint16_t *src, const uint16_t *shared, uint16_t *dst, long images,
                                  long per_shared, long C, long P, int nthreads) {
-    const long tiles = (P + TILE - 1) / TILE;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
-    for (long i = 0; i < images; i++)
-        for (long t = 0; t < tiles; t++) {
-            const long p0 = t * TILE, n = P - p0 < TILE ? P - p0 : TILE;
-            const uint16_t *s = src + (i * P + p0) * C;
-            const uint16_t *h = shared ? shared + ((i / per_shared) * P + p0) * C : 0;
-            uint16_t *d = dst + i * C * P + p0;
-            uint16_t sum[h ? TILE * C : 1];
-            if (h) { /* the tile's sum, row by row (contiguous, vectorised), then transposed */
-                for (long e = 0; e < n * C; e++) sum[e] = f32_to_bf16(bf16_to_f32(s[e]) + bf16_to_f32(h[e]));
-                s = sum;
-            }
-            for (long c = 0; c < C; c++)
-                for (long p = 0; p < n; p++) d[c * P + p] = s[p * C + c];
-        }
+    nhwc_to_nchw(src, shared, dst, images, per_shared, C, P, 0, 0, nthreads);
 }
 
-/* The same from bfloat16 to float: the sum in float, not rounded. */
 void LW_FN(ly_nhwc_bf16_to_nchw_f32)(const uint16_t *src, const uint16_t *shared, float *dst, long images,
                                      long per_shared, long C, long P, int nthreads) {
-    const long tiles = (P + TILE - 1) / TILE;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
-    for (long i = 0; i < images; i++)
-        for (long t = 0; t < tiles; t++) {
-            const long p0 = t * TILE, n = P - p0 < TILE ? P - p0 : TILE;
-            const uint16_t *s = src + (i * P + p0) * C;
-            const uint16_t *h = shared ? shared + ((i / per_shared) * P + p0) * C : 0;
-            float *d = dst + i * C * P + p0;
-            float tile[TILE * C];
-            for (long e = 0; e < n * C; e++) tile[e] = bf16_to_f32(s[e]) + (h ? bf16_to_f32(h[e]) : 0.0f);
-            for (long c = 0; c < C; c++)
-                for (long p = 0; p < n; p++) d[c * P + p] = tile[p * C + c];
-        }
+    nhwc_to_nchw(src, shared, dst, images, per_shared, C, P, 0, 1, nthreads);
 }
 
-/* The same for float. */
 void LW_FN(ly_nhwc_to_nchw_f32)(const float *src, const float *shared, float *dst, long images, long per_shared,
                                 long C, long P, int nthreads) {
-    const long tiles = (P + TILE - 1) / TILE;
-#pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
-    for (long i = 0; i < images; i++)
-        for (long t = 0; t < tiles; t++) {
-            const long p0 = t * TILE, n = P - p0 < TILE ? P - p0 : TILE;
-            const float *s = src + (i * P + p0) * C;
-            const float *h = shared ? shared + ((i / per_shared) * P + p0) * C : 0;
-            float *d = dst + i * C * P + p0;
-            for (long c = 0; c < C; c++) {
-                if (h)
-                    for (long p = 0; p < n; p++) d[c * P + p] = s[p * C + c] + h[p * C + c];
-                else
-                    for (long p = 0; p < n; p++) d[c * P + p] = s[p * C + c];
-            }
-        }
+    nhwc_to_nchw(src, shared, dst, images, per_shared, C, P, 1, 1, nthreads);
 }
 
 /* dst[i] (P x C) += sum over g < groups of src[i, g] (C x P) for i < images; float. The groups are added in
