@@ -245,6 +245,7 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
     prepared.eval().requires_grad_(False)
     if device is not None:
         prepared.to(device)
+    weights = next(prepared.parameters())
     if project_values:
         project_values_before_reading(prepared)
     if fold:
@@ -255,13 +256,11 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
     if channels_last:
         prepared.key_encoder.to(memory_format=torch.channels_last)
         prepared.value_encoder.to(memory_format=torch.channels_last)
-        weights = next(prepared.parameters())
         if weights.device.type == "cpu":
             # keys and values leave the encoders NCHW in the weights' dtype (float32, also under bf16 autocast),
             # widened in the transpose they need anyway: the CPU memory reads then read float32, 8 ms faster per lite F
             # frame than bf16 on a 2-core Xeon (benchmarks/inference_copy.py)
             prepared.key_encoder.nchw_dtype = prepared.value_encoder.nchw_dtype = weights.dtype
-    weights = next(prepared.parameters())
     if (pack and fold and not compile and weights.dtype == torch.float32
             and packed_convolutions_available(weights.device)):  # oneDNN packs fp32 / bf16 (not float64)
         for part in (prepared.key_encoder, prepared.value_encoder, prepared.decoder):
