@@ -264,9 +264,10 @@ def test_bad_arguments_raise():
 
 # --- inference kernels (no autograd) --------------------------------------------------------------------------------
 
-# widths below, at and above the vector width (8 floats, 4 doubles), so both the per-pixel path and the vector
-# blocks with their border shuffles and overlapping last block are exercised
-INFERENCE_SIZES = [(1, 13), (13, 1), (2, 3), (7, 9), (5, 17), (6, 30), (9, 4)]
+# widths below, at and above the vector width (8 or 16 floats, 4 or 8 doubles), so the per-pixel path, the vector
+# blocks with their border shuffles and overlapping last block, and interior blocks (5 x 5 windows in one pass)
+# are exercised
+INFERENCE_SIZES = [(1, 13), (13, 1), (2, 3), (7, 9), (5, 17), (6, 30), (9, 4), (8, 52)]
 
 
 @pytest.mark.parametrize("size,radius,dilation", list(itertools.product(INFERENCE_SIZES, [0, 1, 2, 3], [1, 2])))
@@ -426,7 +427,7 @@ def test_each_isa_variant_matches_the_reference(native, monkeypatch, isa):
     lib = _native.load(torch.float32)
     assert lib.isa == isa and lib.vector_bytes == _native.ISA_VARIANTS[isa][1]
     # widths below, at and above 4, 8 and 16 floats: the per-pixel path, border shuffles and the last block
-    for (h, w), dilation in [((5, 3), 1), ((6, 17), 1), ((7, 40), 2), ((4, 16), 1)]:
+    for (h, w), dilation in [((5, 3), 1), ((6, 17), 1), ((7, 40), 2), ((4, 16), 1), ((7, 40), 1)]:
         q, k, v = _inputs(2, 9, 11, h, w, seed=w)
         scale = 0.6
         read_ref, sim_ref, aff_ref = local_memory_read_reference(q.double(), k.double(), v.double(), 2, scale, dilation)

@@ -44,6 +44,26 @@ static inline __attribute__((always_inline)) void LW_INF(sim_chunk)(const int n,
     }
 }
 
+/* All 25 taps of one interior block of a 5 x 5, dilation-1 window (every window row inside the image, no tap
+ * crossing the left or right border) in one pass over the channels: the query is loaded once per channel, not
+ * once per window row, and 25 accumulators stay in registers. k0: the key at the window's top-left tap. Writes
+ * the similarities (dot form, as sim_chunk) of tap o to s[o * sst]. */
+static inline __attribute__((always_inline)) void LW_INF(sim_block25)(long C, long HW, long W, const LW_IN *qp,
+                                                                      const LW_IN *k0, const real *qn,
+                                                                      const real *kn0, real scale, real *s,
+                                                                      long sst) {
+    vreal a[25] = {0};
+    for (long c = 0; c < C; c++) {
+        const vreal qv = vload_in(qp + c * HW);
+        const LW_IN *kc = k0 + c * HW;
+        for (int r = 0; r < 5; r++)
+            for (int j = 0; j < 5; j++) a[r * 5 + j] += qv * vload_in(kc + r * W + j);
+    }
+    const vreal qnv = vload(qn);
+    for (int o = 0; o < 25; o++)
+        vstore(s + o * sst, (a[o] + a[o] - qnv - vload(kn0 + (o / 5) * W + o % 5)) * scale);
+}
+
 /* out[(y - y0) W + x] = sum_c x(c, y, x)^2 for rows y0 .. y1 - 1 (rows of a plane are contiguous). */
 static void LW_INF(sq_norm_rows)(const LW_IN *x, long C, long HW, long W, long y0, long y1, real *out) {
     const long n = (y1 - y0) * W;
@@ -166,6 +186,11 @@ static void LW_INF(sim_row_inf)(const geom *g, long C, const LW_IN *q, const LW_
         long xs = block_start(bi, W), lx = xs + LW_PREFETCH_BLOCKS * VL;
         if (ly < g->H && lx < W)
             for (long c = 0; c < C; c++) __builtin_prefetch(kb + c * HW + ly * W + lx, 0, 3);
+        if (qn && K == 5 && g->D == 1 && y >= 2 && y + 2 < g->H && xs >= 2 && xs + VL + 2 <= W) {
+            LW_INF(sim_block25)(C, HW, W, qb + xs, kb + (y - 2) * W + xs - 2, qn + xs, kn + (y - 2) * W + xs - 2,
+                                scale, s + xs, sst);
+            continue;
+        }
         for (long r0 = 0; r0 < O; r0 += K) { /* one window row (same dy) at a time */
             long dy = g->oy[r0];
             if (y + dy < 0 || y + dy >= g->H) continue;
@@ -360,7 +385,7 @@ void LW_FN(LW_INF(lw_wsum_inf))(const real *w, const LW_IN *v1, real *out1, long
                         rt[r].wr[j] = src;
                     } else {
                         real *row = scratch + (r * O + rt[r].t[j].o) * W;
-                        for (long x = 0; x < W; x++) row[x] = src[x / up];
+                        upsample_row(src, row, W, up);
                         rt[r].wr[j] = row;
                     }
                 }
