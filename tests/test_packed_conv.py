@@ -112,16 +112,18 @@ def test_packed_decoder_stage_is_the_stage(readouts, coarser):
 
 
 @needs_onednn
-@pytest.mark.parametrize("setting", ["A", "F"])
-def test_packed_network_is_the_folded_network(setting):
+@pytest.mark.parametrize("setting,value_trunk", [("A", "mask"), ("F", "mask"), ("F", "image_and_mask")])
+def test_packed_network_is_the_folded_network(setting, value_trunk):
     """Every convolution of lmrc-lite's encoders and decoder packed: the inference copy gives the same keys, values
-    and logits as the copy without packing (fp32)."""
+    and logits as the copy without packing (fp32), the value trunk's input built channels-last."""
     torch.manual_seed(0)
-    model = LMRC(model_config("lmrc-lite", setting=setting), pretrained_backbone=False).eval()
+    config = model_config("lmrc-lite", setting=setting, value_trunk=value_trunk)
+    model = LMRC(config, pretrained_backbone=False).eval()
     plain = prepare_for_inference(model, pack=False)
     packed = prepare_for_inference(model, pack=True, dtype=torch.float32)
     for part in ("key_encoder", "value_encoder", "decoder"):
         assert not [m for m in getattr(packed, part).modules() if isinstance(m, nn.Conv2d)], part
+    assert plain.value_encoder.trunk.input_dtype is None and packed.value_encoder.trunk.input_dtype == torch.float32
     image = torch.rand(1, 3, 96, 160)
     masks = torch.rand(1, 2, 96, 160)
     with torch.no_grad():

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from lmrc.model.aggregate import soft_aggregate_probabilities
 from lmrc.model.comparator import upsample_global_top_k
-from lmrc.model.encoders import STAGES
+from lmrc.model.encoders import STAGES, LightValueTrunk
 from lmrc.model.memory_reads import ReadResult, global_memory_read, pad_top_k
 from lmrc.model.network import LMRC, FrameEncoding, MemoryInput, SegmentOutput
 from lmrc.model.readouts import Readout
@@ -265,6 +265,8 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
             and packed_convolutions_available(weights.device)):  # oneDNN packs fp32 / bf16 (not float64)
         for part in (prepared.key_encoder, prepared.value_encoder, prepared.decoder):
             pack_convolutions(part, dtype or torch.float32)
+        if isinstance(prepared.value_encoder.trunk, LightValueTrunk):  # masks (and image) to 1/2: 1.1 ms faster
+            prepared.value_encoder.trunk.input_dtype = dtype or torch.float32
     if compile:
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         prepared.key_encoder = torch.compile(prepared.key_encoder, dynamic=False)

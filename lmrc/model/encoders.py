@@ -153,9 +153,15 @@ class LightValueTrunk(nn.Module):
         if self.reads_image:
             self.normalize = _Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
+    input_dtype: torch.dtype | None = None  # set on a packed inference copy: the input built channels-last in it
+
     def forward(self, image: Tensor | None, masks: Tensor, others: Tensor) -> dict[int, Tensor]:
         inputs = [self.normalize(image), masks, others] if self.reads_image else [masks, others]
-        f2 = self.stem(torch.cat(inputs, 1))
+        if self.input_dtype is None:
+            x = torch.cat(inputs, 1)
+        else:  # oneDNN's kernels for an NCHW input of a few channels are slower than building it channels-last
+            x = torch.cat([t.permute(0, 2, 3, 1) for t in inputs], 3).to(self.input_dtype).permute(0, 3, 1, 2)
+        f2 = self.stem(x)
         f3 = self.stage3(f2)
         return {2: f2, 3: f3, 4: self.stage4(f3)}
 
