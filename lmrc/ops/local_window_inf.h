@@ -47,7 +47,7 @@ static inline __attribute__((always_inline)) void LW_INF(sim_chunk)(const int n,
 /* All 25 taps of one interior block of a 5 x 5, dilation-1 window (every window row inside the image, no tap
  * crossing the left or right border) in one pass over the channels: the query is loaded once per channel, not
  * once per window row, and 25 accumulators stay in registers. k0: the key at the window's top-left tap. Writes
- * the similarities (dot form, as sim_chunk) of tap o to s[o * sst]. */
+ * the similarities (dot form, as sim_chunk; raw dot products when qn is NULL) of tap o to s[o * sst]. */
 static inline __attribute__((always_inline)) void LW_INF(sim_block25)(long C, long HW, long W, const LW_IN *qp,
                                                                       const LW_IN *k0, const real *qn,
                                                                       const real *kn0, real scale, real *s,
@@ -58,6 +58,10 @@ static inline __attribute__((always_inline)) void LW_INF(sim_block25)(long C, lo
         const LW_IN *kc = k0 + c * HW;
         for (int r = 0; r < 5; r++)
             for (int j = 0; j < 5; j++) a[r * 5 + j] += qv * vload_in(kc + r * W + j);
+    }
+    if (!qn) { /* raw dot products (the backward pass's weight gradient) */
+        for (int o = 0; o < 25; o++) vstore(s + o * sst, a[o]);
+        return;
     }
     const vreal qnv = vload(qn);
     for (int o = 0; o < 25; o++)
@@ -186,9 +190,9 @@ static void LW_INF(sim_row_inf)(const geom *g, long C, const LW_IN *q, const LW_
         long xs = block_start(bi, W), lx = xs + LW_PREFETCH_BLOCKS * VL;
         if (ly < g->H && lx < W)
             for (long c = 0; c < C; c++) __builtin_prefetch(kb + c * HW + ly * W + lx, 0, 3);
-        if (qn && K == 5 && g->D == 1 && y >= 2 && y + 2 < g->H && xs >= 2 && xs + VL + 2 <= W) {
-            LW_INF(sim_block25)(C, HW, W, qb + xs, kb + (y - 2) * W + xs - 2, qn + xs, kn + (y - 2) * W + xs - 2,
-                                scale, s + xs, sst);
+        if (K == 5 && g->D == 1 && y >= 2 && y + 2 < g->H && xs >= 2 && xs + VL + 2 <= W) {
+            LW_INF(sim_block25)(C, HW, W, qb + xs, kb + (y - 2) * W + xs - 2, qn ? qn + xs : NULL,
+                                kn ? kn + (y - 2) * W + xs - 2 : NULL, scale, s + xs, sst);
             continue;
         }
         for (long r0 = 0; r0 < O; r0 += K) { /* one window row (same dy) at a time */
