@@ -15,6 +15,7 @@ concurrent processes never load a half-written library.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -73,18 +74,20 @@ _loaded: dict[tuple[torch.dtype, str], "NativeLibrary | None"] = {}
 _warned = False
 
 
-def cpu_features() -> set[str]:
+@functools.cache
+def cpu_features() -> frozenset[str]:
     """The CPU's instruction-set features as Linux names them (`avx2`, `fma`, `avx512f`, `avx512_bf16`, ...).
 
     Linux: the `flags` line of /proc/cpuinfo (the kernel leaves out what the OS does not enable, e.g. AVX-512
     state it does not save). Elsewhere: macOS `sysctl` feature lists, lower-cased; empty when unknown (the
-    generic variant is used).
+    generic variant is used). Read once per process: every kernel call picks its library through it, and reading
+    /proc/cpuinfo took more than half of a small call's time.
     """
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
     if platform.system() == "Darwin" and platform.machine() == "x86_64":
@@ -93,10 +96,10 @@ def cpu_features() -> set[str]:
                                  capture_output=True, text=True, timeout=10).stdout.lower().split()
             names = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw",
                      "avx512vl": "avx512vl", "avx512dq": "avx512dq"}
-            return {names[x.replace(".", "")] for x in out if x.replace(".", "") in names}
+            return frozenset(names[x.replace(".", "")] for x in out if x.replace(".", "") in names)
         except (OSError, subprocess.SubprocessError):
             pass
-    return set()
+    return frozenset()
 
 
 def supported_isas() -> list[str]:
