@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from lmrc.utils.device import cpu_flags
+
 
 @dataclass
 class Peak:
@@ -133,8 +135,6 @@ def matmul_gmacs(threads: int, size: int = 1024, repeats: int = 7, clock=time.pe
 
 def estimate_peak(threads: int | None = None, measure: bool = True) -> Peak:
     """The peak for `threads` cores (default torch.get_num_threads(), capped by the CPUs this process may use)."""
-    from lmrc.ops._native import cpu_features
-
     info = _cpuinfo()
     try:
         available = len(os.sched_getaffinity(0))
@@ -145,7 +145,7 @@ def estimate_peak(threads: int | None = None, measure: bool = True) -> Peak:
     threads = threads or torch.get_num_threads()
     cores = max(1, min(threads, available))
     cores_how += f", {threads} thread(s) used -> {cores}"
-    flags = cpu_features()
+    flags = cpu_flags()
     if "avx512f" in flags:
         bits, bits_how = 512, "AVX-512 (avx512f in the CPU flags)"
     elif "avx2" in flags and "fma" in flags:

@@ -15,7 +15,6 @@ concurrent processes never load a half-written library.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -28,6 +27,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from lmrc.utils.device import cpu_flags as cpu_features  # the instruction sets the variants need
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("local_window.c", "top_k.c", "layout.c"))  # one library
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("kernels.h", "local_window_inf.h"))  # in the cache key
@@ -72,34 +73,6 @@ _BF16_SIGNATURES = {"lw_attention_inf_bf16": _SIGNATURES["lw_attention_inf"],
 _lock = threading.Lock()
 _loaded: dict[tuple[torch.dtype, str], "NativeLibrary | None"] = {}
 _warned = False
-
-
-@functools.cache
-def cpu_features() -> frozenset[str]:
-    """The CPU's instruction-set features as Linux names them (`avx2`, `fma`, `avx512f`, `avx512_bf16`, ...).
-
-    Linux: the `flags` line of /proc/cpuinfo (the kernel leaves out what the OS does not enable, e.g. AVX-512
-    state it does not save). Elsewhere: macOS `sysctl` feature lists, lower-cased; empty when unknown (the
-    generic variant is used). Read once per process: every kernel call picks its library through it, and reading
-    /proc/cpuinfo took more than half of a small call's time.
-    """
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    if platform.system() == "Darwin" and platform.machine() == "x86_64":
-        try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
-                                 capture_output=True, text=True, timeout=10).stdout.lower().split()
-            names = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw",
-                     "avx512vl": "avx512vl", "avx512dq": "avx512dq"}
-            return frozenset(names[x.replace(".", "")] for x in out if x.replace(".", "") in names)
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return frozenset()
 
 
 def supported_isas() -> list[str]:

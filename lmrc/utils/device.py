@@ -7,6 +7,9 @@ native units a CPU converts every operand, and bf16 measured 20-70x slower than 
 """
 from __future__ import annotations
 
+import functools
+import platform
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -34,21 +37,36 @@ def choose_device(name: str | torch.device | None = "auto") -> torch.device:
         raise LmrcError(f"--device {name!r} is not a device; use auto, cpu or cuda") from None
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (Linux); elsewhere what PyTorch reports about bf16 and AMX."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as Linux names them (`avx2`, `fma`, `avx512f`, `avx512_bf16`, `amx_bf16`, ...), read once
+    per process (every native kernel call picks its library through them).
+
+    Linux: the `flags` (x86) or `Features` (Arm) line of /proc/cpuinfo; the kernel leaves out what the OS does not
+    enable, e.g. AVX-512 state it does not save. An x86 Mac: the `sysctl` feature lists, lower-cased. Elsewhere
+    what PyTorch reports about bf16 and AMX.
+    """
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
+    if platform.system() == "Darwin" and platform.machine() == "x86_64":
+        try:
+            out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
+                                 capture_output=True, text=True, timeout=10).stdout.lower().split()
+            names = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512dq")
+            return frozenset(name for name in (x.replace(".", "") for x in out) if name in names)
+        except (OSError, subprocess.SubprocessError):
+            pass
     flags = set()
     if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)():
         flags.add("avx512_bf16")
     if getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)():
         flags.add("amx_bf16")
-    return flags
+    return frozenset(flags)
 
 
 def native_cpu_precision(precision: str, flags: set[str] | None = None, capability: str | None = None) -> str | None:
