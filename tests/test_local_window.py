@@ -320,6 +320,30 @@ def test_inference_slmr_reorganisation_reads_coarse_weights_as_eq6_7(native, coa
         lw.local_weighted_sums_inference(weights, [key[..., :-1]], radius, dilation=2, upsample=2)
 
 
+@pytest.mark.parametrize("size", [(4, 6), (6, 40), (4, 96)])  # per pixel, 8- and 16-float blocks (bf16 read as is)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_reads_take_one_channel_group_of_each_object_in_place(native, size, dtype):
+    """A value B x N x C x H x W that is one channel group of a larger value (as a read takes it from the local
+    memory) gives what its contiguous copy gives, in LMR and in SLMR's reorganisation."""
+    h, w = size
+    g = torch.Generator().manual_seed(h + w)
+    q, k = (torch.randn(2, 6, h, w, generator=g).to(dtype) for _ in range(2))
+    whole = torch.randn(2, 3, 2 * 9, h, w, generator=g).to(dtype)  # 3 objects, 2 groups of 9 channels
+    group = whole[:, :, 9:]
+    assert group.stride()[2:] == (h * w, w, 1) and not group.is_contiguous()
+    copy = group.flatten(1, 2).contiguous()
+    weights = torch.softmax(torch.randn(2, 25, h // 2, w // 2, generator=g), 1)
+    with torch.no_grad():
+        read, aff, top, _ = lw.local_attention_inference(q, k, group, 2, 1, 0.5, top_k=3, affinity=True)
+        wanted = lw.local_attention_inference(q, k, copy, 2, 1, 0.5, top_k=3, affinity=True)
+        assert torch.equal(read, wanted[0]) and torch.equal(aff, wanted[1]) and torch.equal(top, wanted[2])
+        sk, sv = lw.local_weighted_sums_inference(weights, [k, group], 2, dilation=2, upsample=2)
+        wk, wv = lw.local_weighted_sums_inference(weights, [k, copy], 2, dilation=2, upsample=2)
+        assert sv.shape == group.shape and torch.equal(sk, wk) and torch.equal(sv.flatten(1, 2), wv)
+        reference = sequential_reorganise_reference(window_to_4d(weights.double(), 2), copy.double(), 2)
+        assert _max_diff(sv.flatten(1, 2), reference) <= (TOL if dtype == torch.float32 else 1e-2)
+
+
 def test_inference_ops_take_the_autograd_path_when_gradients_are_needed(native):
     q, k, v = _inputs(1, 4, 3, 6, 10)
     q.requires_grad_()

@@ -188,14 +188,14 @@ class InferenceLMRC(LMRC):
                 with timer.stage("local_reads"):
                     # only SLMR at stage r - 1 reads this affinity (the kernel skips writing it otherwise)
                     result = fast_local_memory_read(
-                        query.keys[r], memory.local_keys[r], values.flatten(1, 2), cfg.window_radius, cfg.scale,
+                        query.keys[r], memory.local_keys[r], values, cfg.window_radius, cfg.scale,
                         comparator_top_k=k, keep_affinity=cfg.sequential_local_read and r - 1 in (2, 3),
                         out=inputs.slot(r, values), reliability=weight)
                 affinity[r] = result.affinity
             else:
                 with timer.stage("sequential_local_reads"):
                     result = fast_sequential_local_memory_read(
-                        query.keys[r], memory.local_keys[r], values.flatten(1, 2), affinity[r + 1], cfg.window_radius,
+                        query.keys[r], memory.local_keys[r], values, affinity[r + 1], cfg.window_radius,
                         cfg.scale, self.workspace, comparator_top_k=k, out=inputs.slot(r, values), reliability=weight)
             with timer.stage("comparator"):
                 self._weigh(inputs, readout, result, global_top_k, reliability)

@@ -573,6 +573,19 @@ static inline real *out_plane(const olayout *ol, long HW, long b, long c) {
     return ol->base + b * ol->bstride + (c / ol->cper) * ol->gstride + (c % ol->cper) * HW;
 }
 
+/* Where channel c of image b of an input starts, in elements, laid out as olayout: a plain B x C x H x W tensor has
+ * cper = C; one channel group of each object of a B x N x C' x H x W value (the group a read takes) has cper = C /
+ * N and gstride = C' HW, read in place instead of being copied out first. */
+typedef struct {
+    long bstride, gstride, cper;
+} ilayout;
+
+static inline long in_plane(const ilayout *il, long HW, long b, long c) {
+    return b * il->bstride + (c / il->cper) * il->gstride + (c % il->cper) * HW;
+}
+
+static inline ilayout plain_layout(long C, long HW) { return (ilayout){C * HW, C * HW, C > 0 ? C : 1}; }
+
 /* Rows per band: the band's weight rows (O x W each) stay within LW_BAND_KB (in L2 with the value rows they
  * read), at most 16 rows, and every thread gets a band. A band reads its value rows from memory once, plus 2 R D
  * rows of halo: taller bands cost less memory traffic. */
@@ -691,7 +704,8 @@ void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *
                 for (int j = 0; j < rt[r].n; j++) rt[r].wr[j] = a + b * O * HW + rt[r].t[j].o * HW + y * W;
                 rt[r].h = NULL;
             }
-            read_band(&g, Cv, y0, nr, rt, tab, any, v, &ol, b);
+            const ilayout il = plain_layout(Cv, HW);
+            read_band(&g, Cv, y0, nr, rt, tab, any, v, &il, &ol, b);
         }
         free(rt);
         free(qn);
@@ -799,7 +813,8 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
                 rt->wr[j] = dsrow + rt->t[j].o * HW;
                 for (long x = x0; x < x1; x++) t[x] += rt->wr[j][x];
             }
-            read_band(&g, Ck, y, 1, rt, tab, any, k, &olq, b);
+            const ilayout ilk = plain_layout(Ck, HW);
+            read_band(&g, Ck, y, 1, rt, tab, any, k, &ilk, &olq, b);
             const real f = (real)(-2 * scale);
             for (long c = 0; c < Ck; c++) {
                 const real *qr = q + (b * Ck + c) * HW + y * W;

@@ -91,16 +91,17 @@ def _window_size(radius: int) -> int:
     return (2 * radius + 1) ** 2
 
 
-def _check(radius: int, dilation: int, *pairs: tuple[str, Tensor]) -> None:
+def _check(radius: int, dilation: int, *pairs: tuple[str, Tensor], grouped: tuple[str, ...] = ()) -> None:
+    """Tensors named in `grouped` may also be B x N x C x H x W (objects' channel groups, folded to N * C)."""
     if int(radius) != radius or radius < 0:
         raise ValueError(f"radius must be a non-negative integer, got {radius!r}")
     if int(dilation) != dilation or dilation < 1:
         raise ValueError(f"dilation must be a positive integer, got {dilation!r}")
     ref_name, ref = pairs[0]
     for name, t in pairs:
-        if t.dim() != 4:
+        if t.dim() != 4 and not (t.dim() == 5 and name in grouped):
             raise ValueError(f"{name} must be B x C x H x W, got shape {tuple(t.shape)}")
-        if (t.shape[0], t.shape[2], t.shape[3]) != (ref.shape[0], ref.shape[2], ref.shape[3]):
+        if (t.shape[0], *t.shape[-2:]) != (ref.shape[0], *ref.shape[-2:]):
             raise ValueError(f"{name} {tuple(t.shape)} and {ref_name} {tuple(ref.shape)} differ in batch or size")
 
 
@@ -150,6 +151,18 @@ def _bf16_inputs(lib, *tensors: Tensor) -> bool:
     than one copy (benchmarks/local_read.py: x0.7 at 1/16 of 480p, x1.1-1.3 at 1/8 and 1/4)."""
     return (getattr(lib, "bf16_inputs", False) and all(t.dtype == torch.bfloat16 for t in tensors)
             and max(t.shape[-1] for t in tensors) >= _native.NARROW_ROW)
+
+
+def _grouped_value(value: Tensor, dtype: torch.dtype, bf16: bool) -> tuple[Tensor, int, tuple[int, int, int]]:
+    """A value for the inference kernels, its channels and its layout (batch stride, object stride, channels per
+    object): B x C x H x W, or B x N x C x H x W with each object's C x H x W block contiguous (one channel group of
+    a larger value, read in place). Anything else is copied to a contiguous tensor first."""
+    v = value if (bf16 and value.dtype == torch.bfloat16) or value.dtype == dtype else value.to(dtype)
+    h, w = v.shape[-2:]
+    if v.dim() == 5 and v.stride()[2:] == (h * w, w, 1):
+        return v, v.shape[1] * v.shape[2], (v.stride(0), v.stride(1), max(1, v.shape[2]))
+    v = v.flatten(1, 2).contiguous() if v.dim() == 5 else v.contiguous()
+    return v, v.shape[1], (v.shape[1] * h * w, v.shape[1] * h * w, max(1, v.shape[1]))
 
 
 def _ptr(t: Tensor | None):
@@ -286,7 +299,7 @@ def local_attention(
     query: Tensor, key: Tensor, value: Tensor, radius: int, dilation: int = 1, scale: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LMR (eq. 4-5): returns (readout B x Cv x H x W, similarity and affinity B x (2d+1)^2 x H x W)."""
-    _check(radius, dilation, ("query", query), ("key", key), ("value", value))
+    _check(radius, dilation, ("query", query), ("key", key), ("value", value), grouped=("value",))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
     _count_macs(query.shape[0] * query.shape[2] * query.shape[3] * _window_size(radius), query.shape[1] + value.shape[1])
@@ -334,9 +347,11 @@ def local_attention_inference(
     native kernels the fourth result is None and the readout is not weighed: the caller applies the comparator.
     out: where to write the readout: B x Cv x H x W contiguous, or B x N x Cv/N x H x W with each object's
     Cv/N x H x W contiguous (e.g. its channel slice of a larger buffer); the readout returned is then `out`. A
-    buffer of another shape or dtype is not used (a new tensor is returned).
+    buffer of another shape or dtype is not used (a new tensor is returned). value may likewise be B x N x C x H x W
+    (Cv = N C) with each object's block contiguous, e.g. one channel group of the local memory's value: the
+    kernel reads it in place.
     """
-    _check(radius, dilation, ("query", query), ("key", key), ("value", value))
+    _check(radius, dilation, ("query", query), ("key", key), ("value", value), grouped=("value",))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
     k = min(int(top_k), _window_size(radius))
@@ -347,15 +362,16 @@ def local_attention_inference(
     if not needs_grad(query, key, value, *(reliability[:2] if reliability else ())) and k <= _MAX_NATIVE_TOP_K:
         lib = _native_for(radius, query, key, value)
     if lib is None:
-        readout, sim, aff = local_attention(query, key, value, radius, dilation, scale)
+        readout, sim, aff = local_attention(query, key, value.flatten(1, 2) if value.dim() == 5 else value, radius,
+                                            dilation, scale)
         top = sim.topk(k, dim=1).values if k > 0 else None
         return readout, aff if affinity else None, top, None  # not weighed: the caller applies the comparator
     dtype = _compute_dtype(query, key, value)
     # bf16 inputs (bf16 autocast) are read as they are, without float32 copies; all else computes in `dtype`
     bf16 = _bf16_inputs(lib, query, key, value)
-    q, kk, v = (t.contiguous() if bf16 else _prep(t, dtype) for t in (query, key, value))
+    q, kk = (t.contiguous() if bf16 else _prep(t, dtype) for t in (query, key))
+    v, cv, value_layout = _grouped_value(value, dtype, bf16)
     b, ck, h, w = q.shape
-    cv = v.shape[1]
     _count_macs(b * h * w * _window_size(radius), ck + cv)
     layout = _out_layout(out, b, cv, h, w, dtype)
     readout, bstride, gstride, cper = layout if layout else (torch.empty(b, cv, h, w, dtype=dtype), cv * h * w,
@@ -370,7 +386,7 @@ def local_attention_inference(
         weight = torch.empty(b, 1, h, w, dtype=dtype)
     lib("lw_attention_inf_bf16" if bf16 else "lw_attention_inf", _ptr(q), _ptr(kk), _ptr(v), _ptr(readout),
         _ptr(aff), _ptr(top),
-        k, b, ck, cv, h, w, int(radius), int(dilation), float(scale), bstride, gstride, cper,
+        k, b, ck, cv, h, w, int(radius), int(dilation), float(scale), *value_layout, bstride, gstride, cper,
         _ptr(gtop), _ptr(relw), bias, alpha, _ptr(weight))
     out_dtype = _result_dtype(query, key, value)
     return (readout if layout else readout.to(out_dtype), None if aff is None else aff.to(out_dtype),
@@ -399,12 +415,14 @@ def local_weighted_sums_inference(
     upsampled to them by nearest neighbour (as SLMR, eq. 6-7) inside the kernel, without an upsampled copy.
     Weights pointing outside the image are ignored as long as they are finite. Inputs that need gradients (or no
     native kernels) take the autograd path. out: buffers for the results (used where shape and dtype fit).
+    values[1] may be B x N x C x H x W with each object's block contiguous (read in place, as in
+    `local_attention_inference`); its result then has that shape, contiguous.
     """
     if not 1 <= len(values) <= 2:
         raise ValueError(f"one or two value tensors, got {len(values)}")
     if upsample not in (1, 2):
         raise ValueError(f"upsample must be 1 or 2, got {upsample!r}")
-    _check(radius, dilation, *((f"values[{i}]", v) for i, v in enumerate(values)))
+    _check(radius, dilation, *((f"values[{i}]", v) for i, v in enumerate(values)), grouped=("values[1]",))
     b, h, w = values[0].shape[0], *values[0].shape[-2:]
     if weights.dim() != 4 or (weights.shape[0], weights.shape[2] * upsample, weights.shape[3] * upsample) != (b, h, w):
         raise ValueError(f"weights {tuple(weights.shape)} do not fit values of batch {b} and size {h}x{w} "
@@ -414,13 +432,15 @@ def local_weighted_sums_inference(
     lib = None if needs_grad(weights, *values) else _native_for(radius, weights, *values)
     if lib is None:
         full = F.interpolate(weights, size=(h, w), mode="nearest") if upsample == 2 else weights
-        return [local_weighted_sum(full, v, radius, dilation) for v in values]
+        return [local_weighted_sum(full, v.flatten(1, 2) if v.dim() == 5 else v, radius, dilation).view(v.shape)
+                for v in values]
     dtype = _compute_dtype(weights, *values)
     bf16 = _bf16_inputs(lib, *values)  # values read as bf16; the (small) weights in float32
-    wt, vs = _prep(weights, dtype), [v.contiguous() if bf16 else _prep(v, dtype) for v in values]
-    _count_macs(b * h * w * _window_size(radius), sum(v.shape[1] for v in vs))
-    outs = [_output(None if out is None else o, v.shape, dtype) for o, v in zip(out or [None] * len(vs), vs)]
-    second = (vs[1], outs[1], vs[1].shape[1]) if len(vs) == 2 else (None, None, 0)
-    lib("lw_wsum_inf_bf16" if bf16 else "lw_wsum_inf", _ptr(wt), _ptr(vs[0]), _ptr(outs[0]), vs[0].shape[1], _ptr(second[0]), _ptr(second[1]),
-        second[2], vs[0].shape[0], h, w, int(radius), int(dilation), int(upsample))
+    wt, first = _prep(weights, dtype), values[0].contiguous() if bf16 else _prep(values[0], dtype)
+    second, c2, layout2 = _grouped_value(values[1], dtype, bf16) if len(values) == 2 else (None, 0, (0, 0, 1))
+    _count_macs(b * h * w * _window_size(radius), first.shape[1] + c2)
+    outs = [_output(None if out is None else o, v.shape, dtype) for o, v in zip(out or [None] * len(values), values)]
+    lib("lw_wsum_inf_bf16" if bf16 else "lw_wsum_inf", _ptr(wt), _ptr(first), _ptr(outs[0]), first.shape[1],
+        _ptr(second), _ptr(outs[1] if second is not None else None), c2, *layout2, b, h, w, int(radius),
+        int(dilation), int(upsample))
     return [o.to(_result_dtype(weights, v)) for o, v in zip(outs, values)]

@@ -117,14 +117,15 @@ static inline __attribute__((always_inline)) void LW_INF(read_chunk)(const int n
 /* Readout of rows y0 .. y0 + nr - 1 (W >= VL). Channel blocks outside the rows: the value rows of a block of
  * channels are reused from cache by the next rows of the band instead of being fetched again for every row. */
 static void LW_INF(read_band)(const geom *g, long C, long y0, long nr, const rowtaps *rt, const blocktap *tab,
-                      const int *any, const LW_IN *v, const olayout *ol, long b) {
+                      const int *any, const LW_IN *v, const ilayout *il, const olayout *ol, long b) {
     const long W = g->W, HW = g->HW, O = g->O, nb = (W + VL - 1) / VL;
     long m;
     for (long c = 0; c < C; c += m) {
-        const LW_IN *vc = v + (b * C + c) * HW;
+        const LW_IN *vc = v + in_plane(il, HW, b, c);
         real *oc = out_plane(ol, HW, b, c);
         m = C - c < LW_CB ? C - c : LW_CB;
         if (ol->cper - c % ol->cper < m) m = ol->cper - c % ol->cper; /* a block stays within one object */
+        if (il->cper - c % il->cper < m) m = il->cper - c % il->cper;
         for (long r = 0; r < nr; r++) {
             for (long bi = 0; bi < nb; bi++) {
                 long xs = block_start(bi, W), y = y0 + r;
@@ -153,12 +154,12 @@ static void LW_INF(read_band)(const geom *g, long C, long y0, long nr, const row
 
 /* Readout of rows y0 .. y0 + nr - 1, plain per pixel (rows narrower than VL). */
 static void LW_INF(read_band_plain)(const geom *g, long C, long y0, long nr, const rowtaps *rt, const LW_IN *v,
-                            const olayout *ol, long b) {
+                            const ilayout *il, const olayout *ol, long b) {
     const long W = g->W, HW = g->HW;
     for (long r = 0; r < nr; r++) {
         long y = y0 + r;
         for (long c = 0; c < C; c++) {
-            const LW_IN *vc = v + (b * C + c) * HW;
+            const LW_IN *vc = v + in_plane(il, HW, b, c);
             real *orow = out_plane(ol, HW, b, c) + y * W;
             for (long x = 0; x < W; x++) {
                 real acc = 0;
@@ -254,9 +255,10 @@ static void LW_INF(sim_row_inf_plain)(const geom *g, long C, const LW_IN *q, con
  * written to relout (B x 1 x H x W) unless NULL. */
 void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const LW_IN *v, real *out, real *aff, real *topk,
                              long K, long B, long Ck, long Cv, long H, long W, long R, long D, double scale,
-                             long obs, long ogs, long cper, const real *gtop, const real *relw, double relb,
-                             double alpha, real *relout, int nthreads) {
+                             long vbs, long vgs, long vcper, long obs, long ogs, long cper, const real *gtop,
+                             const real *relw, double relb, double alpha, real *relout, int nthreads) {
     const olayout ol = {out, obs, ogs, cper};
+    const ilayout il = {vbs, vgs, vcper};
     geom g = make_geom(H, W, R, D);
     const long O = g.O, HW = g.HW, nb = (W + VL - 1) / VL, Y = band_rows(&g, B, nthreads);
     const long bands = (H + Y - 1) / Y;
@@ -346,9 +348,9 @@ void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const LW_IN
                 rt[r].h = gtop ? hbuf + r * W : NULL;
             }
             if (tab && any)
-                LW_INF(read_band)(&g, Cv, y0, nr, rt, tab, any, v, &ol, b);
+                LW_INF(read_band)(&g, Cv, y0, nr, rt, tab, any, v, &il, &ol, b);
             else
-                LW_INF(read_band_plain)(&g, Cv, y0, nr, rt, v, &ol, b);
+                LW_INF(read_band_plain)(&g, Cv, y0, nr, rt, v, &il, &ol, b);
         }
         free(rt);
         free(qn);
@@ -363,10 +365,12 @@ void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const LW_IN
  * pixel (y, x) uses weight (y/2, x/2), i.e. nearest upsampling by 2 without an upsampled copy; up = 1: w is
  * B x O x H x W. Weights of neighbours outside the image are ignored (they must be finite). */
 void LW_FN(LW_INF(lw_wsum_inf))(const real *w, const LW_IN *v1, real *out1, long C1, const LW_IN *v2, real *out2, long C2,
-                        long B, long H, long W, long R, long D, long up, int nthreads) {
+                        long v2bs, long v2gs, long v2cper, long B, long H, long W, long R, long D, long up,
+                        int nthreads) {
     geom g = make_geom(H, W, R, D);
     const long O = g.O, Hw = H / up, Ww = W / up, HWw = Hw * Ww, nb = (W + VL - 1) / VL;
     const olayout ol1 = {out1, C1 * g.HW, C1 * g.HW, C1 > 0 ? C1 : 1}, ol2 = {out2, C2 * g.HW, C2 * g.HW, C2 > 0 ? C2 : 1};
+    const ilayout il1 = plain_layout(C1, g.HW), il2 = {v2bs, v2gs, v2cper};
     const long Y = band_rows(&g, B, nthreads), bands = (H + Y - 1) / Y;
     blocktap *tab = W >= VL ? alloc_tables(nb * O) : NULL;
     int *any = W >= VL ? malloc(sizeof(int) * nb) : NULL;
@@ -395,11 +399,11 @@ void LW_FN(LW_INF(lw_wsum_inf))(const real *w, const LW_IN *v1, real *out1, long
                 }
             }
             if (tab && any) {
-                LW_INF(read_band)(&g, C1, y0, nr, rt, tab, any, v1, &ol1, b);
-                if (v2) LW_INF(read_band)(&g, C2, y0, nr, rt, tab, any, v2, &ol2, b);
+                LW_INF(read_band)(&g, C1, y0, nr, rt, tab, any, v1, &il1, &ol1, b);
+                if (v2) LW_INF(read_band)(&g, C2, y0, nr, rt, tab, any, v2, &il2, &ol2, b);
             } else {
-                LW_INF(read_band_plain)(&g, C1, y0, nr, rt, v1, &ol1, b);
-                if (v2) LW_INF(read_band_plain)(&g, C2, y0, nr, rt, v2, &ol2, b);
+                LW_INF(read_band_plain)(&g, C1, y0, nr, rt, v1, &il1, &ol1, b);
+                if (v2) LW_INF(read_band_plain)(&g, C2, y0, nr, rt, v2, &il2, &ol2, b);
             }
         }
         free(rt);
