@@ -8,8 +8,8 @@ from torch import nn
 
 from lmrc.config import model_config
 from lmrc.inference.fast_path import prepare_for_inference
-from lmrc.inference.packed_conv import (PackedConv2d, PackedDecoderStage, _absorb_padding, pack_convolutions,
-                                        packed_convolutions_available)
+from lmrc.inference.packed_conv import (PackedConv2d, PackedDecoderStage, PointwiseFusionNCHW, _absorb_padding,
+                                        pack_convolutions, packed_convolutions_available)
 from lmrc.model.decoder import DecoderStage
 from lmrc.model.encoders import contiguous_nchw
 from lmrc.model.network import LMRC
@@ -135,7 +135,38 @@ def test_packed_network_is_the_folded_network(setting, value_trunk):
             values = [m.encode_value(image, f, masks) for m, f in zip((plain, packed), frames)]
             for r in values[0]:
                 torch.testing.assert_close(values[1][r], values[0][r], rtol=1e-4, atol=1e-4)
+            # the 1x1 fusion as products into NCHW (float32 copies) against the model's own convolutions
+            assert packed.value_encoder.fuse_to_nchw is not None  # lmrc-lite fuses with 1x1 convolutions
+            copy = prepare_for_inference(model, project_values=False)
+            got = copy.encode_value(image, copy.encode_key(image), masks)
+            for r, wanted in model.encode_value(image, model.encode_key(image), masks).items():
+                torch.testing.assert_close(got[r], wanted, rtol=1e-4, atol=1e-4)
     assert pack_convolutions(nn.Sequential(nn.Linear(2, 2)), torch.float32) == 0  # nothing it does not know
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_pointwise_fusion_writes_the_nchw_value(bias):
+    """conv_e(e) + conv_f(f) per object (ValueEncoder's 1x1 fusion), as products writing a contiguous NCHW value."""
+    torch.manual_seed(3)
+    conv_e, conv_f = nn.Conv2d(5, 8, 1, bias=bias), nn.Conv2d(7, 8, 1, bias=False)
+    e = torch.randn(6, 5, 6, 9).contiguous(memory_format=torch.channels_last)  # B = 2 images x N = 3 objects
+    f = torch.randn(2, 7, 6, 9).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        wanted = conv_e(e).view(2, 3, 8, 6, 9) + conv_f(f).unsqueeze(1)
+        got = PointwiseFusionNCHW(conv_e, conv_f)(e, f, 2, 3)
+    assert got.is_contiguous() and got.dtype == torch.float32
+    torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="1x1"):
+        PointwiseFusionNCHW(nn.Conv2d(5, 8, 3), conv_f)
+
+
+def test_float32_copies_only_fuse_by_products():
+    model = LMRC(model_config("lmrc-lite", setting="F"), pretrained_backbone=False).eval()
+    assert prepare_for_inference(model, dtype=torch.float32).value_encoder.fuse_to_nchw is not None
+    assert prepare_for_inference(model, dtype=torch.bfloat16).value_encoder.fuse_to_nchw is None
+    assert model.value_encoder.fuse_to_nchw is None and "fuse_to_nchw" not in "".join(model.state_dict())
+    fused3x3 = LMRC(model_config("lmrc-lite", setting="F", value_fusion_kernel=3), pretrained_backbone=False).eval()
+    assert prepare_for_inference(fused3x3, dtype=torch.float32).value_encoder.fuse_to_nchw is None
 
 
 def test_contiguous_nchw_is_contiguous():

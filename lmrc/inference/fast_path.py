@@ -31,7 +31,7 @@ from lmrc.model.encoders import STAGES, LightValueTrunk
 from lmrc.model.memory_reads import ReadResult, global_memory_read, pad_top_k
 from lmrc.model.network import LMRC, FrameEncoding, MemoryInput, SegmentOutput
 from lmrc.model.readouts import Readout
-from lmrc.inference.packed_conv import pack_convolutions, packed_convolutions_available
+from lmrc.inference.packed_conv import PointwiseFusionNCHW, pack_convolutions, packed_convolutions_available
 from lmrc.model.transforms import fold_batch_norms, inplace_activations, project_values_before_reading
 from lmrc.ops import local_window
 from lmrc.utils.timing import StageTimer
@@ -261,6 +261,12 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
             # widened in the transpose they need anyway: the CPU memory reads then read float32, 8 ms faster per lite F
             # frame than bf16 on a 2-core Xeon (benchmarks/inference_copy.py)
             prepared.key_encoder.nchw_dtype = prepared.value_encoder.nchw_dtype = weights.dtype
+    if (channels_last and not compile and weights.device.type == "cpu" and dtype in (None, torch.float32)
+            and weights.dtype == torch.float32 and prepared.config.value_fusion_kernel == 1):
+        encoder = prepared.value_encoder
+        encoder.fuse_to_nchw = nn.ModuleDict({f"r{r}": PointwiseFusionNCHW(encoder.fuse_mask[f"r{r}"],
+                                                                           encoder.fuse_frame[f"r{r}"])
+                                              for r in STAGES})
     if (pack and fold and not compile and weights.dtype == torch.float32
             and packed_convolutions_available(weights.device)):  # oneDNN packs fp32 / bf16 (not float64)
         for part in (prepared.key_encoder, prepared.value_encoder, prepared.decoder):

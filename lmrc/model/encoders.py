@@ -231,6 +231,8 @@ class ValueEncoder(nn.Module):
         self.fuse_frame = nn.ModuleDict(
             {f"r{r}": nn.Conv2d(frame_channels[r], dims[r], k, padding=k // 2, bias=False) for r in STAGES}
         )
+        # a float32 inference copy with 1x1 fusion sets {r: (encoded, frame features, B, N) -> B x N x C x H x W NCHW}
+        self.fuse_to_nchw: nn.ModuleDict | None = None
 
     def forward(
         self, image: Tensor, frame_features: dict[int, Tensor], masks: Tensor, stages: tuple[int, ...] = STAGES
@@ -243,6 +245,9 @@ class ValueEncoder(nn.Module):
         encoded = self.trunk(image_n, masks.reshape(b * n, 1, *masks.shape[2:]), others.reshape(b * n, 1, *masks.shape[2:]))
         values = {}
         for r in stages:
+            if self.fuse_to_nchw is not None:
+                values[r] = self.fuse_to_nchw[f"r{r}"](encoded[r], frame_features[r], b, n)
+                continue
             own = self.fuse_mask[f"r{r}"](encoded[r])
             shared = self.fuse_frame[f"r{r}"](frame_features[r])
             if own.is_contiguous():
