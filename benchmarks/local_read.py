@@ -13,7 +13,8 @@ that (two gradients of each product), so forward+backward = 3x forward. The same
 method (a method doing redundant work is just slower). The inference kernels (`lw_attention_inf`: LMR with the
 comparator's top-5; `lw_wsum_inf`: SLMR's eq. 6-7 reorganisation of key and value from half-size weights) count
 H W (2d+1)^2 (Ck + Cv) too. `--baseline-rev REV` also builds the kernels of git revision REV (as that revision
-built them) and times them alternating with this tree's, side by side.
+built them) and times them alternating with this tree's, side by side; a kernel whose C arguments changed since REV
+is shown n/a (this tree's wrappers cannot call it).
 
 `--inference` times instead the local reads of one setting-F frame (LMR at 1/4, 1/8, 1/16, SLMR at 1/4 and 1/8,
 2 objects, with the memory comparator's weighting up to the decoder's input, no_grad) on the pre-issue-#7 path and on the model's inference path, alternating in one
@@ -293,9 +294,33 @@ def baseline_library(rev: str):
             flags = ["-O3", "-march=native", "-fopenmp"]
         subprocess.run(["cc", "-std=gnu11", "-shared", "-fPIC", *flags, "-DLW_REAL=float", "-DLW_SUFFIX=_f32",
                         *(str(p) for p in sorted(out.glob("*.c"))), "-o", str(out / "baseline.so"), "-lm"], check=True)
-        return _native.NativeLibrary(out / "baseline.so", "_f32", flags, isa=f"git {rev}")
+        lib = _native.NativeLibrary(out / "baseline.so", "_f32", flags, isa=f"git {rev}")
+        ours = kernel_arguments(b"".join(p.read_bytes() for p in (*_native.SOURCES, *_native.HEADERS)))
+        theirs = kernel_arguments(b"".join(p.read_bytes() for p in sorted(out.glob("*.[ch]"))))
+        # a kernel whose arguments changed since REV would be called with this tree's arguments: not comparable
+        lib.changed = {name for name in ours if theirs.get(name) != ours[name]}
+        return lib
     finally:
         shutil.rmtree(out)  # the loaded library stays mapped
+
+
+def kernel_arguments(source: bytes) -> dict[str, str]:
+    """The parameter list of each exported local-window kernel in C source, whitespace-normalised."""
+    import re
+
+    text = source.decode()
+    found = {}
+    for name in ("lw_attention_fwd", "lw_attention_bwd", "lw_attention_inf", "lw_wsum_inf"):
+        match = re.search(r"\b" + name + r"\)+\s*\(([^{]*)\)\s*\{", text)
+        if match:
+            found[name] = " ".join(match.group(1).split())
+    return found
+
+
+# the C kernels each benchmark case calls
+CASE_KERNELS = {"LMR fwd": ("lw_attention_fwd",), "LMR fwd+bwd": ("lw_attention_fwd", "lw_attention_bwd"),
+                "lw_attention_inf": ("lw_attention_inf",), "lw_wsum_inf (SLMR)": ("lw_wsum_inf",),
+                "lw_attention_inf bf16": ("lw_attention_inf",), "lw_wsum_inf bf16": ("lw_wsum_inf",)}
 
 
 def with_library(lib, fn):
@@ -340,21 +365,26 @@ def kernel_rates(peak, repeats, baseline=None, clock="wall"):
             "lw_wsum_inf bf16": (lambda: inference_wsum(weights, kh, vh), gmac),
         }
         for kernel, (fn, macs) in cases.items():
-            times = {label: [] for label in builds}
+            changed = baseline is not None and set(CASE_KERNELS[kernel]) & baseline.changed
+            if changed:
+                print(f"{scale_name:>9} {kernel:>22} {baseline.isa:>14}   n/a: {', '.join(sorted(changed))} takes other "
+                      f"arguments there")
+            case_builds = {"this tree": None} if changed else builds
+            times = {label: [] for label in case_builds}
             with torch.inference_mode(kernel not in ("LMR fwd+bwd",)):
-                for label, lib in builds.items():
+                for label, lib in case_builds.items():
                     with_library(lib, fn)  # warm-up
                 for i in range(repeats):  # alternating, so every build sees the same machine load
-                    for label, lib in (builds.items() if i % 2 == 0 else reversed(builds.items())):
+                    for label, lib in (case_builds.items() if i % 2 == 0 else reversed(case_builds.items())):
                         start = CLOCKS[clock]()
                         with_library(lib, fn)
                         times[label].append(CLOCKS[clock]() - start)
-            for label in builds:
+            for label in case_builds:
                 sec = statistics.median(times[label])
                 out[(scale_name, kernel, label)] = sec * 1e3
                 print(f"{scale_name:>9} {kernel:>22} {label:>14} {sec * 1e3:8.2f} {macs / sec:8.1f} "
                       f"{peak.fraction(macs / sec):8.1%}", flush=True)
-            if baseline is not None:
+            if len(case_builds) > 1:
                 ratio = out[(scale_name, kernel, baseline.isa)] / out[(scale_name, kernel, "this tree")]
                 print(f"{'':>9} {'':>22} {'speedup':>14} {ratio:8.2f}")
     return out
