@@ -44,6 +44,20 @@ def test_add_nchw_groups_to_nhwc_is_the_in_place_sum(shape):
     torch.testing.assert_close(out, wanted, rtol=0, atol=0)
 
 
+@native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_add_nchw_groups_to_nhwc_also_writes_the_relu(dtype):
+    """The decoder block's first ReLU, in its conv's dtype, from the same pass: relu(sum) rounded as PyTorch rounds."""
+    gen = torch.Generator().manual_seed(5)
+    groups = torch.randn(2, 2, 32, 37, 29, generator=gen)
+    out = torch.randn(2, 32, 37, 29, generator=gen).contiguous(memory_format=CL)
+    wanted = out + groups[:, 0] + groups[:, 1]
+    activated = torch.empty_like(out, dtype=dtype, memory_format=CL)
+    add_nchw_groups_to_nhwc(out, groups, activated)
+    torch.testing.assert_close(out, wanted, rtol=0, atol=0)
+    torch.testing.assert_close(activated, torch.relu(wanted).to(dtype), rtol=0, atol=0)
+
+
 def test_layout_falls_back_to_pytorch(monkeypatch):
     """Plain mode (or no compiler, another device, autograd) gives the same values through PyTorch."""
     monkeypatch.setenv("LMRC_LOCAL_WINDOW", "plain")
@@ -51,5 +65,6 @@ def test_layout_falls_back_to_pytorch(monkeypatch):
     shared = torch.randn(1, 8, 5, 6).contiguous(memory_format=CL)
     torch.testing.assert_close(nhwc_to_nchw(x, shared), (x + shared).contiguous())
     out = torch.zeros(2, 8, 5, 6).contiguous(memory_format=CL)
-    add_nchw_groups_to_nhwc(out, torch.ones(2, 3, 8, 5, 6))
-    assert torch.equal(out, torch.full((2, 8, 5, 6), 3.0))
+    activated = torch.empty_like(out)
+    add_nchw_groups_to_nhwc(out, -torch.ones(2, 3, 8, 5, 6), activated)
+    assert torch.equal(out, torch.full((2, 8, 5, 6), -3.0)) and torch.equal(activated, torch.zeros(2, 8, 5, 6))

@@ -121,8 +121,9 @@ class PackedResidualBlock(nn.Module):
         self.conv1 = PackedConv2d(block.conv1, dtype, "relu")
         self.conv2 = PackedConv2d(block.conv2, dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        inner = self.conv1(F.relu(x))
+    def forward(self, x: Tensor, activated: Tensor | None = None) -> Tensor:
+        """activated: relu(x) in conv1's dtype, if the caller already has it."""
+        inner = self.conv1(F.relu(x) if activated is None else activated)
         if x.dtype != self.conv2.dtype:  # an fp32 sum stays in fp32, as under autocast
             return x + self.conv2(inner)
         return self.conv2(inner, x)
@@ -156,7 +157,10 @@ class PackedDecoderStage(nn.Module):
                 groups = readouts.reshape(b * objects, self.readout_conv.groups, c, h, w)
             else:
                 groups = contiguous_nchw(self.readout_conv(readouts)).view(b * objects, 1, c, h, w)
-            add_nchw_groups_to_nhwc(x, groups.float())
+            # the block's first ReLU, in its conv's dtype, comes out of the same pass as the sum
+            activated = torch.empty_like(x, dtype=self.block.conv1.dtype, memory_format=torch.channels_last)
+            add_nchw_groups_to_nhwc(x, groups.float(), activated)
+            return self.block(x, activated)
         return self.block(x)
 
 

@@ -64,7 +64,7 @@ _SIGNATURES = {
     "ly_nhwc_to_nchw_bf16": [_P] * 3 + [_L] * 4 + [_I],
     "ly_nhwc_to_nchw_f32": [_P] * 3 + [_L] * 4 + [_I],
     "ly_nhwc_bf16_to_nchw_f32": [_P] * 3 + [_L] * 4 + [_I],
-    "ly_add_nchw_groups_to_nhwc_f32": [_P] * 2 + [_L] * 4 + [_I],
+    "ly_add_nchw_groups_to_nhwc_f32": [_P] * 3 + [_L] * 4 + [_I, _I],
 }
 # float build only: the inference kernels reading bfloat16 inputs (same arguments)
 _BF16_SIGNATURES = {"lw_attention_inf_bf16": _SIGNATURES["lw_attention_inf"],

@@ -74,9 +74,11 @@ void LW_FN(ly_nhwc_to_nchw_f32)(const float *src, const float *shared, float *ds
 }
 
 /* dst[i] (P x C) += sum over g < groups of src[i, g] (C x P) for i < images; float. The groups are added in
- * order, each in float, as a sequence of in-place adds would. */
-void LW_FN(ly_add_nchw_groups_to_nhwc_f32)(const float *src, float *dst, long images, long groups, long C, long P,
-                                          int nthreads) {
+ * order, each in float, as a sequence of in-place adds would. act (P x C per image, optional): relu(dst) as well,
+ * in bfloat16 (act_f32 = 0) or float, in the same pass (the decoder's residual block starts with that ReLU, and its
+ * convolution takes bf16 under bf16 autocast). */
+void LW_FN(ly_add_nchw_groups_to_nhwc_f32)(const float *src, float *dst, void *act, long images, long groups, long C,
+                                          long P, int act_f32, int nthreads) {
     const long tiles = (P + TILE - 1) / TILE;
 #pragma omp parallel for num_threads(nthreads) schedule(static) collapse(2)
     for (long i = 0; i < images; i++)
@@ -87,6 +89,13 @@ void LW_FN(ly_add_nchw_groups_to_nhwc_f32)(const float *src, float *dst, long im
                 const float *s = src + (i * groups + g) * C * P + p0;
                 for (long c = 0; c < C; c++)
                     for (long p = 0; p < n; p++) d[p * C + c] += s[c * P + p];
+            }
+            if (act) {
+                const long e0 = (i * P + p0) * C;
+                if (act_f32)
+                    for (long e = 0; e < n * C; e++) store_from_f32(act, e0 + e, d[e] > 0 ? d[e] : 0, 1);
+                else
+                    for (long e = 0; e < n * C; e++) store_from_f32(act, e0 + e, d[e] > 0 ? d[e] : 0, 0);
             }
         }
 }

@@ -56,14 +56,21 @@ def nhwc_to_nchw(x: Tensor, shared: Tensor | None = None, dtype: torch.dtype | N
     return out
 
 
-def add_nchw_groups_to_nhwc(out: Tensor, groups: Tensor) -> None:
+def add_nchw_groups_to_nhwc(out: Tensor, groups: Tensor, activated: Tensor | None = None) -> None:
     """out (B x C x H x W, float32, channels-last) += the sum of groups (B x G x C x H x W, float32, contiguous) over
-    G, in place, the groups added in order."""
+    G, in place, the groups added in order. activated (out's shape, channels-last, bf16 or float32): also receives
+    relu(out), in the same pass on CPU."""
     b, g, c, h, w = groups.shape
     lib = _library(out, groups)
+    act_ok = activated is None or (_channels_last(activated) and activated.shape == out.shape
+                                   and activated.dtype in (torch.bfloat16, torch.float32))
     if (lib is None or out.dtype != torch.float32 or groups.dtype != torch.float32 or not _channels_last(out)
-            or not groups.is_contiguous() or tuple(out.shape) != (b, c, h, w)):
+            or not groups.is_contiguous() or tuple(out.shape) != (b, c, h, w) or not act_ok):
         for index in range(g):
             out.add_(groups[:, index])
+        if activated is not None:
+            activated.copy_(torch.relu(out))
         return
-    lib("ly_add_nchw_groups_to_nhwc_f32", groups.data_ptr(), out.data_ptr(), b, g, c, h * w)
+    lib("ly_add_nchw_groups_to_nhwc_f32", groups.data_ptr(), out.data_ptr(),
+        None if activated is None else activated.data_ptr(), b, g, c, h * w,
+        int(activated is not None and activated.dtype == torch.float32))
