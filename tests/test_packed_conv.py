@@ -156,6 +156,8 @@ def test_pointwise_fusion_writes_the_nchw_value(bias):
         got = PointwiseFusionNCHW(conv_e, conv_f)(e, f, 2, 3)
     assert got.is_contiguous() and got.dtype == torch.float32
     torch.testing.assert_close(got, wanted, rtol=1e-5, atol=1e-5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # float32 inside a caller's autocast too
+        torch.testing.assert_close(PointwiseFusionNCHW(conv_e, conv_f)(e, f, 2, 3), got, rtol=0, atol=0)
     with pytest.raises(ValueError, match="1x1"):
         PointwiseFusionNCHW(nn.Conv2d(5, 8, 3), conv_f)
 

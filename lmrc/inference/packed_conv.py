@@ -187,10 +187,11 @@ class PointwiseFusionNCHW(nn.Module):
         e = encoded.float().permute(0, 2, 3, 1).reshape(b, n, pixels, -1)
         f = frame.float().permute(0, 2, 3, 1).reshape(b, pixels, -1)
         out = torch.empty(b, n, self.weight_mask.shape[0], pixels)
-        for i in range(b):
-            shared = torch.addmm(self.bias, self.weight_frame, f[i].t())
-            for j in range(n):
-                torch.addmm(shared, self.weight_mask, e[i, j].t(), out=out[i, j])
+        with torch.autocast(encoded.device.type, enabled=False):  # float32 by design, even inside an autocast region
+            for i in range(b):
+                shared = torch.addmm(self.bias, self.weight_frame, f[i].t())
+                for j in range(n):
+                    torch.addmm(shared, self.weight_mask, e[i, j].t(), out=out[i, j])
         return out.view(b, n, -1, h, w)
 
 
