@@ -320,7 +320,7 @@ def test_inference_slmr_reorganisation_reads_coarse_weights_as_eq6_7(native, coa
         lw.local_weighted_sums_inference(weights, [key[..., :-1]], radius, dilation=2, upsample=2)
 
 
-@pytest.mark.parametrize("size", [(4, 6), (6, 40), (4, 96)])  # per pixel, 8- and 16-float blocks (bf16 read as is)
+@pytest.mark.parametrize("size", [(4, 6), (6, 24), (4, 96)])  # per pixel, 8- and 16-float blocks (bf16 read as is)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_inference_reads_take_one_channel_group_of_each_object_in_place(native, size, dtype):
     """A value B x N x C x H x W that is one channel group of a larger value (as a read takes it from the local
@@ -474,7 +474,7 @@ def test_each_isa_variant_matches_the_reference(native, monkeypatch, isa):
 def test_bf16_inputs_are_read_natively_by_the_inference_kernels(native, monkeypatch, isa):
     monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
     assert _native.load(torch.float32).bf16_inputs
-    q, k, v = _inputs(1, 16, 10, 4, 100, seed=3)  # wide enough (>= NARROW_ROW) for the bf16 kernels
+    q, k, v = _inputs(1, 16, 10, 4, 100, seed=3)  # wide enough (>= BF16_INPUTS_MIN_WIDTH) for the bf16 kernels
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
     g = torch.Generator().manual_seed(5)
     weights = torch.rand(1, 25, 2, 50, generator=g)
@@ -541,10 +541,11 @@ def test_narrow_rows_take_8_float_vectors_where_avx512_was_chosen_automatically(
     monkeypatch.delenv("LMRC_LOCAL_WINDOW_ISA", raising=False)
     wide = _native.load_for_width(torch.float32, 200)
     assert wide.isa == _native.chosen_isa()
-    narrow = _native.load_for_width(torch.float32, 54)
+    narrow = _native.load_for_width(torch.float32, 24)
+    assert _native.load_for_width(torch.float32, _native.NARROW_ROW) is wide
     if _native.chosen_isa() == "avx512":
         assert narrow.isa == "avx512_256" and narrow.vector_bytes == 32
         monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", "avx512")  # forced: kept
-        assert _native.load_for_width(torch.float32, 54).isa == "avx512"
+        assert _native.load_for_width(torch.float32, 24).isa == "avx512"
     else:
         assert narrow is wide

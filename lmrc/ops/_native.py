@@ -3,7 +3,7 @@ load them with ctypes.
 
 One library is built per instruction set ("ISA variant") with fixed -m flags, never -march=native, so a cache
 shared by machines with different CPUs stays valid; the variant is chosen at load time from the CPU's features
-(`cpu_features`): `avx512` (AVX-512 F/BW/VL/DQ; `avx512_256` for rows narrower than NARROW_ROW, the same
+(`cpu_features`): `avx512` (AVX-512 F/BW/VL/DQ; `avx512_256` for rows narrower than NARROW_ROW = 32 px, the same
 instructions on 8-float vectors), `avx2` (AVX2 + FMA) or `generic`
 (the architecture's baseline, e.g. SSE2 on x86-64: 16-byte vectors). `LMRC_LOCAL_WINDOW_ISA=<variant>` forces one
 (an error if this CPU cannot run it).
@@ -230,9 +230,10 @@ def load(dtype: torch.dtype, isa: str | None = None) -> NativeLibrary | None:
         return lib
 
 
-# Below this row width 16-float blocks do worse than 8-float ones: a row of 54 pixels is 4 overlapping blocks, 2 of
-# them border blocks, against 7 blocks with 2 (benchmarks/local_read.py, 1/16 scale).
-NARROW_ROW = 96
+# Below this row width 16-float blocks do worse than 8-float ones (1 or 2 blocks, all border blocks). Measured, LMR
+# inference and forward + backward, 2 threads, 8 against 16 floats: 24 px 0.20 / 0.19 and 0.74 / 0.77 ms; 40 px
+# 0.48 / 0.44 and 1.87 / 1.72; 54 px (1/16 of 480p) 0.84 / 0.78 and 2.72 / 2.55; 72 px 0.80 / 0.75 and 3.56 / 3.56.
+NARROW_ROW = 32
 
 
 def load_for_width(dtype: torch.dtype, width: int) -> NativeLibrary | None:

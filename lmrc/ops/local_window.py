@@ -145,12 +145,15 @@ def _prep(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return None if t is None else t.to(dtype).contiguous()
 
 
+BF16_INPUTS_MIN_WIDTH = 96  # narrower bf16 images are copied to float32 (below)
+
+
 def _bf16_inputs(lib, *tensors: Tensor) -> bool:
     """True when the inference kernels read these tensors as bfloat16 (all bf16, and the library has the variant).
     Narrow images are copied to float32 instead: their data stays in cache, and widening every load costs more
     than one copy (benchmarks/local_read.py: x0.7 at 1/16 of 480p, x1.1-1.3 at 1/8 and 1/4)."""
     return (getattr(lib, "bf16_inputs", False) and all(t.dtype == torch.bfloat16 for t in tensors)
-            and max(t.shape[-1] for t in tensors) >= _native.NARROW_ROW)
+            and max(t.shape[-1] for t in tensors) >= BF16_INPUTS_MIN_WIDTH)
 
 
 def _grouped_value(value: Tensor, dtype: torch.dtype, bf16: bool) -> tuple[Tensor, int, tuple[int, int, int]]:
