@@ -192,7 +192,7 @@ static void LW_INF(sim_row_inf)(const geom *g, long C, const LW_IN *q, const LW_
         if (ly < g->H && lx < W)
             for (long c = 0; c < C; c++) __builtin_prefetch(kb + c * HW + ly * W + lx, 0, 3);
         /* raw dot products (backward): no norm pass has brought the query rows into cache; a narrow image is
-         * there anyway, and the prefetches cost more than they save (1/16 of 480p: 8 % slower) */
+         * there anyway (1/16 of 480p: no gain, 2 % slower with the prefetches) */
         if (!qn && W >= 96 && lx < W)
             for (long c = 0; c < C; c++) __builtin_prefetch(qb + c * HW + lx, 0, 3);
         if (K == 5 && g->D == 1 && y >= 2 && y + 2 < g->H && xs >= 2 && xs + VL + 2 <= W) {
