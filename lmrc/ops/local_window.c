@@ -18,6 +18,30 @@
 /* single-precision exp for the float build: the double one would round-trip every element */
 #define lw_exp(x) _Generic((x), float: expf, default: exp)(x)
 
+/* exp of x <= 0 (-inf gives 0). float: Cephes expf polynomial (within 2 ulp); double: libm per lane. */
+static inline vreal vexp(vreal x) {
+    if (sizeof(real) == sizeof(float)) {
+        vmask keep = x > vsplat((real)-87.0);
+        x = vsel(keep, x, vsplat((real)-87.0));
+        vreal t = x * (real)1.44269504088896341 + (real)12582912.0; /* round to nearest: 1.5 * 2^23 */
+        vreal n = t - (real)12582912.0;
+        vreal r = x - n * (real)0.693359375;
+        r = r - n * (real)-2.12194440e-4;
+        vreal p = vsplat((real)1.9875691500e-4);
+        p = p * r + (real)1.3981999507e-3;
+        p = p * r + (real)8.3334519073e-3;
+        p = p * r + (real)4.1665795894e-2;
+        p = p * r + (real)1.6666665459e-1;
+        p = p * r + (real)5.0000001201e-1;
+        p = p * (r * r) + r + (real)1;
+        vmask e = (__builtin_convertvector(n, vmask) + 127) << 23;
+        return (vreal)((vmask)(p * (vreal)e) & keep);
+    }
+    vreal y;
+    for (int l = 0; l < VL; l++) y[l] = exp(x[l]);
+    return y;
+}
+
 /* Largest radius the kernels accept (the Python wrapper falls back to plain PyTorch beyond it). */
 #define LW_MAX_RADIUS 7
 #define LW_MAX_O ((2 * LW_MAX_RADIUS + 1) * (2 * LW_MAX_RADIUS + 1))
@@ -318,9 +342,13 @@ static void softmax_row(const geom *g, const real *restrict s, real *restrict a,
     for (long x = 0; x < W; x++) tmp[x] = srow[x];
     for (long o = 1; o < O; o++)
         for (long x = 0; x < W; x++) tmp[x] = srow[o * HW + x] > tmp[x] ? srow[o * HW + x] : tmp[x];
-    /* the centre offset is always inside, so the maximum is finite and exp(-inf - max) = 0 */
-    for (long o = 0; o < O; o++)
-        for (long x = 0; x < W; x++) arow[o * HW + x] = lw_exp(srow[o * HW + x] - tmp[x]);
+    /* the centre offset is always inside, so the maximum is finite and exp(-inf - max) = 0; vectors of VL pixels
+     * (libm's expf per element cost twice the rest of the softmax, by perf), the row's tail per element */
+    const long xv = W / VL * VL;
+    for (long o = 0; o < O; o++) {
+        for (long x = 0; x < xv; x += VL) vstore(arow + o * HW + x, vexp(vload(srow + o * HW + x) - vload(tmp + x)));
+        for (long x = xv; x < W; x++) arow[o * HW + x] = lw_exp(srow[o * HW + x] - tmp[x]);
+    }
     for (long x = 0; x < W; x++) tmp[x] = 0;
     for (long o = 0; o < O; o++)
         for (long x = 0; x < W; x++) tmp[x] += arow[o * HW + x];
@@ -459,30 +487,6 @@ static inline vreal vshuf(vreal v, vmask i) {
 #else
 #define vshuf(v, i) __builtin_shuffle(v, i)
 #endif
-
-/* exp of x <= 0 (-inf gives 0). float: Cephes expf polynomial (within 2 ulp); double: libm per lane. */
-static inline vreal vexp(vreal x) {
-    if (sizeof(real) == sizeof(float)) {
-        vmask keep = x > vsplat((real)-87.0);
-        x = vsel(keep, x, vsplat((real)-87.0));
-        vreal t = x * (real)1.44269504088896341 + (real)12582912.0; /* round to nearest: 1.5 * 2^23 */
-        vreal n = t - (real)12582912.0;
-        vreal r = x - n * (real)0.693359375;
-        r = r - n * (real)-2.12194440e-4;
-        vreal p = vsplat((real)1.9875691500e-4);
-        p = p * r + (real)1.3981999507e-3;
-        p = p * r + (real)8.3334519073e-3;
-        p = p * r + (real)4.1665795894e-2;
-        p = p * r + (real)1.6666665459e-1;
-        p = p * r + (real)5.0000001201e-1;
-        p = p * (r * r) + r + (real)1;
-        vmask e = (__builtin_convertvector(n, vmask) + 127) << 23;
-        return (vreal)((vmask)(p * (vreal)e) & keep);
-    }
-    vreal y;
-    for (int l = 0; l < VL; l++) y[l] = exp(x[l]);
-    return y;
-}
 
 /* Where block xs reads the neighbour row for shift dx: the load start (in-row) and, for border blocks, the lane
  * shuffle and validity mask. Returns 1 for a border block. W >= VL. */
