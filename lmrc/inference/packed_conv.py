@@ -168,8 +168,9 @@ class PointwiseFusionNCHW(nn.Module):
     """The value encoder's 1x1 fusion of one stage, conv_e(e) + conv_f(f) per object, as matrix products that write
     the NCHW value the memory reads take: per object W_e E^T + (W_f F^T + b), with E, F the channels-last inputs
     seen as pixels x channels (the product reads them transposed, no copy). In float32 this replaces two
-    convolutions and a transposing pass: 3.4 against 6.0 ms per lite frame with 2 objects on two AVX2 cores
-    (docs/PERFORMANCE.md). bf16 convolutions on AMX are faster than the products, so it is float32 only."""
+    convolutions and a transposing pass: value encoding 15 -> 11 ms per lite frame with 2 objects on two AVX2 cores
+    (docs/PERFORMANCE.md). bf16 convolutions on AMX are faster than the products, so it is float32 only; CPU only
+    (its tensors are not buffers: the inference copy that holds it does not move)."""
 
     def __init__(self, fuse_mask: nn.Conv2d, fuse_frame: nn.Conv2d) -> None:
         super().__init__()

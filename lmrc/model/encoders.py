@@ -139,6 +139,7 @@ class LightValueTrunk(nn.Module):
 
     channels = {2: 16, 3: 32, 4: 64}
     reads_image = True
+    input_dtype: torch.dtype | None = None  # set on a packed inference copy: the input built channels-last in it
 
     def __init__(self) -> None:
         super().__init__()
@@ -152,8 +153,6 @@ class LightValueTrunk(nn.Module):
         self.stage4 = nn.Sequential(conv(self.channels[3], self.channels[4], 2), conv(self.channels[4], self.channels[4], 1))
         if self.reads_image:
             self.normalize = _Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
-
-    input_dtype: torch.dtype | None = None  # set on a packed inference copy: the input built channels-last in it
 
     def forward(self, image: Tensor | None, masks: Tensor, others: Tensor) -> dict[int, Tensor]:
         inputs = [self.normalize(image), masks, others] if self.reads_image else [masks, others]
