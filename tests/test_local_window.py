@@ -342,6 +342,8 @@ def test_inference_reads_take_one_channel_group_of_each_object_in_place(native, 
         assert sv.shape == group.shape and torch.equal(sk, wk) and torch.equal(sv.flatten(1, 2), wv)
         reference = sequential_reorganise_reference(window_to_4d(weights.double(), 2), copy.double(), 2)
         assert _max_diff(sv.flatten(1, 2), reference) <= (TOL if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="B x C x H x W"):  # the autograd op takes folded values only
+        lw.local_attention(q, k, group, 2)
 
 
 def test_inference_ops_take_the_autograd_path_when_gradients_are_needed(native):

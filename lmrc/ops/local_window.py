@@ -302,7 +302,7 @@ def local_attention(
     query: Tensor, key: Tensor, value: Tensor, radius: int, dilation: int = 1, scale: float = 1.0
 ) -> tuple[Tensor, Tensor, Tensor]:
     """LMR (eq. 4-5): returns (readout B x Cv x H x W, similarity and affinity B x (2d+1)^2 x H x W)."""
-    _check(radius, dilation, ("query", query), ("key", key), ("value", value), grouped=("value",))
+    _check(radius, dilation, ("query", query), ("key", key), ("value", value))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
     _count_macs(query.shape[0] * query.shape[2] * query.shape[3] * _window_size(radius), query.shape[1] + value.shape[1])
