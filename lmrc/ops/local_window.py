@@ -156,16 +156,27 @@ def _bf16_inputs(lib, *tensors: Tensor) -> bool:
             and max(t.shape[-1] for t in tensors) >= BF16_INPUTS_MIN_WIDTH)
 
 
+def _object_layout(t: Tensor) -> tuple[int, int, int, int] | None:
+    """(channels, batch stride, object stride, channels per object) of what the inference kernels read or write in
+    place: B x C x H x W contiguous, or B x N x C x H x W with each object's C x H x W block contiguous (one
+    channel group of a larger tensor, N C channels). None for any other layout."""
+    h, w = t.shape[-2:]
+    if t.dim() == 4 and t.is_contiguous():
+        return t.shape[1], t.shape[1] * h * w, t.shape[1] * h * w, max(1, t.shape[1])
+    if t.dim() == 5 and t.stride()[2:] == (h * w, w, 1):
+        return t.shape[1] * t.shape[2], t.stride(0), t.stride(1), max(1, t.shape[2])
+    return None
+
+
 def _grouped_value(value: Tensor, dtype: torch.dtype, bf16: bool) -> tuple[Tensor, int, tuple[int, int, int]]:
-    """A value for the inference kernels, its channels and its layout (batch stride, object stride, channels per
-    object): B x C x H x W, or B x N x C x H x W with each object's C x H x W block contiguous (one channel group of
-    a larger value, read in place). Anything else is copied to a contiguous tensor first."""
+    """A value for the inference kernels (see `_object_layout`), its channels and its layout; any other layout is
+    copied to a contiguous tensor first."""
     v = value if (bf16 and value.dtype == torch.bfloat16) or value.dtype == dtype else value.to(dtype)
-    h, w = v.shape[-2:]
-    if v.dim() == 5 and v.stride()[2:] == (h * w, w, 1):
-        return v, v.shape[1] * v.shape[2], (v.stride(0), v.stride(1), max(1, v.shape[2]))
-    v = v.flatten(1, 2).contiguous() if v.dim() == 5 else v.contiguous()
-    return v, v.shape[1], (v.shape[1] * h * w, v.shape[1] * h * w, max(1, v.shape[1]))
+    layout = _object_layout(v)
+    if layout is None:
+        v = (v.flatten(1, 2) if v.dim() == 5 else v).contiguous()
+        layout = _object_layout(v)
+    return v, layout[0], layout[1:]
 
 
 def _ptr(t: Tensor | None):
@@ -398,14 +409,10 @@ def local_attention_inference(
 
 def _out_layout(out: Tensor | None, b: int, cv: int, h: int, w: int, dtype: torch.dtype):
     """(out, batch stride, object stride, channels per object) when the kernel can write the readout into `out`."""
-    if out is None or out.dtype != dtype or out.device.type != "cpu":
+    if out is None or out.dtype != dtype or out.device.type != "cpu" or out.shape[0] != b or out.shape[-2:] != (h, w):
         return None
-    if out.dim() == 4 and tuple(out.shape) == (b, cv, h, w) and out.is_contiguous():
-        return out, cv * h * w, cv * h * w, cv
-    if (out.dim() == 5 and out.shape[0] == b and out.shape[1] * out.shape[2] == cv and tuple(out.shape[3:]) == (h, w)
-            and out.stride()[2:] == (h * w, w, 1)):
-        return out, out.stride(0), out.stride(1), out.shape[2]
-    return None
+    layout = _object_layout(out)
+    return (out, *layout[1:]) if layout is not None and layout[0] == cv else None
 
 
 def local_weighted_sums_inference(
