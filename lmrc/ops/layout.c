@@ -90,12 +90,7 @@ void LW_FN(ly_add_nchw_groups_to_nhwc_f32)(const float *src, float *dst, void *a
                 for (long c = 0; c < C; c++)
                     for (long p = 0; p < n; p++) d[p * C + c] += s[c * P + p];
             }
-            if (act) {
-                const long e0 = (i * P + p0) * C;
-                if (act_f32)
-                    for (long e = 0; e < n * C; e++) store_from_f32(act, e0 + e, d[e] > 0 ? d[e] : 0, 1);
-                else
-                    for (long e = 0; e < n * C; e++) store_from_f32(act, e0 + e, d[e] > 0 ? d[e] : 0, 0);
-            }
+            if (act)
+                for (long e = 0; e < n * C; e++) store_from_f32(act, (i * P + p0) * C + e, d[e] > 0 ? d[e] : 0, act_f32);
         }
 }
