@@ -166,6 +166,8 @@ def test_float32_copies_only_fuse_by_products():
     model = LMRC(model_config("lmrc-lite", setting="F"), pretrained_backbone=False).eval()
     assert prepare_for_inference(model, dtype=torch.float32).value_encoder.fuse_to_nchw is not None
     assert prepare_for_inference(model, dtype=torch.bfloat16).value_encoder.fuse_to_nchw is None
+    assert prepare_for_inference(model, dtype=torch.bfloat16, value_products=True).value_encoder.fuse_to_nchw is not None
+    assert prepare_for_inference(model, value_products=False).value_encoder.fuse_to_nchw is None
     assert model.value_encoder.fuse_to_nchw is None and "fuse_to_nchw" not in "".join(model.state_dict())
     fused3x3 = LMRC(model_config("lmrc-lite", setting="F", value_fusion_kernel=3), pretrained_backbone=False).eval()
     assert prepare_for_inference(fused3x3, dtype=torch.float32).value_encoder.fuse_to_nchw is None

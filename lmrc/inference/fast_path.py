@@ -235,9 +235,12 @@ def _reuse_padding(model: nn.Module, workspace: Workspace) -> int:
 
 def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool = True, project_values: bool = True,
                           pack: bool = True, compile: bool = False, device: torch.device | str | None = None,
-                          dtype: torch.dtype | None = None, timer: StageTimer | None = None) -> InferenceLMRC:
+                          dtype: torch.dtype | None = None, timer: StageTimer | None = None,
+                          value_products: bool | None = None) -> InferenceLMRC:
     """An inference copy of `model` (see the module docstring) in eval mode without gradients, on `device`
-    (default: the model's); `timer` (default: a new one) times its stages."""
+    (default: the model's); `timer` (default: a new one) times its stages. value_products: a CPU copy with 1x1
+    value fusion writes its NCHW values from matrix products (`PointwiseFusionNCHW`); None: when it computes in
+    float32 (in bf16 the AMX convolutions are faster, docs/PERFORMANCE.md)."""
     prepared = copy.deepcopy(model)
     prepared.__class__ = InferenceLMRC  # same modules and state; the fused read_and_decode
     prepared.workspace = Workspace()
@@ -261,8 +264,10 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
             # widened in the transpose they need anyway: the CPU memory reads then read float32, 8 ms faster per lite F
             # frame than bf16 on a 2-core Xeon (benchmarks/inference_copy.py)
             prepared.key_encoder.nchw_dtype = prepared.value_encoder.nchw_dtype = weights.dtype
-    if (channels_last and not compile and weights.device.type == "cpu" and dtype in (None, torch.float32)
-            and weights.dtype == torch.float32 and prepared.config.value_fusion_kernel == 1):
+    if value_products is None:
+        value_products = dtype in (None, torch.float32) and weights.dtype == torch.float32
+    if (value_products and channels_last and not compile and weights.device.type == "cpu"
+            and prepared.config.value_fusion_kernel == 1):
         encoder = prepared.value_encoder
         encoder.fuse_to_nchw = nn.ModuleDict({f"r{r}": PointwiseFusionNCHW(encoder.fuse_mask[f"r{r}"],
                                                                            encoder.fuse_frame[f"r{r}"])
