@@ -230,9 +230,10 @@ def load(dtype: torch.dtype, isa: str | None = None) -> NativeLibrary | None:
         return lib
 
 
-# Below this row width 16-float blocks do worse than 8-float ones (1 or 2 blocks, all border blocks). Measured, LMR
-# inference and forward + backward, 2 threads, 8 against 16 floats: 24 px 0.20 / 0.19 and 0.74 / 0.77 ms; 40 px
-# 0.48 / 0.44 and 1.87 / 1.72; 54 px (1/16 of 480p) 0.84 / 0.78 and 2.72 / 2.55; 72 px 0.80 / 0.75 and 3.56 / 3.56.
+# Below this row width 16-float blocks are 1 or 2 per row, all border blocks: no faster than 8-float ones at 24 px,
+# slower below. From 40 px on they are as fast or faster (`benchmarks/narrow_rows.py`, 2 threads, LMR inference and
+# forward + backward, 8- / 16-float: 24 px 0.261 / 0.261 and 0.810 / 0.815 ms; 40 px 1.927 / 1.766 forward +
+# backward; 54 px (1/16 of 480p) 0.550 / 0.495 and 2.013 / 1.869).
 NARROW_ROW = 32
 
 
