@@ -230,8 +230,8 @@ def load(dtype: torch.dtype, isa: str | None = None) -> NativeLibrary | None:
         return lib
 
 
-# Below this row width 16-float blocks are 1 or 2 per row, all border blocks: no faster than 8-float ones at 24 px,
-# slower below. From 40 px on they are as fast or faster (`benchmarks/narrow_rows.py`, 2 threads, LMR inference and
+# Below this row width 16-float blocks are 1 or 2 per row, all border blocks: no faster than 8-float ones at 24 px.
+# From 40 px on they are as fast or faster (`benchmarks/narrow_rows.py`, 2 threads, LMR inference and
 # forward + backward, 8- / 16-float: 24 px 0.261 / 0.261 and 0.810 / 0.815 ms; 40 px 1.927 / 1.766 forward +
 # backward; 54 px (1/16 of 480p) 0.550 / 0.495 and 2.013 / 1.869).
 NARROW_ROW = 32
