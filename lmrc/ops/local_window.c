@@ -565,30 +565,27 @@ typedef struct {
     const real *h; /* per-pixel factor of the whole row's readout (W reals), or NULL */
 } rowtaps;
 
-/* Where output channel c of image b goes: plane base + b bstride + (c / cper) gstride + (c % cper) HW. A plain
- * B x C x H x W tensor has cper = C; a slice of C channels per object of a B x N x C' x H x W buffer (the
- * decoder's input, objects' channels side by side) has cper = C / N and gstride = C' HW. */
+/* Where channel c of image b of a tensor starts, in elements: b bstride + (c / cper) gstride + (c % cper) HW. A
+ * plain B x C x H x W tensor has cper = C; C channels per object of a B x N x C' x H x W tensor (one channel group
+ * of a value a read takes, or one readout's slice of the decoder's input) have cper = C / N and gstride = C' HW:
+ * read or written in place instead of copied. */
+typedef struct {
+    long bstride, gstride, cper;
+} chlayout;
+
+static inline long ch_offset(const chlayout *l, long HW, long b, long c) {
+    return b * l->bstride + (c / l->cper) * l->gstride + (c % l->cper) * HW;
+}
+
+static inline chlayout plain_layout(long C, long HW) { return (chlayout){C * HW, C * HW, C > 0 ? C : 1}; }
+
+/* An output: its base and channel layout. */
 typedef struct {
     real *base;
-    long bstride, gstride, cper;
+    chlayout at;
 } olayout;
 
-static inline real *out_plane(const olayout *ol, long HW, long b, long c) {
-    return ol->base + b * ol->bstride + (c / ol->cper) * ol->gstride + (c % ol->cper) * HW;
-}
-
-/* Where channel c of image b of an input starts, in elements, laid out as olayout: a plain B x C x H x W tensor has
- * cper = C; one channel group of each object of a B x N x C' x H x W value (the group a read takes) has cper = C /
- * N and gstride = C' HW, read in place instead of being copied out first. */
-typedef struct {
-    long bstride, gstride, cper;
-} ilayout;
-
-static inline long in_plane(const ilayout *il, long HW, long b, long c) {
-    return b * il->bstride + (c / il->cper) * il->gstride + (c % il->cper) * HW;
-}
-
-static inline ilayout plain_layout(long C, long HW) { return (ilayout){C * HW, C * HW, C > 0 ? C : 1}; }
+static inline real *out_plane(const olayout *ol, long HW, long b, long c) { return ol->base + ch_offset(&ol->at, HW, b, c); }
 
 /* Rows per band: the band's weight rows (O x W each) stay within LW_BAND_KB (in L2 with the value rows they
  * read), at most 16 rows, and every thread gets a band. A band reads its value rows from memory once, plus 2 R D
@@ -610,15 +607,11 @@ static long band_rows(const geom *g, long B, int nthreads) {
     return rows;
 }
 
-/* row[x] = src[x / up] for x < W (nearest upsampling of a weight row); up = 2 without a division per pixel, which
- * took a sixth of SLMR's time. */
-static void upsample_row(const real *restrict src, real *restrict row, long W, long up) {
-    if (up == 2) {
-        for (long x = 0; x < W / 2; x++) row[2 * x] = row[2 * x + 1] = src[x];
-        if (W % 2) row[W - 1] = src[W / 2];
-    } else {
-        for (long x = 0; x < W; x++) row[x] = src[x / up];
-    }
+/* row[x] = src[x / 2] for x < W (a weight row upsampled by 2, nearest), without the division per pixel that took a
+ * sixth of SLMR's time. */
+static void upsample2_row(const real *restrict src, real *restrict row, long W) {
+    for (long x = 0; x < W / 2; x++) row[2 * x] = row[2 * x + 1] = src[x];
+    if (W % 2) row[W - 1] = src[W / 2];
 }
 
 /* Top-k (descending) of the O similarity vectors s of one block. */
@@ -683,7 +676,8 @@ void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *
         return;
     }
     geom g = make_geom(H, W, R, D);
-    const olayout ol = {out, Cv * g.HW, Cv * g.HW, Cv > 0 ? Cv : 1};
+    const olayout ol = {out, plain_layout(Cv, g.HW)};
+    const chlayout il = plain_layout(Cv, g.HW);
     const long O = g.O, HW = g.HW, nb = (W + VL - 1) / VL, Y = band_rows(&g, B, nthreads), bands = (H + Y - 1) / Y;
     blocktap *tab = alloc_tables(nb * O);
     int *any = malloc(sizeof(int) * nb);
@@ -714,7 +708,6 @@ void LW_FN(lw_attention_fwd)(const real *q, const real *k, const real *v, real *
                 for (int j = 0; j < rt[r].n; j++) rt[r].wr[j] = a + b * O * HW + rt[r].t[j].o * HW + y * W;
                 rt[r].h = NULL;
             }
-            const ilayout il = plain_layout(Cv, HW);
             read_band(&g, Cv, y0, nr, rt, tab, any, v, &il, &ol, b);
         }
         free(rt);
@@ -798,7 +791,8 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
         return;
     }
     block_tables(&g, tab, any);
-    const olayout olq = {gq, Ck * HW, Ck * HW, Ck > 0 ? Ck : 1};
+    const olayout olq = {gq, plain_layout(Ck, HW)};
+    const chlayout ilk = plain_layout(Ck, HW);
 #pragma omp parallel num_threads(nthreads) if (B * H * W * g.O >= LW_MIN_PARALLEL_WORK)
     {
         LW_DENORMALS_TO_ZERO;
@@ -823,7 +817,6 @@ void LW_FN(lw_attention_bwd)(const real *gr, const real *gs, const real *ga, con
                 rt->wr[j] = dsrow + rt->t[j].o * HW;
                 for (long x = x0; x < x1; x++) t[x] += rt->wr[j][x];
             }
-            const ilayout ilk = plain_layout(Ck, HW);
             read_band(&g, Ck, y, 1, rt, tab, any, k, &ilk, &olq, b);
             const real f = (real)(-2 * scale);
             for (long c = 0; c < Ck; c++) {

@@ -117,14 +117,14 @@ static inline __attribute__((always_inline)) void LW_INF(read_chunk)(const int n
 /* Readout of rows y0 .. y0 + nr - 1 (W >= VL). Channel blocks outside the rows: the value rows of a block of
  * channels are reused from cache by the next rows of the band instead of being fetched again for every row. */
 static void LW_INF(read_band)(const geom *g, long C, long y0, long nr, const rowtaps *rt, const blocktap *tab,
-                      const int *any, const LW_IN *v, const ilayout *il, const olayout *ol, long b) {
+                      const int *any, const LW_IN *v, const chlayout *il, const olayout *ol, long b) {
     const long W = g->W, HW = g->HW, O = g->O, nb = (W + VL - 1) / VL;
     long m;
     for (long c = 0; c < C; c += m) {
-        const LW_IN *vc = v + in_plane(il, HW, b, c);
+        const LW_IN *vc = v + ch_offset(il, HW, b, c);
         real *oc = out_plane(ol, HW, b, c);
         m = C - c < LW_CB ? C - c : LW_CB;
-        if (ol->cper - c % ol->cper < m) m = ol->cper - c % ol->cper; /* a block stays within one object */
+        if (ol->at.cper - c % ol->at.cper < m) m = ol->at.cper - c % ol->at.cper; /* a block stays within one object */
         if (il->cper - c % il->cper < m) m = il->cper - c % il->cper;
         for (long r = 0; r < nr; r++) {
             for (long bi = 0; bi < nb; bi++) {
@@ -154,12 +154,12 @@ static void LW_INF(read_band)(const geom *g, long C, long y0, long nr, const row
 
 /* Readout of rows y0 .. y0 + nr - 1, plain per pixel (rows narrower than VL). */
 static void LW_INF(read_band_plain)(const geom *g, long C, long y0, long nr, const rowtaps *rt, const LW_IN *v,
-                            const ilayout *il, const olayout *ol, long b) {
+                            const chlayout *il, const olayout *ol, long b) {
     const long W = g->W, HW = g->HW;
     for (long r = 0; r < nr; r++) {
         long y = y0 + r;
         for (long c = 0; c < C; c++) {
-            const LW_IN *vc = v + in_plane(il, HW, b, c);
+            const LW_IN *vc = v + ch_offset(il, HW, b, c);
             real *orow = out_plane(ol, HW, b, c) + y * W;
             for (long x = 0; x < W; x++) {
                 real acc = 0;
@@ -261,8 +261,8 @@ void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const LW_IN
                              long K, long B, long Ck, long Cv, long H, long W, long R, long D, double scale,
                              long vbs, long vgs, long vcper, long obs, long ogs, long cper, const real *gtop,
                              const real *relw, double relb, double alpha, real *relout, int nthreads) {
-    const olayout ol = {out, obs, ogs, cper};
-    const ilayout il = {vbs, vgs, vcper};
+    const olayout ol = {out, {obs, ogs, cper}};
+    const chlayout il = {vbs, vgs, vcper};
     geom g = make_geom(H, W, R, D);
     const long O = g.O, HW = g.HW, nb = (W + VL - 1) / VL, Y = band_rows(&g, B, nthreads);
     const long bands = (H + Y - 1) / Y;
@@ -373,8 +373,8 @@ void LW_FN(LW_INF(lw_wsum_inf))(const real *w, const LW_IN *v1, real *out1, long
                         int nthreads) {
     geom g = make_geom(H, W, R, D);
     const long O = g.O, Hw = H / up, Ww = W / up, HWw = Hw * Ww, nb = (W + VL - 1) / VL;
-    const olayout ol1 = {out1, C1 * g.HW, C1 * g.HW, C1 > 0 ? C1 : 1}, ol2 = {out2, C2 * g.HW, C2 * g.HW, C2 > 0 ? C2 : 1};
-    const ilayout il1 = plain_layout(C1, g.HW), il2 = {v2bs, v2gs, v2cper};
+    const olayout ol1 = {out1, plain_layout(C1, g.HW)}, ol2 = {out2, plain_layout(C2, g.HW)};
+    const chlayout il1 = plain_layout(C1, g.HW), il2 = {v2bs, v2gs, v2cper};
     const long Y = band_rows(&g, B, nthreads), bands = (H + Y - 1) / Y;
     blocktap *tab = W >= VL ? alloc_tables(nb * O) : NULL;
     int *any = W >= VL ? malloc(sizeof(int) * nb) : NULL;
@@ -397,7 +397,7 @@ void LW_FN(LW_INF(lw_wsum_inf))(const real *w, const LW_IN *v1, real *out1, long
                         rt[r].wr[j] = src;
                     } else {
                         real *row = scratch + (r * O + rt[r].t[j].o) * W;
-                        upsample_row(src, row, W, up);
+                        upsample2_row(src, row, W);
                         rt[r].wr[j] = row;
                     }
                 }
