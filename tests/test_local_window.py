@@ -346,6 +346,87 @@ def test_inference_reads_take_one_channel_group_of_each_object_in_place(native, 
         lw.local_attention(q, k, group, 2)
 
 
+def _channels_last_group(objects, per_object, h, w, dtype, seed):
+    """One channel group (the second of two) of a channels-last B*N x 2C x H x W tensor, as B x N x C x H x W."""
+    g = torch.Generator().manual_seed(seed)
+    whole = torch.randn(objects, 2 * per_object, h, w, generator=g).to(dtype).contiguous(
+        memory_format=torch.channels_last)
+    return whole.view(1, objects, 2 * per_object, h, w)[:, :, per_object:]
+
+
+@pytest.mark.parametrize("isa", _native.supported_isas())
+@pytest.mark.parametrize("size", [(3, 5), (6, 24), (5, 40)])  # narrower than the window, border and interior pixels
+@pytest.mark.parametrize("per_object", [16, 32])  # bf16 widened per vector, or split into even / odd channel pairs
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_channels_last_values_are_read_in_place_and_added_into_a_channels_last_sum(native, monkeypatch, isa, size,
+                                                                                   per_object, dtype):
+    """A channels-last value (the value encoder's output, one readout's channel group of it) is read in place; the
+    weighed readout is added into a channels-last sum (the decoder's), whose ReLU comes out of the same pass in bf16
+    rounded as PyTorch rounds; against eq. (4)-(5) and (6)-(7) literally."""
+    from lmrc.model.comparator import ReliabilityWeight
+
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
+    h, w = size
+    objects = 2
+    value = _channels_last_group(objects, per_object, h, w, dtype, seed=h + w)
+    assert lw._object_layout(value)[4] == 2 * per_object  # read in place, pixel stride 2 C
+    real = torch.float64 if dtype == torch.float64 else torch.float32
+    q, k, _ = _inputs(1, 8, 1, h, w, dtype=real, seed=w)
+    dense = value.to(torch.float64).flatten(1, 2).contiguous()
+    read_ref, _, _ = local_memory_read_reference(q.double(), k.double(), dense, 2, 0.5)
+    torch.manual_seed(0)
+    module = ReliabilityWeight(3, alpha=1.5).to(real).requires_grad_(False)
+    global_top = torch.randn(1, 3, h, w, dtype=real).sort(1, descending=True).values
+    reliability = (global_top, module.conv.weight.reshape(-1), float(module.conv.bias), module.alpha)
+    total = torch.randn(objects, per_object, h, w, dtype=real).contiguous(memory_format=torch.channels_last)
+    before = total.clone()
+    activated = torch.empty_like(total, dtype=torch.bfloat16 if real == torch.float32 else real)
+    with torch.no_grad():
+        alone, _, top, _ = lw.local_attention_inference(q, k, value, 2, 1, 0.5, top_k=3)
+        assert alone.is_contiguous(memory_format=torch.channels_last) and alone.shape == (1, objects * per_object, h, w)
+        assert _max_diff(alone, read_ref) <= TOL
+        weight = module(top, global_top)
+        got = lw.local_attention_inference(q, k, value, 2, 1, 0.5, top_k=3, reliability=reliability,
+                                           out=total.view(1, objects, per_object, h, w), accumulate=True,
+                                           relu_out=activated.view(1, objects, per_object, h, w))
+    assert got[0].data_ptr() == total.data_ptr()
+    expected = before.double() + (read_ref * weight.double()).view(objects, per_object, h, w)
+    assert _max_diff(total, expected) <= TOL
+    assert torch.equal(activated, torch.relu(total).to(activated.dtype))
+    # SLMR's reorganisation of the value (eq. 6-7) from half-size weights: channels-last in, channels-last out
+    if h % 2 == 0 and w % 2 == 0:
+        g = torch.Generator().manual_seed(7)
+        weights = torch.softmax(torch.randn(1, 25, h // 2, w // 2, generator=g, dtype=real), 1)
+        with torch.no_grad():
+            sk, sv = lw.local_weighted_sums_inference(weights, [k, value], 2, dilation=2, upsample=2)
+        assert sv.shape == value.shape and sv.stride(2) == 1
+        reference = sequential_reorganise_reference(window_to_4d(weights.double(), 2), dense, 2)
+        assert _max_diff(sv.flatten(1, 2), reference) <= TOL
+
+
+def test_channels_last_reads_fall_back_where_the_kernel_cannot_write(native, monkeypatch):
+    """Channel counts the channels-last kernel does not take (not a multiple of 16), an NCHW value with a
+    channels-last `out`, and the plain path: the same sums, `out` filled afterwards."""
+    h, w = 6, 20
+    q, k, _ = _inputs(1, 8, 1, h, w, seed=3)
+    for value in (_channels_last_group(2, 9, h, w, torch.float32, 1),  # 9 channels: copied to NCHW
+                  _channels_last_group(2, 16, h, w, torch.float32, 2).contiguous()):  # NCHW value
+        per_object = value.shape[2]
+        read_ref, _, _ = local_memory_read_reference(q.double(), k.double(), value.double().flatten(1, 2), 2, 0.5)
+        for backend in ("auto", "plain"):
+            monkeypatch.setenv("LMRC_LOCAL_WINDOW", backend)
+            total = torch.ones(2, per_object, h, w).contiguous(memory_format=torch.channels_last)
+            activated = torch.empty(2, per_object, h, w, dtype=torch.bfloat16)  # NCHW: not the sum's layout
+            with torch.no_grad():
+                got = lw.local_attention_inference(q, k, value, 2, 1, 0.5, out=total.view(1, 2, per_object, h, w),
+                                                   accumulate=True, relu_out=activated.view(1, 2, per_object, h, w))
+            assert got[0].data_ptr() == total.data_ptr()
+            assert _max_diff(total, 1 + read_ref.view(2, per_object, h, w)) <= TOL
+            assert torch.equal(activated, torch.relu(total).bfloat16())
+    with pytest.raises(ValueError, match="need out"):
+        lw.local_attention_inference(q, k, value, 2, 1, 0.5, accumulate=True)
+
+
 def test_inference_ops_take_the_autograd_path_when_gradients_are_needed(native):
     q, k, v = _inputs(1, 4, 3, 6, 10)
     q.requires_grad_()

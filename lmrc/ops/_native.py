@@ -58,8 +58,9 @@ _SIGNATURES = {
     "lw_wsum_bwd": [_P] * 5 + [_L] * 6 + [_I],
     "lw_attention_fwd": [_P] * 6 + [_L] * 7 + [_D, _I],
     "lw_attention_bwd": [_P] * 11 + [_L] * 7 + [_D, _I],
-    "lw_attention_inf": [_P] * 6 + [_L] * 8 + [_D] + [_L] * 6 + [_P] * 2 + [_D, _D, _P, _I],
-    "lw_wsum_inf": [_P] * 3 + [_L] + [_P] * 2 + [_L] * 10 + [_I],
+    "lw_attention_inf": [_P] * 6 + [_L] * 8 + [_D] + [_L] * 4 + [_I] + [_L] * 4 + [_I, _P, _I] + [_P] * 2
+                        + [_D, _D, _P, _I],
+    "lw_wsum_inf": [_P] * 3 + [_L] + [_P] * 2 + [_L] * 5 + [_I] + [_L] * 10 + [_I],
     "tk_rows": [_P] + [_L] * 3 + [_P, _P, _I],
     "ly_nhwc_to_nchw_bf16": [_P] * 3 + [_L] * 4 + [_I],
     "ly_nhwc_to_nchw_f32": [_P] * 3 + [_L] * 4 + [_I],

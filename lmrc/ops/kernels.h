@@ -76,4 +76,28 @@ static inline real ld_bf16(const lw_bf16 *p) {
 }
 #endif
 
+/* relu(r) stored at element e of a float (f32 = 1) or bfloat16 array, rounded to nearest even as PyTorch rounds. */
+static inline void vstore_relu(void *p, long e, vreal r, int f32) {
+    r = vmax(r, vsplat(0));
+    if (f32 || sizeof(real) != sizeof(float)) {
+        if (f32) {
+            vstore((real *)p + e, r);
+            return;
+        }
+        for (int l = 0; l < VL; l++) { /* double build: one lane at a time */
+            float f = (float)r[l];
+            unsigned int u;
+            memcpy(&u, &f, sizeof u);
+            ((unsigned short *)p)[e + l] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+        }
+        return;
+    }
+    typedef unsigned int vu32 __attribute__((vector_size(LW_VBYTES * sizeof(float) / sizeof(real))));
+    typedef unsigned short vu16 __attribute__((vector_size(LW_VBYTES * sizeof(float) / sizeof(real) / 2)));
+    vu32 u;
+    memcpy(&u, &r, sizeof u);
+    const vu16 h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vu16);
+    memcpy((unsigned short *)p + e, &h, sizeof h);
+}
+
 #endif

@@ -571,13 +571,14 @@ typedef struct {
  * read or written in place instead of copied. */
 typedef struct {
     long bstride, gstride, cper;
+    long pstride; /* 0: planes of H x W per channel (NCHW); > 0: channels-last, see read_band_nhwc */
 } chlayout;
 
 static inline long ch_offset(const chlayout *l, long HW, long b, long c) {
     return b * l->bstride + (c / l->cper) * l->gstride + (c % l->cper) * HW;
 }
 
-static inline chlayout plain_layout(long C, long HW) { return (chlayout){C * HW, C * HW, C > 0 ? C : 1}; }
+static inline chlayout plain_layout(long C, long HW) { return (chlayout){C * HW, C * HW, C > 0 ? C : 1, 0}; }
 
 /* An output: its base and channel layout. */
 typedef struct {
@@ -644,6 +645,138 @@ static inline vreal reliability_block(long K, const vreal *top, const vreal *G, 
     vreal z = vsplat(bias);
     for (long j = 0; j < K; j++) z += (w[j] * (real)0.5 * alpha) * vtanh_half(top[j] - G[j]);
     return vsigmoid(z);
+}
+
+/* Channels-last (NHWC) readout: element (b, c, y, x) of a value or output at b bstride + (c / cper) gstride +
+ * (y W + x) pstride + c % cper, e.g. one readout's channel group of the value encoder's channels-last output, or the
+ * decoder's channels-last sum. Pixel by pixel, each tap's weight broadcast over all the pixel's channels (every
+ * object's, cper a multiple of VL), so no transposing pass is needed on the way in or out of the read. */
+#define LW_NHWC_V 8 /* vectors of channels per pass over a pixel's taps: the accumulators stay in registers */
+
+static inline __attribute__((always_inline)) vreal load_value(const void *p, long e, const int bf16) {
+#ifdef LW_BF16_INPUTS
+    if (bf16) return vload_bf16((const lw_bf16 *)p + e);
+#endif
+    (void)bf16;
+    return vload((const real *)p + e);
+}
+
+/* Lanes i of the result: (even, odd) channels interleaved, the low (hi = 0) or high VL of the 2 VL channels. */
+static inline vreal interleave_half(vreal even, vreal odd, int hi) {
+    vmask idx;
+    for (int l = 0; l < VL; l++) idx[l] = (l / 2 + (hi ? VL / 2 : 0)) + (l % 2 ? VL : 0);
+    return __builtin_shuffle(even, odd, idx);
+}
+
+/* What an NHWC readout writes: out (+)= the readout (accumulate), then act = relu(out) in float (act_f32) or bf16
+ * (same layout as out; NULL: none). */
+typedef struct {
+    int accumulate, act_f32;
+    void *act;
+} nhwc_store;
+
+/* One pixel's readout over m vector units of channels (unit j at voff[j] / ooff[j]). mode 0: real values, a unit
+ * is VL channels; 1: bfloat16 values widened per VL channels; 2: bfloat16 pairs, a unit is 2 VL channels loaded
+ * as VL 32-bit words and split into the even and the odd channels (an AND and a shift instead of two widening
+ * conversions: mode 1 cost 1.8x mode 0's readout), interleaved back once per pixel. */
+static inline __attribute__((always_inline)) void nhwc_pixel(const int m, const int mode, const rowtaps *rt,
+                                                            long x, long y, long W, int interior, const void *vb,
+                                                            long vps, const long *voff, real *obase, long opix,
+                                                            const long *ooff, const nhwc_store *st) {
+    vreal acc[2 * LW_NHWC_V] = {0}; /* mode 2 uses two per unit (at most LW_NHWC_V / 2 units) */
+    const int na = mode == 2 ? 2 * m : m;
+    for (int i = 0; i < rt->n; i++) {
+        const long xx = x + rt->t[i].dx;
+        if (!interior && (xx < 0 || xx >= W)) continue;
+        const vreal wv = vsplat(rt->wr[i][x]);
+        const long e = ((y + rt->t[i].dy) * W + xx) * vps;
+        if (mode == 2) {
+#ifdef LW_BF16_INPUTS
+            const vmask high = (vmask)(vsplat(0) == vsplat(0)) << 16; /* the upper 16 bits of each word */
+            for (int j = 0; j < m; j++) {
+                vmask u;
+                memcpy(&u, (const lw_bf16 *)vb + e + voff[j], sizeof u);
+                acc[2 * j] += wv * (vreal)(u << 16);
+                acc[2 * j + 1] += wv * (vreal)(u & high);
+            }
+#endif
+        } else {
+            for (int j = 0; j < m; j++) acc[j] += wv * load_value(vb, e + voff[j], mode);
+        }
+    }
+    if (rt->h) {
+        const vreal hv = vsplat(rt->h[x]);
+        for (int j = 0; j < na; j++) acc[j] *= hv;
+    }
+    for (int j = 0; j < na; j++) {
+        vreal a = acc[j];
+        long e = opix + ooff[mode == 2 ? j / 2 : j];
+        if (mode == 2) { /* even/odd channels back in order: unit j / 2 holds low (j even) and high halves */
+            a = interleave_half(acc[j & ~1], acc[j | 1], j & 1);
+            e += (j & 1) * VL;
+        }
+        const vreal r = st->accumulate ? vload(obase + e) + a : a;
+        vstore(obase + e, r);
+        if (st->act) vstore_relu(st->act, e, r, st->act_f32);
+    }
+}
+
+static inline __attribute__((always_inline)) void nhwc_row(const int mode, const geom *g, long nu, const rowtaps *rt,
+                                                          long y, const void *vb, long vps, const long *voff,
+                                                          real *obase, long ops, const long *ooff,
+                                                          const nhwc_store *st) {
+    const long W = g->W, reach = g->R * g->D, per = mode == 2 ? LW_NHWC_V / 2 : LW_NHWC_V;
+    for (long j0 = 0; j0 < nu; j0 += per) {
+        const int m = nu - j0 < per ? (int)(nu - j0) : (int)per;
+        for (long x = 0; x < W; x++) {
+            const int interior = x >= reach && x < W - reach;
+            const long opix = (y * W + x) * ops;
+#define LW_PIXEL(M) nhwc_pixel(M, mode, rt, x, y, W, interior, vb, vps, voff + j0, obase, opix, ooff + j0, st)
+            switch (m) {
+            case 8: LW_PIXEL(8); break;
+            case 7: LW_PIXEL(7); break;
+            case 6: LW_PIXEL(6); break;
+            case 5: LW_PIXEL(5); break;
+            case 4: LW_PIXEL(4); break;
+            case 3: LW_PIXEL(3); break;
+            case 2: LW_PIXEL(2); break;
+            default: LW_PIXEL(1); break;
+            }
+#undef LW_PIXEL
+        }
+    }
+}
+
+/* Readout of rows y0 .. y0 + nr - 1 of image b, C channels (every object's), values and output channels-last
+ * (pixel strides il->pstride, ol->at.pstride); v holds bfloat16 when vbf16. */
+static void read_band_nhwc(const geom *g, long C, long y0, long nr, const rowtaps *rt, const void *v, int vbf16,
+                           const chlayout *il, const olayout *ol, long b, const nhwc_store *st) {
+    /* bf16 pairs where every object's channels come in whole units of 2 VL (float build only) */
+    const int mode = !vbf16 ? 0 : (sizeof(real) == sizeof(float) && il->cper % (2 * VL) == 0
+                                   && ol->at.cper % (2 * VL) == 0) ? 2 : 1;
+    const long unit = mode == 2 ? 2 * VL : VL, nu = C / unit;
+    long voff[nu > 0 ? nu : 1], ooff[nu > 0 ? nu : 1];
+    for (long j = 0; j < nu; j++) {
+        const long c = j * unit;
+        voff[j] = (c / il->cper) * il->gstride + c % il->cper;
+        ooff[j] = (c / ol->at.cper) * ol->at.gstride + c % ol->at.cper;
+    }
+    const long vbase = b * il->bstride;
+    real *obase = ol->base + b * ol->at.bstride;
+    for (long r = 0; r < nr; r++) {
+        if (mode) {
+#ifdef LW_BF16_INPUTS
+            const lw_bf16 *vb = (const lw_bf16 *)v + vbase;
+            if (mode == 2)
+                nhwc_row(2, g, nu, rt + r, y0 + r, vb, il->pstride, voff, obase, ol->at.pstride, ooff, st);
+            else
+                nhwc_row(1, g, nu, rt + r, y0 + r, vb, il->pstride, voff, obase, ol->at.pstride, ooff, st);
+#endif
+        } else {
+            nhwc_row(0, g, nu, rt + r, y0 + r, (const real *)v + vbase, il->pstride, voff, obase, ol->at.pstride,
+                     ooff, st);
+        }
+    }
 }
 
 /* The kernels that read q, k, v: once for real inputs and, in the float build, once for bfloat16 inputs

@@ -156,27 +156,49 @@ def _bf16_inputs(lib, *tensors: Tensor) -> bool:
             and max(t.shape[-1] for t in tensors) >= BF16_INPUTS_MIN_WIDTH)
 
 
-def _object_layout(t: Tensor) -> tuple[int, int, int, int] | None:
-    """(channels, batch stride, object stride, channels per object) of what the inference kernels read or write in
-    place: B x C x H x W contiguous, or B x N x C x H x W with each object's C x H x W block contiguous (one
-    channel group of a larger tensor, N C channels). None for any other layout."""
+NHWC_CHANNEL_MULTIPLE = 16  # channels-last reads vectorise each object's channels: a multiple of every vector width
+
+
+def _object_layout(t: Tensor) -> tuple[int, int, int, int, int] | None:
+    """(channels, batch stride, object stride, channels per object, pixel stride) of what the inference kernels read
+    or write in place, or None for any other layout. NCHW (pixel stride 0): B x C x H x W contiguous, or
+    B x N x C x H x W with each object's C x H x W block contiguous (one channel group of a larger tensor, N C
+    channels). Channels-last: B x C x H x W channels-last, or B x N x C x H x W whose objects' C channels are
+    contiguous at every pixel (one channel group of a channels-last B*N x C' x H x W tensor), C a multiple of
+    NHWC_CHANNEL_MULTIPLE."""
     h, w = t.shape[-2:]
     if t.dim() == 4 and t.is_contiguous():
-        return t.shape[1], t.shape[1] * h * w, t.shape[1] * h * w, max(1, t.shape[1])
+        return t.shape[1], t.shape[1] * h * w, t.shape[1] * h * w, max(1, t.shape[1]), 0
     if t.dim() == 5 and t.stride()[2:] == (h * w, w, 1):
-        return t.shape[1] * t.shape[2], t.stride(0), t.stride(1), max(1, t.shape[2])
-    return None
+        return t.shape[1] * t.shape[2], t.stride(0), t.stride(1), max(1, t.shape[2]), 0
+    c = t.shape[-3]
+    if c == 0 or c % NHWC_CHANNEL_MULTIPLE or t.dim() not in (4, 5) or t.stride(-3) != 1:
+        return None
+    pixel = t.stride(-1)
+    if pixel < c or t.stride(-2) != w * pixel:
+        return None
+    if t.dim() == 4:
+        return c, t.stride(0), 0, c, pixel
+    return t.shape[1] * c, t.stride(0), t.stride(1), c, pixel
 
 
-def _grouped_value(value: Tensor, dtype: torch.dtype, bf16: bool) -> tuple[Tensor, int, tuple[int, int, int]]:
-    """A value for the inference kernels (see `_object_layout`), its channels and its layout; any other layout is
-    copied to a contiguous tensor first."""
+def _grouped_value(value: Tensor, dtype: torch.dtype, bf16: bool,
+                   lib=None) -> tuple[Tensor, int, tuple[int, int, int, int], int]:
+    """A value for the inference kernels (see `_object_layout`), its channels, its layout and whether the kernel
+    reads it as bfloat16. Channels-last values are read in place in float or (where the library has bf16 inputs)
+    bf16; NCHW ones in the kernel's input type (bf16 when `bf16`); any other layout or type is copied first."""
+    layout = _object_layout(value)
+    if layout is not None and layout[4] and (value.dtype == dtype or (
+            value.dtype == torch.bfloat16 and getattr(lib, "bf16_inputs", False))):
+        return value, layout[0], layout[1:], int(value.dtype == torch.bfloat16)
     v = value if (bf16 and value.dtype == torch.bfloat16) or value.dtype == dtype else value.to(dtype)
     layout = _object_layout(v)
-    if layout is None:
+    if layout is not None and layout[4] and v.dtype == dtype:
+        return v, layout[0], layout[1:], 0
+    if layout is None or layout[4]:
         v = (v.flatten(1, 2) if v.dim() == 5 else v).contiguous()
         layout = _object_layout(v)
-    return v, layout[0], layout[1:]
+    return v, layout[0], layout[1:], 0
 
 
 def _ptr(t: Tensor | None):
@@ -346,7 +368,8 @@ def needs_grad(*tensors: Tensor) -> bool:
 def local_attention_inference(
     query: Tensor, key: Tensor, value: Tensor, radius: int, dilation: int = 1, scale: float = 1.0, *,
     top_k: int = 0, affinity: bool = False, out: Tensor | None = None,
-    reliability: tuple[Tensor, Tensor, float, float] | None = None,
+    reliability: tuple[Tensor, Tensor, float, float] | None = None, accumulate: bool = False,
+    relu_out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """LMR (eq. 4-5) for inference: (readout, affinity or None, top-k similarities or None, reliability weight or None).
 
@@ -359,15 +382,23 @@ def local_attention_inference(
     the memory comparator's weight H = sigmoid(bias + sum_j w_j SCB_j) of eq. (9) from this read's top-k and the
     global one; the readout comes back multiplied by H (eq. 10) and H (B x 1 x H x W) as the fourth result. Without
     native kernels the fourth result is None and the readout is not weighed: the caller applies the comparator.
-    out: where to write the readout: B x Cv x H x W contiguous, or B x N x Cv/N x H x W with each object's
-    Cv/N x H x W contiguous (e.g. its channel slice of a larger buffer); the readout returned is then `out`. A
-    buffer of another shape or dtype is not used (a new tensor is returned). value may likewise be B x N x C x H x W
-    (Cv = N C) with each object's block contiguous, e.g. one channel group of the local memory's value: the
-    kernel reads it in place.
+
+    value: B x Cv x H x W, or B x N x C x H x W (Cv = N C) in a layout the kernel reads in place: each object's
+    C x H x W block contiguous (e.g. one channel group of the local memory's value), or channels-last (each
+    object's C channels contiguous at every pixel, C a multiple of 16, float or bf16: the value encoder's
+    channels-last output). The readout has the value's layout class (channels-last: B x Cv x H x W channels-last).
+    out: where to write the readout, a tensor of the readout's shape (or B x N x C x H x W) in that layout class
+    (e.g. the readout's channel slice of a larger buffer, or for a channels-last value the decoder's channels-last
+    B*N x C x H x W sum viewed as B x N x C x H x W); the readout returned is then `out`. accumulate: add the
+    readout into `out` instead. relu_out (out's shape, bf16 or float): receives relu(out) afterwards, in the same
+    pass where the kernel writes `out` channels-last and relu_out has out's strides. An `out` the kernel cannot
+    write is filled afterwards.
     """
     _check(radius, dilation, ("query", query), ("key", key), ("value", value), grouped=("value",))
     if query.shape[1] != key.shape[1]:
         raise ValueError(f"query and key channels differ: {query.shape[1]} vs {key.shape[1]}")
+    if (accumulate or relu_out is not None) and out is None:
+        raise ValueError("accumulate and relu_out need out")
     k = min(int(top_k), _window_size(radius))
     if reliability is not None and (k != top_k or reliability[1].numel() != k or reliability[0].shape[1] != k):
         raise ValueError(f"reliability needs top_k <= {_window_size(radius)} window positions and k weights and "
@@ -379,17 +410,25 @@ def local_attention_inference(
         readout, sim, aff = local_attention(query, key, value.flatten(1, 2) if value.dim() == 5 else value, radius,
                                             dilation, scale)
         top = sim.topk(k, dim=1).values if k > 0 else None
+        if out is not None:
+            readout = _store(out, readout, accumulate, relu_out)
         return readout, aff if affinity else None, top, None  # not weighed: the caller applies the comparator
     dtype = _compute_dtype(query, key, value)
     # bf16 inputs (bf16 autocast) are read as they are, without float32 copies; all else computes in `dtype`
     bf16 = _bf16_inputs(lib, query, key, value)
     q, kk = (t.contiguous() if bf16 else _prep(t, dtype) for t in (query, key))
-    v, cv, value_layout = _grouped_value(value, dtype, bf16)
+    v, cv, value_layout, value_bf16 = _grouped_value(value, dtype, bf16, lib)
+    nhwc = value_layout[3] > 0
     b, ck, h, w = q.shape
     _count_macs(b * h * w * _window_size(radius), ck + cv)
-    layout = _out_layout(out, b, cv, h, w, dtype)
-    readout, bstride, gstride, cper = layout if layout else (torch.empty(b, cv, h, w, dtype=dtype), cv * h * w,
-                                                             cv * h * w, cv)
+    layout = _out_layout(out, b, cv, h, w, dtype, nhwc)
+    direct = layout is not None
+    if layout is None:
+        fresh = (torch.empty(b, h, w, cv, dtype=dtype).permute(0, 3, 1, 2) if nhwc
+                 else torch.empty(b, cv, h, w, dtype=dtype))
+        layout = (fresh, *_object_layout(fresh)[1:])
+    readout = layout[0]
+    act = relu_out if direct and nhwc and _same_layout(relu_out, readout) else None
     aff = torch.empty(b, _window_size(radius), h, w, dtype=dtype) if affinity else None
     top = torch.empty(b, k, h, w, dtype=dtype) if k > 0 else None
     gtop = relw = weight = None
@@ -399,20 +438,42 @@ def local_attention_inference(
         bias, alpha = float(reliability[2]), float(reliability[3])
         weight = torch.empty(b, 1, h, w, dtype=dtype)
     lib("lw_attention_inf_bf16" if bf16 else "lw_attention_inf", _ptr(q), _ptr(kk), _ptr(v), _ptr(readout),
-        _ptr(aff), _ptr(top),
-        k, b, ck, cv, h, w, int(radius), int(dilation), float(scale), *value_layout, bstride, gstride, cper,
-        _ptr(gtop), _ptr(relw), bias, alpha, _ptr(weight))
+        _ptr(aff), _ptr(top), k, b, ck, cv, h, w, int(radius), int(dilation), float(scale), *value_layout,
+        value_bf16, *layout[1:], int(direct and accumulate), _ptr(act),
+        int(act is not None and act.dtype != torch.bfloat16), _ptr(gtop), _ptr(relw), bias, alpha, _ptr(weight))
+    if out is not None and not direct:
+        readout = _store(out, readout, accumulate, relu_out)
+    elif relu_out is not None and act is None:
+        relu_out.copy_(torch.relu(readout))
     out_dtype = _result_dtype(query, key, value)
-    return (readout if layout else readout.to(out_dtype), None if aff is None else aff.to(out_dtype),
+    return (readout if out is not None else readout.to(out_dtype), None if aff is None else aff.to(out_dtype),
             None if top is None else top.to(out_dtype), None if weight is None else weight.to(out_dtype))
 
 
-def _out_layout(out: Tensor | None, b: int, cv: int, h: int, w: int, dtype: torch.dtype):
-    """(out, batch stride, object stride, channels per object) when the kernel can write the readout into `out`."""
+def _store(out: Tensor, readout: Tensor, accumulate: bool, relu_out: Tensor | None) -> Tensor:
+    """out (+)= readout (B x Cv x H x W, the same elements as out in order), relu_out = relu(out); returns out."""
+    readout = readout.reshape(out.shape)
+    if accumulate:
+        out.add_(readout)
+    else:
+        out.copy_(readout)
+    if relu_out is not None:
+        relu_out.copy_(torch.relu(out))
+    return out
+
+
+def _same_layout(a: Tensor | None, b: Tensor) -> bool:
+    return (a is not None and a.shape == b.shape and a.stride() == b.stride() and a.device == b.device
+            and a.dtype in (torch.bfloat16, torch.float32))
+
+
+def _out_layout(out: Tensor | None, b: int, cv: int, h: int, w: int, dtype: torch.dtype, nhwc: bool = False):
+    """(out, batch stride, object stride, channels per object, pixel stride) when the kernel can write the readout
+    into `out` (channels-last exactly when the value is)."""
     if out is None or out.dtype != dtype or out.device.type != "cpu" or out.shape[0] != b or out.shape[-2:] != (h, w):
         return None
     layout = _object_layout(out)
-    return (out, *layout[1:]) if layout is not None and layout[0] == cv else None
+    return (out, *layout[1:]) if layout is not None and layout[0] == cv and bool(layout[4]) == nhwc else None
 
 
 def local_weighted_sums_inference(
@@ -425,8 +486,9 @@ def local_weighted_sums_inference(
     upsampled to them by nearest neighbour (as SLMR, eq. 6-7) inside the kernel, without an upsampled copy.
     Weights pointing outside the image are ignored as long as they are finite. Inputs that need gradients (or no
     native kernels) take the autograd path. out: buffers for the results (used where shape and dtype fit).
-    values[1] may be B x N x C x H x W with each object's block contiguous (read in place, as in
-    `local_attention_inference`); its result then has that shape, contiguous.
+    values[1] may be B x N x C x H x W with each object's block contiguous, or channels-last (read in place, as in
+    `local_attention_inference`); its result then has that shape, contiguous or channels-last (H x W x N x C in
+    memory).
     """
     if not 1 <= len(values) <= 2:
         raise ValueError(f"one or two value tensors, got {len(values)}")
@@ -447,10 +509,33 @@ def local_weighted_sums_inference(
     dtype = _compute_dtype(weights, *values)
     bf16 = _bf16_inputs(lib, *values)  # values read as bf16; the (small) weights in float32
     wt, first = _prep(weights, dtype), values[0].contiguous() if bf16 else _prep(values[0], dtype)
-    second, c2, layout2 = _grouped_value(values[1], dtype, bf16) if len(values) == 2 else (None, 0, (0, 0, 1))
+    second, c2, layout2, bf16_2 = (_grouped_value(values[1], dtype, bf16, lib) if len(values) == 2
+                                   else (None, 0, (0, 0, 1, 0), 0))
     _count_macs(b * h * w * _window_size(radius), first.shape[1] + c2)
-    outs = [_output(None if out is None else o, v.shape, dtype) for o, v in zip(out or [None] * len(values), values)]
+    out = out or [None] * len(values)
+    outs = [_output(out[0], values[0].shape, dtype)]
+    out_layout2 = (0, 0, 1, 0)
+    if second is not None:
+        if layout2[3]:  # a channels-last value gives a channels-last result
+            outs.append(_channels_last_output(out[1], values[1].shape, dtype))
+            out_layout2 = _object_layout(outs[1])[1:]
+        else:
+            outs.append(_output(out[1], values[1].shape, dtype))
+            out_layout2 = (c2 * h * w, c2 * h * w, c2, 0)
     lib("lw_wsum_inf_bf16" if bf16 else "lw_wsum_inf", _ptr(wt), _ptr(first), _ptr(outs[0]), first.shape[1],
-        _ptr(second), _ptr(outs[1] if second is not None else None), c2, *layout2, b, h, w, int(radius),
-        int(dilation), int(upsample))
+        _ptr(second), _ptr(outs[1] if second is not None else None), c2, *layout2, bf16_2, *out_layout2, b, h, w,
+        int(radius), int(dilation), int(upsample))
     return [o.to(_result_dtype(weights, v)) for o, v in zip(outs, values)]
+
+
+def _channels_last_output(out: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """`out` when it is a channels-last B x [N x] C x H x W buffer (see `_object_layout`) of this shape and dtype,
+    else a new one: B x H x W x N C in memory."""
+    if out is not None and tuple(out.shape) == tuple(shape) and out.dtype == dtype and out.device.type == "cpu":
+        layout = _object_layout(out)
+        if layout is not None and layout[4]:
+            return out
+    b, h, w = shape[0], *shape[-2:]
+    if len(shape) == 4:
+        return torch.empty(b, h, w, shape[1], dtype=dtype).permute(0, 3, 1, 2)
+    return torch.empty(b, h, w, shape[1], shape[2], dtype=dtype).permute(0, 3, 4, 1, 2)

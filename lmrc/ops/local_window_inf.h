@@ -252,17 +252,21 @@ static void LW_INF(sim_row_inf_plain)(const geom *g, long C, const LW_IN *q, con
     }
 }
 
-/* LMR (eq. 4-5) for inference. out: the B x Cv x H x W readout, laid out as in olayout (obs, ogs, cper). aff
+/* LMR (eq. 4-5) for inference. out: the B x Cv x H x W readout, laid out as in olayout (obs, ogs, cper, ops). vps > 0:
+ * v and out are channels-last (read_band_nhwc; v bfloat16 when vbf16), out += the readout when accumulate, and act
+ * (unless NULL) receives relu(out) (float when act_f32, else bf16); vps = 0: v is NCHW of type LW_IN. aff
  * (B x O x H x W) and topk (B x K x H x W, the K largest similarities per pixel, descending) may be NULL. No
  * similarity tensor is written. gtop (B x K x H x W global top-k) given: the readout is multiplied by the memory
  * comparator's reliability weight (eq. 9-10; 1x1 conv weights relw[K], bias relb, SCB alpha), which is also
  * written to relout (B x 1 x H x W) unless NULL. */
-void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const LW_IN *v, real *out, real *aff, real *topk,
+void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const void *v, real *out, real *aff, real *topk,
                              long K, long B, long Ck, long Cv, long H, long W, long R, long D, double scale,
-                             long vbs, long vgs, long vcper, long obs, long ogs, long cper, const real *gtop,
+                             long vbs, long vgs, long vcper, long vps, int vbf16, long obs, long ogs, long cper,
+                             long ops, int accumulate, void *act, int act_f32, const real *gtop,
                              const real *relw, double relb, double alpha, real *relout, int nthreads) {
-    const olayout ol = {out, {obs, ogs, cper}};
-    const chlayout il = {vbs, vgs, vcper};
+    const olayout ol = {out, {obs, ogs, cper, ops}};
+    const chlayout il = {vbs, vgs, vcper, vps};
+    const nhwc_store st = {accumulate, act_f32, act};
     geom g = make_geom(H, W, R, D);
     const long O = g.O, HW = g.HW, nb = (W + VL - 1) / VL, Y = band_rows(&g, B, nthreads);
     const long bands = (H + Y - 1) / Y;
@@ -351,7 +355,9 @@ void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const LW_IN
                 for (int j = 0; j < rt[r].n; j++) rt[r].wr[j] = arow + rt[r].t[j].o * ast;
                 rt[r].h = gtop ? hbuf + r * W : NULL;
             }
-            if (tab && any)
+            if (vps)
+                read_band_nhwc(&g, Cv, y0, nr, rt, v, vbf16, &il, &ol, b, &st);
+            else if (tab && any)
                 LW_INF(read_band)(&g, Cv, y0, nr, rt, tab, any, v, &il, &ol, b);
             else
                 LW_INF(read_band_plain)(&g, Cv, y0, nr, rt, v, &il, &ol, b);
@@ -367,14 +373,16 @@ void LW_FN(LW_INF(lw_attention_inf))(const LW_IN *q, const LW_IN *k, const LW_IN
 /* Eq. (6)-(7) for inference: out_i[b, c, y, x] = sum_o w(o, y, x) v_i(c, y + dy, x + dx) for up to two (value,
  * output, channels) triples in one pass over the weights (v2 may be NULL). up = 2: w is B x O x H/2 x W/2 and
  * pixel (y, x) uses weight (y/2, x/2), i.e. nearest upsampling by 2 without an upsampled copy; up = 1: w is
- * B x O x H x W. Weights of neighbours outside the image are ignored (they must be finite). */
-void LW_FN(LW_INF(lw_wsum_inf))(const real *w, const LW_IN *v1, real *out1, long C1, const LW_IN *v2, real *out2, long C2,
-                        long v2bs, long v2gs, long v2cper, long B, long H, long W, long R, long D, long up,
-                        int nthreads) {
+ * B x O x H x W. Weights of neighbours outside the image are ignored (they must be finite). v2 and out2 have the
+ * layouts (v2bs, v2gs, v2cper, v2ps) and (o2bs, ...): channels-last when v2ps > 0 (then v2 is bf16 if v2bf16). */
+void LW_FN(LW_INF(lw_wsum_inf))(const real *w, const LW_IN *v1, real *out1, long C1, const void *v2, real *out2, long C2,
+                        long v2bs, long v2gs, long v2cper, long v2ps, int v2bf16, long o2bs, long o2gs, long o2cper,
+                        long o2ps, long B, long H, long W, long R, long D, long up, int nthreads) {
     geom g = make_geom(H, W, R, D);
     const long O = g.O, Hw = H / up, Ww = W / up, HWw = Hw * Ww, nb = (W + VL - 1) / VL;
-    const olayout ol1 = {out1, plain_layout(C1, g.HW)}, ol2 = {out2, plain_layout(C2, g.HW)};
-    const chlayout il1 = plain_layout(C1, g.HW), il2 = {v2bs, v2gs, v2cper};
+    const olayout ol1 = {out1, plain_layout(C1, g.HW)}, ol2 = {out2, {o2bs, o2gs, o2cper, o2ps}};
+    const chlayout il1 = plain_layout(C1, g.HW), il2 = {v2bs, v2gs, v2cper, v2ps};
+    const nhwc_store st2 = {0, 1, NULL};
     const long Y = band_rows(&g, B, nthreads), bands = (H + Y - 1) / Y;
     blocktap *tab = W >= VL ? alloc_tables(nb * O) : NULL;
     int *any = W >= VL ? malloc(sizeof(int) * nb) : NULL;
@@ -402,13 +410,16 @@ void LW_FN(LW_INF(lw_wsum_inf))(const real *w, const LW_IN *v1, real *out1, long
                     }
                 }
             }
-            if (tab && any) {
+            if (tab && any)
                 LW_INF(read_band)(&g, C1, y0, nr, rt, tab, any, v1, &il1, &ol1, b);
-                if (v2) LW_INF(read_band)(&g, C2, y0, nr, rt, tab, any, v2, &il2, &ol2, b);
-            } else {
+            else
                 LW_INF(read_band_plain)(&g, C1, y0, nr, rt, v1, &il1, &ol1, b);
-                if (v2) LW_INF(read_band_plain)(&g, C2, y0, nr, rt, v2, &il2, &ol2, b);
-            }
+            if (v2 && v2ps)
+                read_band_nhwc(&g, C2, y0, nr, rt, v2, v2bf16, &il2, &ol2, b, &st2);
+            else if (v2 && tab && any)
+                LW_INF(read_band)(&g, C2, y0, nr, rt, tab, any, v2, &il2, &ol2, b);
+            else if (v2)
+                LW_INF(read_band_plain)(&g, C2, y0, nr, rt, v2, &il2, &ol2, b);
         }
         free(rt);
         free(scratch);
