@@ -179,3 +179,41 @@ def test_contiguous_nchw_is_contiguous():
         for t in (x, x.contiguous(memory_format=CL), x.bfloat16().contiguous(memory_format=CL)):
             out = contiguous_nchw(t)
             assert out.is_contiguous() and torch.equal(out, t.contiguous())
+
+
+@needs_onednn
+@pytest.mark.parametrize("precision", [torch.float32, torch.bfloat16])
+def test_readouts_are_added_into_the_decoders_channels_last_sums(precision, monkeypatch):
+    """The CPU copy keeps the local reads' values channels-last and adds each readout into its decoder stage's
+    channels-last sum: the same logits as NCHW values and readouts transposed on the way (and, in fp32, as the
+    network as trained); the stage-2/3 values and readouts take no layout pass."""
+    import lmrc.inference.fast_path as fast_path
+    from lmrc.model.network import MemoryInput
+
+    torch.manual_seed(0)
+    model = LMRC(model_config("lmrc-lite", setting="F"), pretrained_backbone=False).eval()
+    into = prepare_for_inference(model, dtype=precision)
+    apart = prepare_for_inference(model, dtype=precision, readouts_into_decoder=False)
+    assert into.value_encoder.channels_last_stages == (2, 3) and apart.value_encoder.channels_last_stages == ()
+    g = torch.Generator().manual_seed(2)
+    image, masks = torch.rand(1, 3, 96, 160, generator=g), torch.rand(1, 2, 96, 160, generator=g)
+    added = []
+    original = fast_path.add_nchw_groups_to_nhwc
+    monkeypatch.setattr(fast_path, "add_nchw_groups_to_nhwc",
+                        lambda out, groups, act=None: (added.append(out.shape[-2:]), original(out, groups, act)))
+    results = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == torch.bfloat16):
+        for copy in (into, apart, model):
+            frame = copy.encode_key(image)
+            values = copy.encode_value(image, frame, masks)
+            memory = MemoryInput(frame.keys[4].flatten(2), copy.global_memory_value(values[4]).flatten(3),
+                                 frame.keys, values)
+            results.append((values, copy.read_and_decode(frame, memory).logits.float()))
+    (values_into, into_logits), (values_apart, apart_logits), (_, trained_logits) = results
+    for r in (2, 3):
+        assert values_into[r].stride(2) == 1 and values_apart[r].is_contiguous()
+    assert added == [(6, 10), (6, 10)]  # stage 4 only (G4 and L4, NCHW): stage 3 and 2 readouts went in directly
+    tolerance = 1e-4 if precision == torch.float32 else 5e-2
+    torch.testing.assert_close(into_logits, apart_logits, rtol=tolerance, atol=tolerance)
+    if precision == torch.float32:
+        torch.testing.assert_close(into_logits, trained_logits, rtol=1e-4, atol=1e-4)

@@ -30,10 +30,13 @@ from lmrc.model.comparator import upsample_global_top_k
 from lmrc.model.encoders import STAGES, LightValueTrunk
 from lmrc.model.memory_reads import ReadResult, global_memory_read, pad_top_k
 from lmrc.model.network import LMRC, FrameEncoding, MemoryInput, SegmentOutput
-from lmrc.model.readouts import Readout
-from lmrc.inference.packed_conv import PointwiseFusionNCHW, pack_convolutions, packed_convolutions_available
-from lmrc.model.transforms import fold_batch_norms, inplace_activations, project_values_before_reading
+from lmrc.model.readouts import Readout, stage_readouts
+from lmrc.inference.packed_conv import (PackedDecoderStage, PointwiseFusionNCHW, pack_convolutions,
+                                       packed_convolutions_available)
+from lmrc.model.transforms import (ReadoutGroupSum, fold_batch_norms, inplace_activations,
+                                   project_values_before_reading)
 from lmrc.ops import local_window
+from lmrc.ops.layout import add_nchw_groups_to_nhwc
 from lmrc.utils.timing import StageTimer
 from lmrc.utils.workspace import Workspace
 
@@ -66,15 +69,17 @@ class ReusedZeroPad2d(nn.Module):
 
 def fast_local_memory_read(query_key: Tensor, local_key: Tensor, local_value: Tensor, radius: int, scale: float, *,
                            comparator_top_k: int = 0, keep_affinity: bool = True, out: Tensor | None = None,
-                           reliability: tuple[Tensor, Tensor, float, float] | None = None) -> ReadResult:
+                           reliability: tuple[Tensor, Tensor, float, float] | None = None,
+                           sink: dict | None = None) -> ReadResult:
     """`local_memory_read` (LMR, eq. 4-5) by the native inference kernel: the affinity only when `keep_affinity`
     (else ReadResult.affinity is None), the readout written into `out` when it fits (ReadResult.readout is then
     `out`); reliability = (global top-k, comparator 1x1 conv weights, bias, alpha): the comparator's weight applied
-    in the same kernel (ReadResult.reliability; None where the kernel could not, the caller then weighs)."""
+    in the same kernel (ReadResult.reliability; None where the kernel could not, the caller then weighs).
+    sink: `local_attention_inference`'s out / accumulate / relu_out, instead of `out` (`DecoderSum.sink`)."""
     k = comparator_top_k
     readout, affinity, top, weight = local_window.local_attention_inference(
-        query_key, local_key, local_value, radius, scale=scale, top_k=k, affinity=keep_affinity, out=out,
-        reliability=reliability,
+        query_key, local_key, local_value, radius, scale=scale, top_k=k, affinity=keep_affinity,
+        reliability=reliability, **(sink or {"out": out}),
     )
     return ReadResult(readout, pad_top_k(top, k, 1) if k else None, affinity, weight)
 
@@ -82,22 +87,31 @@ def fast_local_memory_read(query_key: Tensor, local_key: Tensor, local_value: Te
 def fast_sequential_local_memory_read(
     query_key: Tensor, local_key: Tensor, local_value: Tensor, coarse_affinity: Tensor, radius: int, scale: float,
     workspace: Workspace, *, comparator_top_k: int = 0, out: Tensor | None = None,
-    reliability: tuple[Tensor, Tensor, float, float] | None = None,
+    reliability: tuple[Tensor, Tensor, float, float] | None = None, sink: dict | None = None,
 ) -> ReadResult:
     """`sequential_local_memory_read` (SLMR, eq. 6-8): eq. (6) and (7) in one kernel pass that reads the coarse
     weights directly (no upsampled copy), into `workspace` buffers (the reorganised key and value live only during
-    this call); out, reliability as in `fast_local_memory_read`. The affinity is not kept."""
+    this call; a channels-last value gives a channels-last one); out, reliability, sink as in
+    `fast_local_memory_read`. The affinity is not kept."""
     h, w = query_key.shape[-2:]
     upsample = 2 if (coarse_affinity.shape[-2] * 2, coarse_affinity.shape[-1] * 2) == (h, w) else 1
     weights = coarse_affinity if upsample == 2 else F.interpolate(coarse_affinity, size=(h, w), mode="nearest")
-    buffers = [workspace.buffer(f"slmr{i}", t.shape, torch.float64 if t.dtype == torch.float64 else torch.float32)
-               for i, t in enumerate((local_key, local_value))]
+    buffers = [_like_buffer(workspace, f"slmr{i}", t) for i, t in enumerate((local_key, local_value))]
     sequential_key, sequential_value = local_window.local_weighted_sums_inference(
         weights, [local_key, local_value], radius, dilation=2, upsample=upsample, out=buffers
     )  # eq. (6), (7)
     return fast_local_memory_read(query_key, sequential_key, sequential_value, radius, scale,
                                   comparator_top_k=comparator_top_k, keep_affinity=False, out=out,
-                                  reliability=reliability)  # eq. (8)
+                                  reliability=reliability, sink=sink)  # eq. (8)
+
+
+def _like_buffer(workspace: Workspace, name: str, t: Tensor) -> Tensor:
+    """A float workspace buffer of t's shape, channels-last (H x W x N x C in memory) when t is."""
+    dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+    if t.dim() == 5 and t.stride(2) == 1 and t.shape[2] > 1:
+        b, n, c, h, w = t.shape
+        return workspace.buffer(name, (b, h, w, n, c), dtype, t.device).permute(0, 3, 4, 1, 2)
+    return workspace.buffer(name, t.shape, dtype, t.device)
 
 
 class DecoderInputs:
@@ -154,12 +168,68 @@ class DecoderInputs:
         return self.buffers[r].flatten(0, 1)
 
 
+class StageInputs:
+    """Stage r of a `DecoderInputs`, with `DecoderSum`'s interface."""
+
+    def __init__(self, inputs: DecoderInputs, r: int) -> None:
+        self.inputs, self.r = inputs, r
+
+    def sink(self, values: Tensor) -> dict:
+        return {"out": self.inputs.slot(self.r, values)}
+
+    def add(self, readout: Tensor, weight: Tensor | None = None) -> None:
+        self.inputs.add(self.r, readout, weight)
+
+
+class DecoderSum:
+    """One decoder stage's input on a CPU with a packed decoder: the stage's frame and coarser terms
+    (`PackedDecoderStage.start`, B*N x C x h x w float32 channels-last) to which each readout is added in place, in
+    the readout layout's order, and relu(sum) for the residual block written by the last one. A read of a
+    channels-last value adds its readout there itself (`sink`); other readouts (NCHW) are added by a tiled
+    transpose. No per-stage buffer of readouts, no pass to sum them."""
+
+    def __init__(self, stage: PackedDecoderStage, frame: Tensor, coarser: Tensor | None, objects: int,
+                 reads: int) -> None:
+        self.stage, self.objects, self.left = stage, objects, reads
+        self.sum = stage.start(frame, coarser, objects)
+        self.activated = stage.activated_buffer(self.sum) if reads else None
+
+    def _per_object(self, t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.view(-1, self.objects, *t.shape[1:])
+
+    def sink(self, values: Tensor) -> dict | None:
+        """Where a native read of these values (B x N x C x h x w) puts its readout: into the sum, when they are
+        channels-last (else None: the read writes its own tensor, then `add`)."""
+        if values.device.type != "cpu" or values.dim() != 5 or values.stride(2) != 1 or values.shape[2] < 2:
+            return None
+        return {"out": self._per_object(self.sum), "accumulate": True,
+                "relu_out": self._per_object(self.activated) if self.left == 1 else None}
+
+    def add(self, readout: Tensor, weight: Tensor | None = None) -> None:
+        """readout: B x N*C x h x w, or the sum itself (a sink read, already added); weight B x 1 x h x w."""
+        self.left -= 1
+        if readout.data_ptr() == self.sum.data_ptr():
+            return
+        b, h, w = readout.shape[0], *readout.shape[-2:]
+        groups = readout.reshape(b, self.objects, 1, -1, h, w)
+        if weight is not None:
+            groups = groups * weight.view(b, 1, 1, 1, h, w)
+        add_nchw_groups_to_nhwc(self.sum, groups.flatten(0, 1).float().contiguous(),
+                                self.activated if self.left == 0 else None)
+
+    def finish(self) -> Tensor:
+        if self.left:
+            raise ValueError(f"{self.left} readouts of the stage were not added")
+        return self.stage.finish(self.sum, self.activated)
+
+
 class InferenceLMRC(LMRC):
     """An LMRC network prepared for inference (built by `prepare_for_inference`, never constructed directly):
     the same modules and three methods, with the fused `read_and_decode` described in the module docstring."""
 
     workspace: Workspace
     timer: StageTimer
+    readouts_into_decoder: bool
 
     def read_and_decode(self, query: FrameEncoding, memory: MemoryInput, read_top_k: int | None = None) -> SegmentOutput:
         cfg, timer = self.config, self.timer
@@ -173,54 +243,76 @@ class InferenceLMRC(LMRC):
             )
         with timer.stage("comparator"):
             global_top_k = upsample_global_top_k(glob.similarity_top_k) if k else {}
-        inputs = DecoderInputs(self.readout_channels, n, self.workspace)
         fuse = self.comparator is not None and 0 < k <= (2 * cfg.window_radius + 1) ** 2
         reliability: dict[str, Tensor] = {}
         affinity: dict[int, Tensor] = {}
-        for readout in self.readouts:
-            r = readout.stage
-            if readout.kind == "G":
-                inputs.add(r, glob.readout)
-                continue
-            values = self.read_value(memory.local_values[r], readout)
-            weight = self._fused_weight(readout, global_top_k) if fuse else None
-            if readout.kind == "L":
-                with timer.stage("local_reads"):
-                    # only SLMR at stage r - 1 reads this affinity (the kernel skips writing it otherwise)
-                    result = fast_local_memory_read(
-                        query.keys[r], memory.local_keys[r], values, cfg.window_radius, cfg.scale,
-                        comparator_top_k=k, keep_affinity=cfg.sequential_local_read and r - 1 in (2, 3),
-                        out=inputs.slot(r, values), reliability=weight)
-                affinity[r] = result.affinity
+        stagewise = self._stagewise_decoder(query.keys[4])
+        inputs = None if stagewise else DecoderInputs(self.readout_channels, n, self.workspace)
+        x = None
+        for r in (4, 3, 2):  # the readout layout's order within each stage; S_r reads L_{r+1}'s affinity
+            stage_reads = stage_readouts(self.readouts, r)
+            if stagewise:
+                with timer.stage("decoder"):
+                    target = DecoderSum(getattr(self.decoder, f"stage{r}"), query.features[r], x, n, len(stage_reads))
             else:
-                with timer.stage("sequential_local_reads"):
-                    result = fast_sequential_local_memory_read(
-                        query.keys[r], memory.local_keys[r], values, affinity[r + 1], cfg.window_radius,
-                        cfg.scale, self.workspace, comparator_top_k=k, out=inputs.slot(r, values), reliability=weight)
-            with timer.stage("comparator"):
-                self._weigh(inputs, readout, result, global_top_k, reliability)
+                target = StageInputs(inputs, r)
+            for readout in stage_reads:
+                if readout.kind == "G":
+                    target.add(glob.readout)
+                    continue
+                values = self.read_value(memory.local_values[r], readout)
+                weight = self._fused_weight(readout, global_top_k) if fuse else None
+                place = target.sink(values)
+                if readout.kind == "L":
+                    with timer.stage("local_reads"):
+                        # only SLMR at stage r - 1 reads this affinity (the kernel skips writing it otherwise)
+                        result = fast_local_memory_read(
+                            query.keys[r], memory.local_keys[r], values, cfg.window_radius, cfg.scale,
+                            comparator_top_k=k, keep_affinity=cfg.sequential_local_read and r - 1 in (2, 3),
+                            reliability=weight, sink=place)
+                    affinity[r] = result.affinity
+                else:
+                    with timer.stage("sequential_local_reads"):
+                        result = fast_sequential_local_memory_read(
+                            query.keys[r], memory.local_keys[r], values, affinity[r + 1], cfg.window_radius,
+                            cfg.scale, self.workspace, comparator_top_k=k, reliability=weight, sink=place)
+                with timer.stage("comparator"):
+                    self._weigh(target, readout, result, global_top_k, reliability)
+            if stagewise:
+                with timer.stage("decoder"):
+                    x = target.finish()
         with timer.stage("decoder"):
-            logits = self.decoder(query.features, {r: inputs.folded(r) for r in STAGES}, n)
+            if stagewise:
+                logits = self.decoder.logits(x, n)
+            else:
+                logits = self.decoder(query.features, {r: inputs.folded(r) for r in STAGES}, n)
             probs = soft_aggregate_probabilities(logits, memory.valid_objects)
         return SegmentOutput(logits, None, probs, reliability)  # aggregated logits: only training reads them
+
+    def _stagewise_decoder(self, like: Tensor) -> bool:
+        """Whether the readouts go straight into the decoder's channels-last sums (`DecoderSum`): a CPU copy whose
+        decoder stages are packed and take summed readout groups."""
+        return self.readouts_into_decoder and like.device.type == "cpu" and all(
+            isinstance(getattr(self.decoder, f"stage{r}"), PackedDecoderStage)
+            and isinstance(getattr(self.decoder, f"stage{r}").readout_conv, (ReadoutGroupSum, type(None)))
+            for r in STAGES)
 
     def _fused_weight(self, readout: Readout, global_top_k: dict[int, Tensor]) -> tuple[Tensor, Tensor, float, float]:
         """What a read needs to apply the comparator's reliability weight of `readout` itself."""
         module = self.comparator.weights[readout.name]
         return global_top_k[readout.stage], module.conv.weight.reshape(-1), float(module.conv.bias), module.alpha
 
-    def _weigh(self, inputs: DecoderInputs, readout: Readout, result: ReadResult, global_top_k: dict[int, Tensor],
-               reliability: dict[str, Tensor]) -> None:
-        """Eq. (10) into the decoder's input: applied by the read itself, or here on the way into its slice."""
+    def _weigh(self, target: StageInputs | DecoderSum, readout: Readout, result: ReadResult,
+               global_top_k: dict[int, Tensor], reliability: dict[str, Tensor]) -> None:
+        """Eq. (10) into the decoder's input: applied by the read itself, or here on the way into it."""
         r, name = readout.stage, readout.name
-        if self.comparator is None:
-            inputs.add(r, result.readout)
-        elif result.reliability is not None:
-            reliability[name] = result.reliability
-            inputs.add(r, result.readout)
-        else:
+        if self.comparator is not None and result.reliability is None:
             reliability[name] = self.comparator.weights[name](result.similarity_top_k, global_top_k[r])
-            inputs.add(r, result.readout, reliability[name])
+            target.add(result.readout, reliability[name])
+            return
+        if result.reliability is not None:
+            reliability[name] = result.reliability
+        target.add(result.readout)
 
 
 def _reuse_padding(model: nn.Module, workspace: Workspace) -> int:
@@ -236,14 +328,17 @@ def _reuse_padding(model: nn.Module, workspace: Workspace) -> int:
 def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool = True, project_values: bool = True,
                           pack: bool = True, compile: bool = False, device: torch.device | str | None = None,
                           dtype: torch.dtype | None = None, timer: StageTimer | None = None,
-                          value_products: bool | None = None) -> InferenceLMRC:
+                          value_products: bool | None = None, readouts_into_decoder: bool = True) -> InferenceLMRC:
     """An inference copy of `model` (see the module docstring) in eval mode without gradients, on `device`
     (default: the model's); `timer` (default: a new one) times its stages. value_products: a CPU copy with 1x1
     value fusion writes its NCHW values from matrix products (`PointwiseFusionNCHW`); None: when it computes in
-    float32 (in bf16 the AMX convolutions are faster, docs/PERFORMANCE.md)."""
+    float32 (in bf16 the AMX convolutions are faster, docs/PERFORMANCE.md). readouts_into_decoder: a CPU copy
+    with channels-last encoders and packed decoder keeps the local reads' values channels-last and adds their
+    readouts into the decoder's sums (`DecoderSum`); False: NCHW values and readouts, transposed on the way."""
     prepared = copy.deepcopy(model)
     prepared.__class__ = InferenceLMRC  # same modules and state; the fused read_and_decode
     prepared.workspace = Workspace()
+    prepared.readouts_into_decoder = readouts_into_decoder
     prepared.timer = timer if timer is not None else StageTimer()
     prepared.eval().requires_grad_(False)
     if device is not None:
@@ -264,6 +359,10 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
             # widened in the transpose they need anyway: the CPU memory reads then read float32, 8 ms faster per lite F
             # frame than bf16 on a 2-core Xeon (benchmarks/inference_copy.py)
             prepared.key_encoder.nchw_dtype = prepared.value_encoder.nchw_dtype = weights.dtype
+            # values of the local reads' stages stay channels-last: the native reads take them so and add their
+            # readouts into the decoder's channels-last sums (`DecoderSum`), no transposing pass either way
+            if readouts_into_decoder:
+                prepared.value_encoder.channels_last_stages = (2, 3)
     if value_products is None:
         value_products = dtype in (None, torch.float32) and weights.dtype == torch.float32
     if (value_products and channels_last and not compile and weights.device.type == "cpu"
@@ -271,7 +370,7 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
         encoder = prepared.value_encoder
         encoder.fuse_to_nchw = nn.ModuleDict({f"r{r}": PointwiseFusionNCHW(encoder.fuse_mask[f"r{r}"],
                                                                            encoder.fuse_frame[f"r{r}"])
-                                              for r in STAGES})
+                                              for r in STAGES if r not in encoder.channels_last_stages})
     if (pack and fold and not compile and weights.dtype == torch.float32
             and packed_convolutions_available(weights.device)):  # oneDNN packs fp32 / bf16 (not float64)
         for part in (prepared.key_encoder, prepared.value_encoder, prepared.decoder):

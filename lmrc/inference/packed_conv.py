@@ -144,6 +144,22 @@ class PackedDecoderStage(nn.Module):
         self.block = PackedResidualBlock(stage.block, dtype)
 
     def forward(self, frame: Tensor, readouts: Tensor | None, coarser: Tensor | None, objects: int) -> Tensor:
+        x = self.start(frame, coarser, objects)
+        if readouts is not None and self.readout_conv is not None:
+            b, c, h, w = x.shape
+            if isinstance(self.readout_conv, ReadoutGroupSum):
+                groups = readouts.reshape(b, self.readout_conv.groups, c, h, w)
+            else:
+                groups = contiguous_nchw(self.readout_conv(readouts)).view(b, 1, c, h, w)
+            # the block's first ReLU, in its conv's dtype, comes out of the same pass as the sum
+            activated = self.activated_buffer(x)
+            add_nchw_groups_to_nhwc(x, groups.float(), activated)
+            return self.finish(x, activated)
+        return self.finish(x)
+
+    def start(self, frame: Tensor, coarser: Tensor | None, objects: int) -> Tensor:
+        """The frame term broadcast over the objects plus the upsampled coarser term: B*N x C x h x w, float32,
+        channels-last, to which the readouts are added (in place) before `finish`."""
         f = self.frame_conv(frame)
         b, c, h, w = f.shape
         if self.coarser_conv is not None:  # upsampled in fp32: 2x faster than in bf16 here
@@ -152,16 +168,15 @@ class PackedDecoderStage(nn.Module):
         else:
             x = torch.empty(b * objects, c, h, w, device=f.device, memory_format=torch.channels_last)
             x.view(b, objects, c, h, w).copy_(f.unsqueeze(1).expand(b, objects, c, h, w))
-        if readouts is not None and self.readout_conv is not None:
-            if isinstance(self.readout_conv, ReadoutGroupSum):
-                groups = readouts.reshape(b * objects, self.readout_conv.groups, c, h, w)
-            else:
-                groups = contiguous_nchw(self.readout_conv(readouts)).view(b * objects, 1, c, h, w)
-            # the block's first ReLU, in its conv's dtype, comes out of the same pass as the sum
-            activated = torch.empty_like(x, dtype=self.block.conv1.dtype, memory_format=torch.channels_last)
-            add_nchw_groups_to_nhwc(x, groups.float(), activated)
-            return self.block(x, activated)
-        return self.block(x)
+        return x
+
+    def activated_buffer(self, x: Tensor) -> Tensor:
+        """Where relu(x) goes for the residual block: x's shape and layout in its first conv's dtype."""
+        return torch.empty_like(x, dtype=self.block.conv1.dtype, memory_format=torch.channels_last)
+
+    def finish(self, x: Tensor, activated: Tensor | None = None) -> Tensor:
+        """The residual block on the summed input x (activated: relu(x) in the block's conv dtype, if made)."""
+        return self.block(x, activated)
 
 
 class PointwiseFusionNCHW(nn.Module):

@@ -56,5 +56,9 @@ class Decoder(nn.Module):
         x = self.stage4(frame_features[4], readouts[4], None, objects)
         x = self.stage3(frame_features[3], readouts[3], x, objects)
         x = self.stage2(frame_features[2], readouts[2], x, objects)
+        return self.logits(x, objects)
+
+    def logits(self, x: Tensor, objects: int) -> Tensor:
+        """Stage 2's output B*N x C x h x w -> B x N x 4h x 4w logits."""
         logits = F.interpolate(self.predict(F.relu(x)), scale_factor=4, mode="bilinear", align_corners=False)
         return logits.view(-1, objects, *logits.shape[-2:])

@@ -217,6 +217,8 @@ class ValueEncoder(nn.Module):
     """
 
     nchw_dtype: torch.dtype | None = None  # the values' dtype when they leave a channels-last copy (None: the conv's)
+    # stages whose values a channels-last copy leaves channels-last (the native reads take them so, no transpose)
+    channels_last_stages: tuple[int, ...] = ()
 
     def __init__(self, trunk: nn.Module, frame_channels: dict[int, int], value_dims: tuple[int, int, int],
                  fusion_kernel: int = 3) -> None:
@@ -244,7 +246,11 @@ class ValueEncoder(nn.Module):
         encoded = self.trunk(image_n, masks.reshape(b * n, 1, *masks.shape[2:]), others.reshape(b * n, 1, *masks.shape[2:]))
         values = {}
         for r in stages:
-            if self.fuse_to_nchw is not None:
+            if r in self.channels_last_stages and not encoded[r].is_contiguous():
+                own = self.fuse_mask[f"r{r}"](encoded[r])  # B*N x C x H x W channels-last, a fresh tensor
+                values[r] = own.view(b, n, *own.shape[1:]).add_(self.fuse_frame[f"r{r}"](frame_features[r]).unsqueeze(1))
+                continue
+            if self.fuse_to_nchw is not None and f"r{r}" in self.fuse_to_nchw:
                 values[r] = self.fuse_to_nchw[f"r{r}"](encoded[r], frame_features[r], b, n)
                 continue
             own = self.fuse_mask[f"r{r}"](encoded[r])
