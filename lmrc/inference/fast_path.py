@@ -359,8 +359,10 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
             # widened in the transpose they need anyway: the CPU memory reads then read float32, 8 ms faster per lite F
             # frame than bf16 on a 2-core Xeon (benchmarks/inference_copy.py)
             prepared.key_encoder.nchw_dtype = prepared.value_encoder.nchw_dtype = weights.dtype
-            # values of the local reads' stages stay channels-last: the native reads take them so and add their
-            # readouts into the decoder's channels-last sums (`DecoderSum`), no transposing pass either way
+            # values of the local reads' stages stay channels-last in the convolutions' dtype: the native reads take
+            # them so (bf16 as it is) and add their readouts into the decoder's channels-last sums (`DecoderSum`), no
+            # transposing pass either way; bf16 and float32 values cost the same per frame here (2-core Xeon,
+            # benchmarks/inference_copy.py), bf16 halves the local memory
             if readouts_into_decoder:
                 prepared.value_encoder.channels_last_stages = (2, 3)
     if value_products is None:

@@ -216,7 +216,8 @@ class ValueEncoder(nn.Module):
     so it runs once per frame instead of once per object; the result is the same convolution.
     """
 
-    nchw_dtype: torch.dtype | None = None  # the values' dtype when they leave a channels-last copy (None: the conv's)
+    # the dtype of values that leave a channels-last copy NCHW (None: the conv's; channels-last ones keep the conv's)
+    nchw_dtype: torch.dtype | None = None
     # stages whose values a channels-last copy leaves channels-last (the native reads take them so, no transpose)
     channels_last_stages: tuple[int, ...] = ()
 
