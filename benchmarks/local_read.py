@@ -266,6 +266,23 @@ def inference_wsum(weights, k, v):
     return lw.local_weighted_sums_inference(weights, [k, v], RADIUS, 2, upsample=2)
 
 
+def channels_last_value(v, objects=2):
+    """v's channels as `objects` objects' channel groups of a channels-last bf16 value, as the fast path's value
+    encoder leaves stages 2-3 (B x N x C x H x W, each pixel's channels contiguous), and a channels-last float32
+    decoder sum of one object's width with its bf16 ReLU buffer."""
+    b, c, h, w = v.shape
+    value = v.bfloat16().reshape(b * objects, c // objects, h, w).contiguous(memory_format=torch.channels_last)
+    total = torch.zeros(b * objects, c // objects, h, w).contiguous(memory_format=torch.channels_last)
+    activated = torch.empty_like(total, dtype=torch.bfloat16)
+    per_object = lambda t: t.view(b, objects, c // objects, h, w)
+    return per_object(value), per_object(total), per_object(activated)
+
+
+def inference_attention_into_sum(q, k, value, total, activated):
+    return lw.local_attention_inference(q, k, value, RADIUS, 1, KEY_CHANNELS ** -0.5, top_k=5, out=total,
+                                        accumulate=True, relu_out=activated)
+
+
 def baseline_library(rev: str):
     """The float32 kernels of git revision `rev`, compiled as that revision did: -O3 -march=native -fopenmp before
     the per-ISA builds, else with the flags of the ISA variant this tree picks."""
@@ -320,7 +337,8 @@ def kernel_arguments(source: bytes) -> dict[str, str]:
 # the C kernels each benchmark case calls
 CASE_KERNELS = {"LMR fwd": ("lw_attention_fwd",), "LMR fwd+bwd": ("lw_attention_fwd", "lw_attention_bwd"),
                 "lw_attention_inf": ("lw_attention_inf",), "lw_wsum_inf (SLMR)": ("lw_wsum_inf",),
-                "lw_attention_inf bf16": ("lw_attention_inf",), "lw_wsum_inf bf16": ("lw_wsum_inf",)}
+                "lw_attention_inf bf16": ("lw_attention_inf",), "lw_wsum_inf bf16": ("lw_wsum_inf",),
+                "lw_attention_inf c-last": ("lw_attention_inf",), "lw_wsum_inf c-last": ("lw_wsum_inf",)}
 
 
 def with_library(lib, fn):
@@ -355,6 +373,7 @@ def kernel_rates(peak, repeats, baseline=None, clock="wall"):
         weights = torch.softmax(torch.randn(1, (2 * RADIUS + 1) ** 2, h // 2, w // 2, generator=g), 1)
         gmac = lmr_gmac(h, w, cv)
         qh, kh, vh = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        value_cl, total, activated = channels_last_value(v)
         cases = {
             "LMR fwd": (lambda: run_once(attention_fast, inputs, False), gmac),
             "LMR fwd+bwd": (lambda: run_once(attention_fast, inputs, True), 3 * gmac),
@@ -363,6 +382,10 @@ def kernel_rates(peak, repeats, baseline=None, clock="wall"):
             # bf16 inputs (bf16 autocast): read as bf16 by this tree's kernels, copied to float32 by older ones
             "lw_attention_inf bf16": (lambda: inference_attention(qh, kh, vh), gmac),
             "lw_wsum_inf bf16": (lambda: inference_wsum(weights, kh, vh), gmac),
+            # the fast path's stages 2-3: float32 keys, a channels-last bf16 value of 2 objects, the readout added
+            # into the decoder's channels-last sum with its bf16 ReLU (no layout pass before or after)
+            "lw_attention_inf c-last": (lambda: inference_attention_into_sum(q, k, value_cl, total, activated), gmac),
+            "lw_wsum_inf c-last": (lambda: inference_wsum(weights, k, value_cl), gmac),
         }
         for kernel, (fn, macs) in cases.items():
             changed = baseline is not None and set(CASE_KERNELS[kernel]) & baseline.changed

@@ -1,7 +1,7 @@
 """Where a setting-F frame spends its time in lmrc's own native calls: the local reads (`lw_attention_inf`,
-`lw_wsum_inf`) and the layout passes between the encoders' channels-last tensors and the reads' NCHW ones
-(`lmrc.ops.layout`), each call timed in the streaming Segmenter on the synthetic 480p video with 2 objects, ms per
-frame over the frames after the warm-up. Precision: P (default: auto), threads: T (default 2), frames: N.
+`lw_wsum_inf`) and the layout passes left between the encoders' channels-last tensors and the reads' NCHW ones
+(`lmrc.ops.layout`: the keys, the stage-4 value and readouts), each call timed in the streaming Segmenter on the
+synthetic 480p video with 2 objects, ms per frame over the frames after the warm-up. Precision: P (default: auto), threads: T (default 2), frames: N.
 
     .venv/bin/python benchmarks/native_calls.py
     P=fp32 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 LMRC_LOCAL_WINDOW_ISA=avx2 .venv/bin/python benchmarks/native_calls.py
@@ -14,6 +14,7 @@ import time
 
 import torch
 
+import lmrc.inference.fast_path as fast_path
 import lmrc.inference.packed_conv as packed_conv
 import lmrc.model.encoders as encoders
 from lmrc.eval.bench import build_model, synthetic_video
@@ -48,7 +49,7 @@ def main() -> None:
     for name in ("local_attention_inference", "local_weighted_sums_inference"):
         timed(local_window, name, totals)
     timed(layout, "nhwc_to_nchw", totals, encoders)
-    timed(layout, "add_nchw_groups_to_nhwc", totals, packed_conv)
+    timed(layout, "add_nchw_groups_to_nhwc", totals, packed_conv, fast_path)
     segmenter = Segmenter(build_model("lmrc-lite", "F"), size=480, precision=os.environ.get("P", "auto"))
     print(f"lmrc-lite F, {segmenter.precision}, {torch.get_num_threads()} threads, {frames} frames "
           f"({WARMUP} warm-up); ms per frame:")

@@ -7,13 +7,15 @@ The copy (`InferenceLMRC`) differs from the plain network in two ways:
   values projected to the decoder's width before reading; zero padding written into a kept buffer
   (`ReusedZeroPad2d`); encoders stored channels-last, which oneDNN runs faster on CPUs (depthwise convs about
   2.5x, dense 3x3 convs 5-10%); on a CPU every convolution packed for oneDNN with its activation and residual sum
-  fused (`lmrc.inference.packed_conv`), keys and values handed to the reads as float32 NCHW; optionally
+  fused (`lmrc.inference.packed_conv`), keys handed to the reads as float32 NCHW, the local reads' values left
+  channels-last; optionally
   `torch.compile`d encoders and decoder instead of packed ones;
 - its own `read_and_decode`: the native local-window kernels' inference entry points (no similarity written,
   the affinity only where SLMR reads it, the comparator's top-k in the same pass), the memory comparator's weight
-  applied inside the LMR/SLMR kernel (eq. 9-10), every readout written straight into its channel slice of the
-  decoder's input (no weighed copy, no concatenation), the global read in bounded chunks, and the objects'
-  probabilities aggregated as normalised odds (no aggregated logits).
+  applied inside the LMR/SLMR kernel (eq. 9-10), every readout added straight into its decoder stage's
+  channels-last sum from channels-last values (`DecoderSum`; or into its channel slice of an NCHW decoder input,
+  `DecoderInputs`): no weighed copy, no concatenation, no layout pass; the global read in bounded chunks, and the
+  objects' probabilities aggregated as normalised odds (no aggregated logits).
 All reused buffers belong to the copy's `Workspace`, its stage timer is its `StageTimer`: no state outside it.
 """
 from __future__ import annotations

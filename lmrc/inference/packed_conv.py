@@ -131,8 +131,9 @@ class PackedResidualBlock(nn.Module):
 
 class PackedDecoderStage(nn.Module):
     """The decoder's `DecoderStage` with its sum taken in the convolutions' channels-last order, in fp32: the frame
-    term broadcast over the objects onto the upsampled coarser term, then each readout group (NCHW, as the memory
-    reads write them) added through a tiled transpose (`lmrc.ops.layout`). Summing the NCHW readouts with the
+    term broadcast over the objects onto the upsampled coarser term (`start`), then the readouts, then the residual
+    block (`finish`). The inference copy's reads add their readouts into the sum themselves (`DecoderSum`);
+    `forward` adds NCHW readout groups through a tiled transpose (`lmrc.ops.layout`). Summing NCHW readouts with the
     channels-last terms element-wise cost more than all of the stage's convolutions at 1/4 scale."""
 
     def __init__(self, stage: DecoderStage, dtype: torch.dtype) -> None:
