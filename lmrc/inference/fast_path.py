@@ -176,8 +176,8 @@ class StageInputs:
     def __init__(self, inputs: DecoderInputs, r: int) -> None:
         self.inputs, self.r = inputs, r
 
-    def sink(self, values: Tensor) -> dict:
-        return {"out": self.inputs.slot(self.r, values)}
+    def sink(self, values: Tensor, weighed: bool = True) -> dict:
+        return {"out": self.inputs.slot(self.r, values)}  # `add` weighs a slot in place
 
     def add(self, readout: Tensor, weight: Tensor | None = None) -> None:
         self.inputs.add(self.r, readout, weight)
@@ -199,10 +199,12 @@ class DecoderSum:
     def _per_object(self, t: Tensor | None) -> Tensor | None:
         return None if t is None else t.view(-1, self.objects, *t.shape[1:])
 
-    def sink(self, values: Tensor) -> dict | None:
+    def sink(self, values: Tensor, weighed: bool = True) -> dict | None:
         """Where a native read of these values (B x N x C x h x w) puts its readout: into the sum, when they are
-        channels-last (else None: the read writes its own tensor, then `add`)."""
-        if values.device.type != "cpu" or values.dim() != 5 or values.stride(2) != 1 or values.shape[2] < 2:
+        channels-last and the read applies the comparator's weight itself (`weighed`; else None: the read writes
+        its own tensor, then `add`)."""
+        if (not weighed or values.device.type != "cpu" or values.dim() != 5 or values.stride(2) != 1
+                or values.shape[2] < 2):
             return None
         return {"out": self._per_object(self.sum), "accumulate": True,
                 "relu_out": self._per_object(self.activated) if self.left == 1 else None}
@@ -264,7 +266,7 @@ class InferenceLMRC(LMRC):
                     continue
                 values = self.read_value(memory.local_values[r], readout)
                 weight = self._fused_weight(readout, global_top_k) if fuse else None
-                place = target.sink(values)
+                place = target.sink(values, weighed=weight is not None or self.comparator is None)
                 if readout.kind == "L":
                     with timer.stage("local_reads"):
                         # only SLMR at stage r - 1 reads this affinity (the kernel skips writing it otherwise)

@@ -381,7 +381,8 @@ def local_attention_inference(
     reliability = (global top-k B x k x H x W, 1x1 conv weights (k,), bias, alpha), with k = top_k <= (2d+1)^2:
     the memory comparator's weight H = sigmoid(bias + sum_j w_j SCB_j) of eq. (9) from this read's top-k and the
     global one; the readout comes back multiplied by H (eq. 10) and H (B x 1 x H x W) as the fourth result. Without
-    native kernels the fourth result is None and the readout is not weighed: the caller applies the comparator.
+    native kernels the fourth result is None and the readout is not weighed, nor written into `out`: the caller
+    applies the comparator.
 
     value: B x Cv x H x W, or B x N x C x H x W (Cv = N C) in a layout the kernel reads in place: each object's
     C x H x W block contiguous (e.g. one channel group of the local memory's value), or channels-last (each
@@ -410,7 +411,7 @@ def local_attention_inference(
         readout, sim, aff = local_attention(query, key, value.flatten(1, 2) if value.dim() == 5 else value, radius,
                                             dilation, scale)
         top = sim.topk(k, dim=1).values if k > 0 else None
-        if out is not None:
+        if out is not None and reliability is None:  # a readout still to be weighed is not put into `out`
             readout = _store(out, readout, accumulate, relu_out)
         return readout, aff if affinity else None, top, None  # not weighed: the caller applies the comparator
     dtype = _compute_dtype(query, key, value)
