@@ -35,3 +35,21 @@ def test_estimate_says_how_each_number_was_obtained(monkeypatch):
     text = "\n".join(p.describe())
     assert "measured: fp32 1024^3 matmul on 1 thread(s) 10.0 GMAC/s" in text
     assert p.fp32_gmacs == pytest.approx(p.cores * p.fp32_lanes_per_cycle * p.clock_ghz)
+
+
+def test_cpu_flags_name_and_peak_come_from_the_first_cpus_fields():
+    """One reader of /proc/cpuinfo (`cpu_info`, cached) behind the flags the kernels choose by, bench's CPU name and
+    the peak's vendor and clock."""
+    from pathlib import Path
+
+    from lmrc.eval.bench import cpu_description
+    from lmrc.utils.device import cpu_flags, cpu_info
+
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo here")
+    info = cpu_info()
+    listed = info.get("flags", info.get("Features"))
+    assert listed is not None and cpu_flags() == frozenset(listed.split())
+    if "model name" in info:
+        assert cpu_description()["name"] == info["model name"]
+        assert info["model name"] in " ".join(estimate_peak(1, measure=False).describe())

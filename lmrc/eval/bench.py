@@ -48,6 +48,7 @@ from lmrc.inference.config import (
     onnx_runtime_overrides,
 )
 from lmrc.utils import timing
+from lmrc.utils.device import cpu_info
 from lmrc.utils.errors import LmrcError
 
 CHECKPOINTS = (200, 500, 1000, 2000, 5000, 10000)
@@ -318,12 +319,7 @@ def stage_rates(gmac_per_frame: dict[str, float], ms_per_frame: dict[str, float]
 
 def cpu_description() -> dict[str, str]:
     """The CPU's model name and the vector instructions PyTorch uses on it (e.g. AVX2, AVX512)."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
+    name = cpu_info().get("model name") or platform.processor() or platform.machine()
     return {"name": name, "capability": torch.backends.cpu.get_cpu_capability()}
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from lmrc.utils.device import cpu_flags
+from lmrc.utils.device import cpu_flags, cpu_info
 
 
 @dataclass
@@ -68,20 +68,6 @@ class Peak:
                          f"GMAC/s = {self.matmul_gmacs_cpu_time / self.per_core_fp32():.0%} of one core's estimate "
                          f"(other processes' share of the CPU left out); load average {os.getloadavg()[0]:.1f}")
         return lines
-
-
-def _cpuinfo() -> dict[str, str]:
-    info: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first CPU is enough
-                key, _, value = line.partition(":")
-                info[key.strip()] = value.strip()
-    except OSError:
-        pass
-    return info
 
 
 def fma_units(vendor: str, family: int, model: int, vector_bits: int) -> tuple[int, int, str]:
@@ -135,7 +121,7 @@ def matmul_gmacs(threads: int, size: int = 1024, repeats: int = 7, clock=time.pe
 
 def estimate_peak(threads: int | None = None, measure: bool = True) -> Peak:
     """The peak for `threads` cores (default torch.get_num_threads(), capped by the CPUs this process may use)."""
-    info = _cpuinfo()
+    info = cpu_info()
     try:
         available = len(os.sched_getaffinity(0))
         cores_how = f"{available} CPUs in os.sched_getaffinity"

@@ -38,6 +38,23 @@ def choose_device(name: str | torch.device | None = "auto") -> torch.device:
 
 
 @functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first CPU's fields in /proc/cpuinfo (`model name`, `vendor_id`, `cpu family`, `model`, `cpu MHz`,
+    `flags` or Arm's `Features`, ...), read once per process; empty where there is no /proc/cpuinfo."""
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first CPU is enough
+                key, _, value = line.partition(":")
+                info[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return info
+
+
+@functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags as Linux names them (`avx2`, `fma`, `avx512f`, `avx512_bf16`, `amx_bf16`, ...), read once
     per process (every native kernel call picks its library through them).
@@ -46,13 +63,9 @@ def cpu_flags() -> frozenset[str]:
     enable, e.g. AVX-512 state it does not save. An x86 Mac: the `sysctl` feature lists, lower-cased. Elsewhere
     what PyTorch reports about bf16 and AMX.
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    info = cpu_info()
+    if "flags" in info or "Features" in info:
+        return frozenset(info.get("flags", info.get("Features", "")).split())
     if platform.system() == "Darwin" and platform.machine() == "x86_64":
         try:
             out = subprocess.run(["sysctl", "-n", "machdep.cpu.features", "machdep.cpu.leaf7_features"],
