@@ -8,6 +8,7 @@
 #ifndef LMRC_KERNELS_H
 #define LMRC_KERNELS_H
 
+#include <stdint.h>
 #include <string.h>
 
 #ifndef LW_REAL
@@ -39,6 +40,20 @@ static inline vreal vsplat(real s) { return (vreal){0} + s; }
 static inline vreal vsel(vmask m, vreal a, vreal b) { return (vreal)((m & (vmask)a) | (~m & (vmask)b)); }
 static inline vreal vmax(vreal a, vreal b) { return vsel(a > b, a, b); }
 static inline vreal vmin(vreal a, vreal b) { return vsel(a < b, a, b); }
+
+/* CALL(n) with n = m as a compile-time constant, for m in 1..8 (below 1: 1): the inner loops over n vectors are
+ * unrolled and their accumulators stay in registers. */
+#define LW_UNROLL8(m, CALL)             \
+    switch (m) {                        \
+    case 8: CALL(8); break;             \
+    case 7: CALL(7); break;             \
+    case 6: CALL(6); break;             \
+    case 5: CALL(5); break;             \
+    case 4: CALL(4); break;             \
+    case 3: CALL(3); break;             \
+    case 2: CALL(2); break;             \
+    default: CALL(1); break;            \
+    }
 
 
 /* Denormal floats (below 1.2e-38) flushed to zero inside a kernel's parallel region, the caller's setting restored
@@ -76,28 +91,32 @@ static inline real ld_bf16(const lw_bf16 *p) {
 }
 #endif
 
-/* relu(r) stored at element e of a float (f32 = 1) or bfloat16 array, rounded to nearest even as PyTorch rounds. */
+/* float -> bfloat16, rounding to nearest even as PyTorch does; NaN stays NaN. Branch-free, so loops vectorise. */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
+    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+}
+
+/* relu(r) stored at element e of a float (f32 = 1) or bfloat16 array, rounded to nearest even as PyTorch rounds
+ * (f32_to_bf16 on every lane; a vector of floats at once, where NaN cannot occur after the ReLU). */
 static inline void vstore_relu(void *p, long e, vreal r, int f32) {
     r = vmax(r, vsplat(0));
-    if (f32 || sizeof(real) != sizeof(float)) {
-        if (f32) {
-            vstore((real *)p + e, r);
-            return;
-        }
-        for (int l = 0; l < VL; l++) { /* double build: one lane at a time */
-            float f = (float)r[l];
-            unsigned int u;
-            memcpy(&u, &f, sizeof u);
-            ((unsigned short *)p)[e + l] = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-        }
+    if (f32) {
+        vstore((real *)p + e, r);
         return;
     }
-    typedef unsigned int vu32 __attribute__((vector_size(LW_VBYTES * sizeof(float) / sizeof(real))));
-    typedef unsigned short vu16 __attribute__((vector_size(LW_VBYTES * sizeof(float) / sizeof(real) / 2)));
+    if (sizeof(real) != sizeof(float)) { /* double build */
+        for (int l = 0; l < VL; l++) ((uint16_t *)p)[e + l] = f32_to_bf16((float)r[l]);
+        return;
+    }
+    typedef uint32_t vu32 __attribute__((vector_size(LW_VBYTES * sizeof(float) / sizeof(real))));
+    typedef uint16_t vu16 __attribute__((vector_size(LW_VBYTES * sizeof(float) / sizeof(real) / 2)));
     vu32 u;
     memcpy(&u, &r, sizeof u);
     const vu16 h = __builtin_convertvector((u + 0x7fffu + ((u >> 16) & 1u)) >> 16, vu16);
-    memcpy((unsigned short *)p + e, &h, sizeof h);
+    memcpy((uint16_t *)p + e, &h, sizeof h);
 }
 
 #endif

@@ -18,14 +18,6 @@ static inline float bf16_to_f32(uint16_t h) {
     return f;
 }
 
-/* float -> bfloat16, rounding to nearest even as PyTorch does; NaN stays NaN. Branch-free, so loops vectorise. */
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, nan = (u >> 16) | 0x40u;
-    return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
-}
-
 /* Element e of a bfloat16 (f32 = 0) or float (f32 = 1) array, as float, and back (bf16 rounded to nearest even). */
 static inline float load_as_f32(const void *p, long e, int f32) {
     return f32 ? ((const float *)p)[e] : bf16_to_f32(((const uint16_t *)p)[e]);

@@ -732,16 +732,7 @@ static inline __attribute__((always_inline)) void nhwc_row(const int mode, const
             const int interior = x >= reach && x < W - reach;
             const long opix = (y * W + x) * ops;
 #define LW_PIXEL(M) nhwc_pixel(M, mode, rt, x, y, W, interior, vb, vps, voff + j0, obase, opix, ooff + j0, st)
-            switch (m) {
-            case 8: LW_PIXEL(8); break;
-            case 7: LW_PIXEL(7); break;
-            case 6: LW_PIXEL(6); break;
-            case 5: LW_PIXEL(5); break;
-            case 4: LW_PIXEL(4); break;
-            case 3: LW_PIXEL(3); break;
-            case 2: LW_PIXEL(2); break;
-            default: LW_PIXEL(1); break;
-            }
+            LW_UNROLL8(m, LW_PIXEL)
 #undef LW_PIXEL
         }
     }
@@ -890,16 +881,7 @@ static void gather_row(const geom *gn, long C, long y, const itap *taps, int nta
                             for (long j = 0; j < m; j++) __builtin_prefetch(v + (c + j) * HW + at, 0, 3);
                     }
 #define LW_GATHER(N) gather_chunk(N, HW, W, y, xs, taps, ntaps, tab + bi * O, any[bi], w, v + c * HW, out + c * HW)
-            switch (m) {
-            case 8: LW_GATHER(8); break;
-            case 7: LW_GATHER(7); break;
-            case 6: LW_GATHER(6); break;
-            case 5: LW_GATHER(5); break;
-            case 4: LW_GATHER(4); break;
-            case 3: LW_GATHER(3); break;
-            case 2: LW_GATHER(2); break;
-            default: LW_GATHER(1); break;
-            }
+            LW_UNROLL8(m, LW_GATHER)
 #undef LW_GATHER
         }
     }

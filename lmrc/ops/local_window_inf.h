@@ -137,16 +137,9 @@ static void LW_INF(read_band)(const geom *g, long C, long y0, long nr, const row
                     for (long ly = r ? y + reach : y - reach; ly <= y + reach; ly += g->D)
                         if (ly >= 0 && ly < g->H)
                             for (long j = 0; j < m; j++) __builtin_prefetch(vc + j * HW + ly * W + lx, 0, 3);
-                switch (m) {
-                case 8: LW_INF(read_chunk)(8, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 7: LW_INF(read_chunk)(7, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 6: LW_INF(read_chunk)(6, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 5: LW_INF(read_chunk)(5, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 4: LW_INF(read_chunk)(4, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 3: LW_INF(read_chunk)(3, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                case 2: LW_INF(read_chunk)(2, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                default: LW_INF(read_chunk)(1, HW, W, y, xs, rt + r, tb, any[bi], vc, oc); break;
-                }
+#define LW_READ_CHUNK(N) LW_INF(read_chunk)(N, HW, W, y, xs, rt + r, tb, any[bi], vc, oc)
+                LW_UNROLL8(m, LW_READ_CHUNK)
+#undef LW_READ_CHUNK
             }
         }
     }
