@@ -107,10 +107,16 @@ def fast_sequential_local_memory_read(
                                   reliability=reliability, sink=sink)  # eq. (8)
 
 
+def _channels_last_value(t: Tensor) -> bool:
+    """A B x N x C x H x W value whose objects' channels are contiguous at each pixel (the value encoder's
+    channels-last stages)."""
+    return t.dim() == 5 and t.stride(2) == 1 and t.shape[2] > 1
+
+
 def _like_buffer(workspace: Workspace, name: str, t: Tensor) -> Tensor:
     """A float workspace buffer of t's shape, channels-last (H x W x N x C in memory) when t is."""
     dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-    if t.dim() == 5 and t.stride(2) == 1 and t.shape[2] > 1:
+    if _channels_last_value(t):
         b, n, c, h, w = t.shape
         return workspace.buffer(name, (b, h, w, n, c), dtype, t.device).permute(0, 3, 4, 1, 2)
     return workspace.buffer(name, t.shape, dtype, t.device)
@@ -203,8 +209,7 @@ class DecoderSum:
         """Where a native read of these values (B x N x C x h x w) puts its readout: into the sum, when they are
         channels-last and the read applies the comparator's weight itself (`weighed`; else None: the read writes
         its own tensor, then `add`)."""
-        if (not weighed or values.device.type != "cpu" or values.dim() != 5 or values.stride(2) != 1
-                or values.shape[2] < 2):
+        if not weighed or values.device.type != "cpu" or not _channels_last_value(values):
             return None
         return {"out": self._per_object(self.sum), "accumulate": True,
                 "relu_out": self._per_object(self.activated) if self.left == 1 else None}
@@ -233,7 +238,7 @@ class InferenceLMRC(LMRC):
 
     workspace: Workspace
     timer: StageTimer
-    readouts_into_decoder: bool
+    decoder_sums: bool  # the reads add into the packed decoder's channels-last sums (`DecoderSum`)
 
     def read_and_decode(self, query: FrameEncoding, memory: MemoryInput, read_top_k: int | None = None) -> SegmentOutput:
         cfg, timer = self.config, self.timer
@@ -250,10 +255,10 @@ class InferenceLMRC(LMRC):
         fuse = self.comparator is not None and 0 < k <= (2 * cfg.window_radius + 1) ** 2
         reliability: dict[str, Tensor] = {}
         affinity: dict[int, Tensor] = {}
-        stagewise = self._stagewise_decoder(query.keys[4])
+        stagewise = self.decoder_sums
         inputs = None if stagewise else DecoderInputs(self.readout_channels, n, self.workspace)
         x = None
-        for r in (4, 3, 2):  # the readout layout's order within each stage; S_r reads L_{r+1}'s affinity
+        for r in sorted(STAGES, reverse=True):  # the readout layout's order per stage; S_r reads L_{r+1}'s affinity
             stage_reads = stage_readouts(self.readouts, r)
             if stagewise:
                 with timer.stage("decoder"):
@@ -292,14 +297,6 @@ class InferenceLMRC(LMRC):
                 logits = self.decoder(query.features, {r: inputs.folded(r) for r in STAGES}, n)
             probs = soft_aggregate_probabilities(logits, memory.valid_objects)
         return SegmentOutput(logits, None, probs, reliability)  # aggregated logits: only training reads them
-
-    def _stagewise_decoder(self, like: Tensor) -> bool:
-        """Whether the readouts go straight into the decoder's channels-last sums (`DecoderSum`): a CPU copy whose
-        decoder stages are packed and take summed readout groups."""
-        return self.readouts_into_decoder and like.device.type == "cpu" and all(
-            isinstance(getattr(self.decoder, f"stage{r}"), PackedDecoderStage)
-            and isinstance(getattr(self.decoder, f"stage{r}").readout_conv, (ReadoutGroupSum, type(None)))
-            for r in STAGES)
 
     def _fused_weight(self, readout: Readout, global_top_k: dict[int, Tensor]) -> tuple[Tensor, Tensor, float, float]:
         """What a read needs to apply the comparator's reliability weight of `readout` itself."""
@@ -342,7 +339,6 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
     prepared = copy.deepcopy(model)
     prepared.__class__ = InferenceLMRC  # same modules and state; the fused read_and_decode
     prepared.workspace = Workspace()
-    prepared.readouts_into_decoder = readouts_into_decoder
     prepared.timer = timer if timer is not None else StageTimer()
     prepared.eval().requires_grad_(False)
     if device is not None:
@@ -383,6 +379,10 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
             pack_convolutions(part, dtype or torch.float32)
         if isinstance(prepared.value_encoder.trunk, LightValueTrunk):  # its first conv: ~1 ms faster per frame
             prepared.value_encoder.trunk.input_dtype = dtype or torch.float32
+    # packed decoder stages (CPU) that sum their readout groups: the reads can add into their sums
+    prepared.decoder_sums = readouts_into_decoder and all(
+        isinstance(stage, PackedDecoderStage) and isinstance(stage.readout_conv, (ReadoutGroupSum, type(None)))
+        for stage in (getattr(prepared.decoder, f"stage{r}") for r in STAGES))
     if compile:
         os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
         prepared.key_encoder = torch.compile(prepared.key_encoder, dynamic=False)
