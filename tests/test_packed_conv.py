@@ -76,6 +76,25 @@ def test_packed_conv_in_bf16_is_autocasts_convolution():
 
 
 @needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_into_sums_inside_the_convolution(dtype):
+    """out += conv(x) in place (the value encoder's stage-2/3 fusion: each object's term onto the frame term)."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(16, 64, 1).eval()
+    x = torch.randn(2, 16, 12, 20).contiguous(memory_format=CL)
+    out = torch.randn(2, 64, 12, 20).to(dtype).contiguous(memory_format=CL)
+    with torch.no_grad():  # in bf16: the products of bf16-rounded inputs and weights, summed in float
+        rounded = [t.to(dtype).float() for t in (x, conv.weight, conv.bias)]
+        wanted = out.float() + F.conv2d(*rounded)
+    got = PackedConv2d(conv, dtype).add_into(out, x)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), wanted, rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="activation"):
+        PackedConv2d(conv, dtype, "relu").add_into(out, x)
+
+
+@needs_onednn
 def test_padding_module_is_absorbed_or_kept():
     """EfficientNet's TF-style stride-2 padding goes into the kernel; padding the trick cannot express stays."""
     torch.manual_seed(0)
@@ -115,7 +134,9 @@ def test_packed_decoder_stage_is_the_stage(readouts, coarser):
 @pytest.mark.parametrize("setting,value_trunk", [("A", "mask"), ("F", "mask"), ("F", "image_and_mask")])
 def test_packed_network_is_the_folded_network(setting, value_trunk):
     """Every convolution of lmrc-lite's encoders and decoder packed: the inference copy gives the same keys, values
-    and logits as the copy without packing (fp32), the value trunk's input built channels-last."""
+    and logits as the copy without packing (fp32); the image-and-mask value trunk's input built channels-last, the
+    mask-only trunk's first conv computed from the masks (`lmrc.ops.mask_conv`), the stage-2/3 fusion summed inside
+    the convolution (`PackedConv2d.add_into`)."""
     torch.manual_seed(0)
     config = model_config("lmrc-lite", setting=setting, value_trunk=value_trunk)
     model = LMRC(config, pretrained_backbone=False).eval()
@@ -123,7 +144,10 @@ def test_packed_network_is_the_folded_network(setting, value_trunk):
     packed = prepare_for_inference(model, pack=True, dtype=torch.float32)
     for part in ("key_encoder", "value_encoder", "decoder"):
         assert not [m for m in getattr(packed, part).modules() if isinstance(m, nn.Conv2d)], part
-    assert plain.value_encoder.trunk.input_dtype is None and packed.value_encoder.trunk.input_dtype == torch.float32
+    trunk = packed.value_encoder.trunk
+    assert plain.value_encoder.trunk.input_dtype is None and plain.value_encoder.trunk.stem_from_masks_dtype is None
+    assert (trunk.input_dtype, trunk.stem_from_masks_dtype) == ((torch.float32, None) if trunk.reads_image
+                                                                else (None, torch.float32))
     image = torch.rand(1, 3, 96, 160)
     masks = torch.rand(1, 2, 96, 160)
     with torch.no_grad():

@@ -86,6 +86,16 @@ class PackedConv2d(nn.Module):
         return y if fused or self.post_op == "none" else y.clamp_(*self.scalars)
 
 
+    def add_into(self, out: Tensor, x: Tensor) -> Tensor:
+        """out += conv(x) in place, the sum taken inside the convolution (oneDNN's binary post-op on `out`); out:
+        the output's shape, channels-last, in `dtype`. Returns out."""
+        if self.post_op != "none":
+            raise ValueError("add_into sums before any activation: the conv must have none")
+        x = self.pad(x).to(self.dtype)
+        return torch.ops.mkldnn._convolution_pointwise_.binary(
+            out, x, self.packed_weight(tuple(x.shape)), self.bias, *self.geometry, "add", 1.0, None, [], None)
+
+
 def _absorb_padding(weight: Tensor, left: int, right: int, top: int, bottom: int) -> tuple[Tensor, list[int]]:
     """A kernel and symmetric padding that compute conv(pad(x, left, right, top, bottom), weight) (no padding, any
     stride) without the padded copy, for right >= left and bottom >= top: pad symmetrically by (bottom, right) and

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from lmrc.ops.layout import nhwc_to_nchw
+from lmrc.ops.mask_conv import mask_stem_conv
 
 STAGES = (2, 3, 4)  # feature stage r has 1 / 2^r of the input resolution
 
@@ -140,6 +141,8 @@ class LightValueTrunk(nn.Module):
     channels = {2: 16, 3: 32, 4: 64}
     reads_image = True
     input_dtype: torch.dtype | None = None  # set on a packed inference copy: the input built channels-last in it
+    # set on a packed inference copy of the mask-only trunk: `encode_masks` runs, its first conv's output in this dtype
+    stem_from_masks_dtype: torch.dtype | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -160,7 +163,18 @@ class LightValueTrunk(nn.Module):
             x = torch.cat(inputs, 1)
         else:  # oneDNN's kernels for an NCHW input of a few channels are slower than building it channels-last
             x = torch.cat([t.permute(0, 2, 3, 1) for t in inputs], 3).to(self.input_dtype).permute(0, 3, 1, 2)
-        f2 = self.stem(x)
+        return self._stages(self.stem[0](x))
+
+    def encode_masks(self, masks: Tensor) -> dict[int, Tensor]:
+        """forward(None, each object's mask, the other objects' masks) for masks B x N x H x W, the first conv + ReLU
+        computed from the masks themselves (`lmrc.ops.mask_conv`), in `stem_from_masks_dtype`: the trunk's input is
+        never built. The mask-only trunk of a CPU inference copy."""
+        first = self.stem[0][0]  # a Conv2d or its packed copy: weight C x 2 x 3 x 3, bias C
+        return self._stages(mask_stem_conv(masks, first.weight, first.bias, self.stem_from_masks_dtype))
+
+    def _stages(self, x: Tensor) -> dict[int, Tensor]:
+        """The features of every stage from the first conv's output."""
+        f2 = self.stem[1](x)
         f3 = self.stage3(f2)
         return {2: f2, 3: f3, 4: self.stage4(f3)}
 
@@ -241,15 +255,22 @@ class ValueEncoder(nn.Module):
     ) -> dict[int, Tensor]:
         """image B x 3 x H x W, masks B x N x H x W (soft) -> {r: B x N x Cv_r x Hr x Wr}."""
         b, n = masks.shape[:2]
-        others = masks.sum(1, keepdim=True) - masks  # every other object of the same frame
-        image_n = (image.unsqueeze(1).expand(b, n, *image.shape[1:]).reshape(b * n, *image.shape[1:])
-                   if getattr(self.trunk, "reads_image", True) else None)
-        encoded = self.trunk(image_n, masks.reshape(b * n, 1, *masks.shape[2:]), others.reshape(b * n, 1, *masks.shape[2:]))
+        if getattr(self.trunk, "stem_from_masks_dtype", None) is not None:
+            encoded = self.trunk.encode_masks(masks)
+        else:
+            others = masks.sum(1, keepdim=True) - masks  # every other object of the same frame
+            image_n = (image.unsqueeze(1).expand(b, n, *image.shape[1:]).reshape(b * n, *image.shape[1:])
+                       if getattr(self.trunk, "reads_image", True) else None)
+            encoded = self.trunk(image_n, masks.reshape(b * n, 1, *masks.shape[2:]),
+                                 others.reshape(b * n, 1, *masks.shape[2:]))
         values = {}
         for r in stages:
             if r in self.channels_last_stages and not encoded[r].is_contiguous():
-                own = self.fuse_mask[f"r{r}"](encoded[r])  # B*N x C x H x W channels-last, a fresh tensor
-                values[r] = own.view(b, n, *own.shape[1:]).add_(self.fuse_frame[f"r{r}"](frame_features[r]).unsqueeze(1))
+                # the frame term once per object (the frame features seen n times, no copy for B = 1), then the
+                # object's own term added in place: inside the convolution on a packed copy, no broadcast pass
+                frame = frame_features[r]
+                total = self.fuse_frame[f"r{r}"](frame.unsqueeze(1).expand(b, n, *frame.shape[1:]).flatten(0, 1))
+                values[r] = _add_conv(total, self.fuse_mask[f"r{r}"], encoded[r]).view(b, n, *total.shape[1:])
                 continue
             if self.fuse_to_nchw is not None and f"r{r}" in self.fuse_to_nchw:
                 values[r] = self.fuse_to_nchw[f"r{r}"](encoded[r], frame_features[r], b, n)
@@ -261,6 +282,12 @@ class ValueEncoder(nn.Module):
             else:  # channels-last inference copy: the memory reads want NCHW
                 values[r] = _add_to_nchw(own, shared, b, n, self.nchw_dtype)
         return values
+
+
+def _add_conv(out: Tensor, conv: nn.Module, x: Tensor) -> Tensor:
+    """out += conv(x), in place; inside the convolution where the module can (`add_into`, a packed copy's)."""
+    add_into = getattr(conv, "add_into", None)
+    return add_into(out, x) if add_into is not None else out.add_(conv(x))
 
 
 def contiguous_nchw(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
