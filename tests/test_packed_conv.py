@@ -152,6 +152,10 @@ def test_packed_network_is_the_folded_network(setting, value_trunk):
     masks = torch.rand(1, 2, 96, 160)
     with torch.no_grad():
         frames = [m.encode_key(image) for m in (plain, packed)]
+        # the copy makes only the keys its reads take (A: the global read's), the model every stage's (eq. 12)
+        assert set(frames[1].keys) == ({4} if setting == "A" else {2, 3, 4})
+        assert set(model.encode_key(image).keys) == {2, 3, 4}
+        torch.testing.assert_close(frames[1].keys[4], model.encode_key(image).keys[4], rtol=1e-4, atol=1e-4)
         for r in frames[0].keys:
             torch.testing.assert_close(frames[1].keys[r], frames[0].keys[r], rtol=1e-4, atol=1e-4)
             assert frames[1].keys[r].is_contiguous()  # NCHW for the memory reads

@@ -344,6 +344,8 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
     if device is not None:
         prepared.to(device)
     weights = next(prepared.parameters())
+    # keys only where a read takes them: the global read (stage 4) and the local reads' stages
+    prepared.key_encoder.key_stages = tuple(sorted({4, *prepared.config.local_read_stages}))
     if project_values:
         project_values_before_reading(prepared)
     if fold:

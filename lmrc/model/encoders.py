@@ -208,6 +208,9 @@ class KeyEncoder(nn.Module):
     """Query/local-memory key encoder: frame features F_r and 3x3-conv keys K_r (64 channels) at r = 2, 3, 4."""
 
     nchw_dtype: torch.dtype | None = None  # the keys' dtype when they leave a channels-last copy (None: the conv's)
+    # the stages whose keys are made: all for training (the scale loss, eq. 12, takes every stage); an inference copy
+    # makes only those its reads use (setting A: stage 4)
+    key_stages: tuple[int, ...] = STAGES
 
     def __init__(self, trunk: nn.Module, key_dim: int) -> None:
         super().__init__()
@@ -219,7 +222,7 @@ class KeyEncoder(nn.Module):
     def forward(self, image: Tensor) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
         features = self.trunk(image)
         # NCHW for the memory reads: a no-op unless the encoder runs channels-last (inference)
-        keys = {r: contiguous_nchw(self.key_proj[f"r{r}"](features[r]), self.nchw_dtype) for r in STAGES}
+        keys = {r: contiguous_nchw(self.key_proj[f"r{r}"](features[r]), self.nchw_dtype) for r in self.key_stages}
         return keys, features
 
 
