@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lmrc.model.aggregate import soft_aggregate_probabilities
+from lmrc.model.aggregate import upsample_soft_aggregate
 from lmrc.model.comparator import upsample_global_top_k
 from lmrc.model.encoders import STAGES, LightValueTrunk
 from lmrc.model.memory_reads import ReadResult, global_memory_read, pad_top_k
@@ -291,11 +291,10 @@ class InferenceLMRC(LMRC):
                 with timer.stage("decoder"):
                     x = target.finish()
         with timer.stage("decoder"):
-            if stagewise:
-                logits = self.decoder.logits(x, n)
-            else:
-                logits = self.decoder(query.features, {r: inputs.folded(r) for r in STAGES}, n)
-            probs = soft_aggregate_probabilities(logits, memory.valid_objects)
+            if not stagewise:
+                x = self.decoder.stages(query.features, {r: inputs.folded(r) for r in STAGES}, n)
+            # the x4 upsampling and the objects' aggregation in one pass at the input's resolution (CPU)
+            logits, probs = upsample_soft_aggregate(self.decoder.coarse_logits(x, n), memory.valid_objects)
         return SegmentOutput(logits, None, probs, reliability)  # aggregated logits: only training reads them
 
     def _fused_weight(self, readout: Readout, global_top_k: dict[int, Tensor]) -> tuple[Tensor, Tensor, float, float]:

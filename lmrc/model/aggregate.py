@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from lmrc.ops.aggregate import upsample4_soft_aggregate_native
 
 _EPS = 1e-7
 
@@ -41,3 +44,14 @@ def soft_aggregate_probabilities(logits: Tensor, valid_objects: Tensor | None = 
         keep = torch.cat([torch.ones_like(valid_objects[:, :1]), valid_objects], 1).bool()
         odds = odds.masked_fill_(~keep[:, :, None, None], 0)
     return odds.div_(odds.sum(1, keepdim=True))
+
+
+def upsample_soft_aggregate(low: Tensor, valid_objects: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """low B x N x h x w logits -> (their x4 bilinear upsampling B x N x 4h x 4w, as the decoder's, and
+    `soft_aggregate_probabilities` of it), for inference: on CPU one native pass over the output
+    (`lmrc.ops.aggregate`; equal up to float rounding, tested), else PyTorch."""
+    native = upsample4_soft_aggregate_native(low, valid_objects)
+    if native is not None:
+        return native
+    logits = F.interpolate(low, scale_factor=4, mode="bilinear", align_corners=False)
+    return logits, soft_aggregate_probabilities(logits, valid_objects)

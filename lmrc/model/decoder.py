@@ -53,12 +53,19 @@ class Decoder(nn.Module):
 
     def forward(self, frame_features: dict[int, Tensor], readouts: dict[int, Tensor | None], objects: int) -> Tensor:
         """frame_features {r: B x Cf_r x h_r x w_r}; readouts {r: B*N x C_r x h_r x w_r} -> B x N x 4h_2 x 4w_2 logits."""
+        return self.logits(self.stages(frame_features, readouts, objects), objects)
+
+    def stages(self, frame_features: dict[int, Tensor], readouts: dict[int, Tensor | None], objects: int) -> Tensor:
+        """Stages 4 -> 3 -> 2: stage 2's output B*N x C x h_2 x w_2."""
         x = self.stage4(frame_features[4], readouts[4], None, objects)
         x = self.stage3(frame_features[3], readouts[3], x, objects)
-        x = self.stage2(frame_features[2], readouts[2], x, objects)
-        return self.logits(x, objects)
+        return self.stage2(frame_features[2], readouts[2], x, objects)
 
     def logits(self, x: Tensor, objects: int) -> Tensor:
         """Stage 2's output B*N x C x h x w -> B x N x 4h x 4w logits."""
-        logits = F.interpolate(self.predict(F.relu(x)), scale_factor=4, mode="bilinear", align_corners=False)
+        return F.interpolate(self.coarse_logits(x, objects), scale_factor=4, mode="bilinear", align_corners=False)
+
+    def coarse_logits(self, x: Tensor, objects: int) -> Tensor:
+        """Stage 2's output B*N x C x h x w -> B x N x h x w logits, before the x4 upsampling."""
+        logits = self.predict(F.relu(x))
         return logits.view(-1, objects, *logits.shape[-2:])

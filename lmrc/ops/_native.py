@@ -1,5 +1,5 @@
-"""Build the native kernels (`local_window.c`, `top_k.c`, `layout.c`, `mask_conv.c`) with the system C compiler at
-first use and load them with ctypes.
+"""Build the native kernels (`local_window.c`, `top_k.c`, `layout.c`, `mask_conv.c`, `aggregate.c`) with the system C
+compiler at first use and load them with ctypes.
 
 One library is built per instruction set ("ISA variant") with fixed -m flags, never -march=native, so a cache
 shared by machines with different CPUs stays valid; the variant is chosen at load time from the CPU's features
@@ -30,7 +30,8 @@ import torch
 
 from lmrc.utils.device import cpu_flags as cpu_features  # the instruction sets the variants need
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("local_window.c", "top_k.c", "layout.c", "mask_conv.c"))  # one library
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("local_window.c", "top_k.c", "layout.c", "mask_conv.c",
+                                                                 "aggregate.c"))  # one library
 HEADERS = tuple(Path(__file__).with_name(name) for name in ("kernels.h", "local_window_inf.h"))  # in the cache key
 
 # Tried in order: the first set is the intended build, the second keeps a working (single-threaded) kernel when the
@@ -67,6 +68,7 @@ _SIGNATURES = {
     "ly_nhwc_bf16_to_nchw_f32": [_P] * 3 + [_L] * 4 + [_I],
     "ly_add_nchw_groups_to_nhwc_f32": [_P] * 3 + [_L] * 4 + [_I, _I],
     "mc_mask_stem": [_P] * 5 + [_L] * 5 + [_I, _I],
+    "ag_upsample4_aggregate": [_P] * 4 + [_L] * 4 + [_I],
 }
 # float build only: the inference kernels reading bfloat16 inputs (same arguments)
 _BF16_SIGNATURES = {"lw_attention_inf_bf16": _SIGNATURES["lw_attention_inf"],

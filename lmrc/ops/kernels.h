@@ -8,6 +8,7 @@
 #ifndef LMRC_KERNELS_H
 #define LMRC_KERNELS_H
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -40,6 +41,39 @@ static inline vreal vsplat(real s) { return (vreal){0} + s; }
 static inline vreal vsel(vmask m, vreal a, vreal b) { return (vreal)((m & (vmask)a) | (~m & (vmask)b)); }
 static inline vreal vmax(vreal a, vreal b) { return vsel(a > b, a, b); }
 static inline vreal vmin(vreal a, vreal b) { return vsel(a < b, a, b); }
+
+/* single-precision exp for the float build: the double one would round-trip every element */
+#define lw_exp(x) _Generic((x), float: expf, default: exp)(x)
+
+/* exp of x <= 0 (-inf gives 0). float: Cephes expf polynomial (within 2 ulp); double: libm per lane. */
+static inline vreal vexp(vreal x) {
+    if (sizeof(real) == sizeof(float)) {
+        vmask keep = x > vsplat((real)-87.0);
+        x = vsel(keep, x, vsplat((real)-87.0));
+        vreal t = x * (real)1.44269504088896341 + (real)12582912.0; /* round to nearest: 1.5 * 2^23 */
+        vreal n = t - (real)12582912.0;
+        vreal r = x - n * (real)0.693359375;
+        r = r - n * (real)-2.12194440e-4;
+        vreal p = vsplat((real)1.9875691500e-4);
+        p = p * r + (real)1.3981999507e-3;
+        p = p * r + (real)8.3334519073e-3;
+        p = p * r + (real)4.1665795894e-2;
+        p = p * r + (real)1.6666665459e-1;
+        p = p * r + (real)5.0000001201e-1;
+        p = p * (r * r) + r + (real)1;
+        vmask e = (__builtin_convertvector(n, vmask) + 127) << 23;
+        return (vreal)((vmask)(p * (vreal)e) & keep);
+    }
+    vreal y;
+    for (int l = 0; l < VL; l++) y[l] = exp(x[l]);
+    return y;
+}
+
+/* sigmoid(z) from e^-|z| (no overflow). */
+static inline vreal vsigmoid(vreal z) {
+    vreal az = vsel(z < vsplat(0), -z, z), e = vexp(-az), p = 1 / (1 + e);
+    return vsel(z < vsplat(0), e * p, p);
+}
 
 /* CALL(n) with n = m as a compile-time constant, for m in 1..8 (below 1: 1): the inner loops over n vectors are
  * unrolled and their accumulators stay in registers. */

@@ -15,33 +15,6 @@
 
 #include "kernels.h"
 
-/* single-precision exp for the float build: the double one would round-trip every element */
-#define lw_exp(x) _Generic((x), float: expf, default: exp)(x)
-
-/* exp of x <= 0 (-inf gives 0). float: Cephes expf polynomial (within 2 ulp); double: libm per lane. */
-static inline vreal vexp(vreal x) {
-    if (sizeof(real) == sizeof(float)) {
-        vmask keep = x > vsplat((real)-87.0);
-        x = vsel(keep, x, vsplat((real)-87.0));
-        vreal t = x * (real)1.44269504088896341 + (real)12582912.0; /* round to nearest: 1.5 * 2^23 */
-        vreal n = t - (real)12582912.0;
-        vreal r = x - n * (real)0.693359375;
-        r = r - n * (real)-2.12194440e-4;
-        vreal p = vsplat((real)1.9875691500e-4);
-        p = p * r + (real)1.3981999507e-3;
-        p = p * r + (real)8.3334519073e-3;
-        p = p * r + (real)4.1665795894e-2;
-        p = p * r + (real)1.6666665459e-1;
-        p = p * r + (real)5.0000001201e-1;
-        p = p * (r * r) + r + (real)1;
-        vmask e = (__builtin_convertvector(n, vmask) + 127) << 23;
-        return (vreal)((vmask)(p * (vreal)e) & keep);
-    }
-    vreal y;
-    for (int l = 0; l < VL; l++) y[l] = exp(x[l]);
-    return y;
-}
-
 /* Largest radius the kernels accept (the Python wrapper falls back to plain PyTorch beyond it). */
 #define LW_MAX_RADIUS 7
 #define LW_MAX_O ((2 * LW_MAX_RADIUS + 1) * (2 * LW_MAX_RADIUS + 1))
@@ -628,14 +601,10 @@ static void topk_block(long O, long K, const vreal *s, vreal *top) {
     }
 }
 
-/* tanh(x / 2) = sign(x) (1 - e^-|x|) / (1 + e^-|x|); sigmoid(z) from e^-|z| likewise (no overflow). */
+/* tanh(x / 2) = sign(x) (1 - e^-|x|) / (1 + e^-|x|) (no overflow; vsigmoid likewise, kernels.h). */
 static inline vreal vtanh_half(vreal x) {
     vreal ax = vsel(x < vsplat(0), -x, x), e = vexp(-ax), t = (1 - e) / (1 + e);
     return vsel(x < vsplat(0), -t, t);
-}
-static inline vreal vsigmoid(vreal z) {
-    vreal az = vsel(z < vsplat(0), -z, z), e = vexp(-az), p = 1 / (1 + e);
-    return vsel(z < vsplat(0), e * p, p);
 }
 
 /* The comparator's reliability weight (eq. 9 and its 1x1 conv + sigmoid) of one block from the local top-k and
