@@ -8,9 +8,9 @@ from torch import nn
 
 from lmrc.config import model_config
 from lmrc.inference.fast_path import prepare_for_inference
-from lmrc.inference.packed_conv import (PackedConv2d, PackedDecoderStage, PointwiseFusionNCHW, _absorb_padding,
-                                        pack_convolutions, packed_convolutions_available)
-from lmrc.model.decoder import DecoderStage
+from lmrc.inference.packed_conv import (PackedConv2d, PackedDecoderStage, PackedResidualBlock, PointwiseFusionNCHW,
+                                        _absorb_padding, pack_convolutions, packed_convolutions_available)
+from lmrc.model.decoder import DecoderStage, ResidualBlock
 from lmrc.model.encoders import contiguous_nchw
 from lmrc.model.network import LMRC
 from lmrc.model.transforms import ReadoutGroupSum
@@ -92,6 +92,26 @@ def test_add_into_sums_inside_the_convolution(dtype):
     torch.testing.assert_close(out.float(), wanted, rtol=tolerance, atol=tolerance)
     with pytest.raises(ValueError, match="activation"):
         PackedConv2d(conv, dtype, "relu").add_into(out, x)
+
+
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_residual_block_gives_the_relu_of_its_output(dtype):
+    """`activated_output`: relu(x + conv2(relu(conv1(relu(x))))) in the convs' dtype, the sum and the ReLU inside
+    conv2 (the decoder's last stage, read only through its ReLU)."""
+    torch.manual_seed(2)
+    block = ResidualBlock(16).eval()
+    x = torch.randn(2, 16, 10, 14).contiguous(memory_format=CL)
+    packed = PackedResidualBlock(block, dtype)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        wanted = F.relu(block(x)).float()
+        got = packed.activated_output(x)
+    assert got.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2  # bf16: x rounded before the sum, the result rounded
+    torch.testing.assert_close(got.float(), wanted, rtol=tolerance, atol=tolerance)
+    assert (got == 0).any() and (got > 0).any()
+    with pytest.raises(ValueError, match="activation"):
+        PackedConv2d(block.conv1, dtype, "relu").sum_relu(x, x)
 
 
 @needs_onednn

@@ -226,10 +226,11 @@ class DecoderSum:
         add_nchw_groups_to_nhwc(self.sum, groups.flatten(0, 1).float().contiguous(),
                                 self.activated if self.left == 0 else None)
 
-    def finish(self) -> Tensor:
+    def finish(self, relu: bool = False) -> Tensor:
+        """The stage's output (relu: its ReLU, in the convs' dtype)."""
         if self.left:
             raise ValueError(f"{self.left} readouts of the stage were not added")
-        return self.stage.finish(self.sum, self.activated)
+        return self.stage.finish(self.sum, self.activated, relu=relu)
 
 
 class InferenceLMRC(LMRC):
@@ -289,12 +290,13 @@ class InferenceLMRC(LMRC):
                     self._weigh(target, readout, result, global_top_k, reliability)
             if stagewise:
                 with timer.stage("decoder"):
-                    x = target.finish()
+                    x = target.finish(relu=r == 2)  # stage 2's output is only read through its ReLU
         with timer.stage("decoder"):
             if not stagewise:
                 x = self.decoder.stages(query.features, {r: inputs.folded(r) for r in STAGES}, n)
             # the x4 upsampling and the objects' aggregation in one pass at the input's resolution (CPU)
-            logits, probs = upsample_soft_aggregate(self.decoder.coarse_logits(x, n), memory.valid_objects)
+            low = self.decoder.coarse_logits(x, n, activated=stagewise)
+            logits, probs = upsample_soft_aggregate(low, memory.valid_objects)
         return SegmentOutput(logits, None, probs, reliability)  # aggregated logits: only training reads them
 
     def _fused_weight(self, readout: Readout, global_top_k: dict[int, Tensor]) -> tuple[Tensor, Tensor, float, float]:

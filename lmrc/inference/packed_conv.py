@@ -86,6 +86,16 @@ class PackedConv2d(nn.Module):
         return y if fused or self.post_op == "none" else y.clamp_(*self.scalars)
 
 
+    def sum_relu(self, x: Tensor, residual: Tensor) -> Tensor:
+        """relu(conv(x) + residual) in `dtype`, in one oneDNN call (residual rounded to `dtype` first); the conv must
+        have no activation of its own."""
+        if self.post_op != "none":
+            raise ValueError("sum_relu applies the ReLU after the sum: the conv must have no activation")
+        x = self.pad(x).to(self.dtype)
+        return torch.ops.mkldnn._convolution_pointwise.binary(
+            x, residual.to(self.dtype), self.packed_weight(tuple(x.shape)), self.bias, *self.geometry, "add", 1.0,
+            "relu", [], None)
+
     def add_into(self, out: Tensor, x: Tensor) -> Tensor:
         """out += conv(x) in place, the sum taken inside the convolution (oneDNN's binary post-op on `out`); out:
         the output's shape, channels-last, in `dtype`. Returns out."""
@@ -138,6 +148,11 @@ class PackedResidualBlock(nn.Module):
             return x + self.conv2(inner)
         return self.conv2(inner, x)
 
+    def activated_output(self, x: Tensor, activated: Tensor | None = None) -> Tensor:
+        """relu(forward(x, activated)) in the convs' dtype, the sum and the ReLU inside conv2 (for a consumer that
+        takes only the ReLU of the block's output: the decoder's prediction conv)."""
+        return self.conv2.sum_relu(self.conv1(F.relu(x) if activated is None else activated), x)
+
 
 class PackedDecoderStage(nn.Module):
     """The decoder's `DecoderStage` with its sum taken in the convolutions' channels-last order, in fp32: the frame
@@ -185,9 +200,10 @@ class PackedDecoderStage(nn.Module):
         """Where relu(x) goes for the residual block: x's shape and layout in its first conv's dtype."""
         return torch.empty_like(x, dtype=self.block.conv1.dtype, memory_format=torch.channels_last)
 
-    def finish(self, x: Tensor, activated: Tensor | None = None) -> Tensor:
-        """The residual block on the summed input x (activated: relu(x) in the block's conv dtype, if made)."""
-        return self.block(x, activated)
+    def finish(self, x: Tensor, activated: Tensor | None = None, relu: bool = False) -> Tensor:
+        """The residual block on the summed input x (activated: relu(x) in the block's conv dtype, if made); relu:
+        the ReLU of its output instead, in the convs' dtype (`PackedResidualBlock.activated_output`)."""
+        return self.block.activated_output(x, activated) if relu else self.block(x, activated)
 
 
 class PointwiseFusionNCHW(nn.Module):

@@ -65,7 +65,7 @@ class Decoder(nn.Module):
         """Stage 2's output B*N x C x h x w -> B x N x 4h x 4w logits."""
         return F.interpolate(self.coarse_logits(x, objects), scale_factor=4, mode="bilinear", align_corners=False)
 
-    def coarse_logits(self, x: Tensor, objects: int) -> Tensor:
-        """Stage 2's output B*N x C x h x w -> B x N x h x w logits, before the x4 upsampling."""
-        logits = self.predict(F.relu(x))
+    def coarse_logits(self, x: Tensor, objects: int, activated: bool = False) -> Tensor:
+        """Stage 2's output B*N x C x h x w (activated: its ReLU) -> B x N x h x w logits, before the x4 upsampling."""
+        logits = self.predict(x if activated else F.relu(x))
         return logits.view(-1, objects, *logits.shape[-2:])
