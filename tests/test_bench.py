@@ -233,21 +233,38 @@ def test_reused_zero_padding_pads_like_zero_pad_2d_call_after_call():
 
 
 @pytest.mark.parametrize("optimize", [True, False])
-def test_multiply_adds_count_every_convolution(optimize):
-    """The FLOP counter's convolutions equal a count from the shapes of every Conv2d the frames ran through."""
+def test_multiply_adds_count_every_convolution(optimize, monkeypatch):
+    """The counted convolutions (PyTorch's FLOP counter, the native mask conv's own count) equal a count from the
+    shapes of every convolution the frames ran through: modules, a packed conv's in-place and ReLU sums, the native
+    first conv of the value trunk."""
+    import lmrc.model.encoders as encoders
+
     seg = Segmenter(build_model("lmrc-lite", "F"), size=64, mem_every=3, optimize=optimize)
     frames = list(synthetic_video(4, (64, 96)))
     by_shape = []
+    counting = [False]
+
+    def record(output, weight):  # a packed convolution's weight as it runs (one that absorbed padding is larger)
+        if counting[0]:
+            by_shape.append(output.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3])
+        return output
 
     def count(module, inputs, output):
-        weight = module.weight  # a packed convolution's: as it runs (a kernel that absorbed padding is larger)
-        by_shape.append(output.numel() * weight.shape[1] * weight.shape[2] * weight.shape[3])
+        record(output, module.weight)
 
+    for name in ("add_into", "sum_relu"):  # sums inside a packed conv, called as methods, not through forward
+        method = getattr(PackedConv2d, name)
+        monkeypatch.setattr(PackedConv2d, name,
+                            lambda self, a, b, method=method: record(method(self, a, b), self.weight))
+    stem = encoders.mask_stem_conv
+    monkeypatch.setattr(encoders, "mask_stem_conv", lambda masks, weight, *rest: record(stem(masks, weight, *rest), weight))
     seg.step(*frames[0])
+    counting[0] = True
     hooks = [m.register_forward_hook(count) for m in seg.model.modules() if isinstance(m, (nn.Conv2d, PackedConv2d))]
     assert hooks
     for frame in frames[1:]:
         seg.step(*frame)
+    counting[0] = False
     for hook in hooks:
         hook.remove()
     macs = multiply_adds_per_frame(seg, frames)

@@ -250,20 +250,27 @@ def _packed_convolution_flops() -> dict:
         x_shape, w_shape = args[0], args[1] if len(args) == 10 else args[2]
         return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
 
-    return {pointwise: flops}  # the counter looks formulas up by overload packet
+    def in_place_flops(*args, out_shape=None, **kwargs) -> int:  # binary in place (other, X, W, ...)
+        return conv_flop_count(args[1], args[2], out_shape, transposed=False)
+
+    formulas = {pointwise: flops}  # the counter looks formulas up by overload packet
+    in_place = getattr(torch.ops.mkldnn, "_convolution_pointwise_", None)
+    if in_place is not None:
+        formulas[in_place] = in_place_flops
+    return formulas
 
 
 def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.ndarray, np.ndarray | None]]  # noqa: F821
                             ) -> dict | None:
     """Mean multiply-adds per frame, in GMAC, over the frames after the first (which takes the mask). PyTorch's
-    FLOP counter counts the convolutions (`convolution`) and matrix products; the native local-window kernels run
-    outside PyTorch, so `local_window` counts their nominal multiply-adds (`local_window.count_multiply_adds`);
-    `total` is both. `stages`: the same split by the stage of the segmenter's `timer` they ran in, `other`
+    FLOP counter counts the convolutions and matrix products; the native kernels run outside PyTorch and count
+    their nominal multiply-adds themselves (`lmrc.ops._native.count_multiply_adds`): `local_window` (the local
+    reads), and the native convolution is added to `convolution`; `total` is all of them. `stages`: the same split by the stage of the segmenter's `timer` they ran in, `other`
     for what ran outside every stage. Pass `mem_every` + 1 frames so each kind of frame counts as often as in a
     long video. Resets the segmenter. None when there is no frame after the first."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lmrc.ops.local_window import count_multiply_adds
+    from lmrc.ops._native import count_multiply_adds
 
     segmenter.reset()
     frames = iter(frames)
@@ -277,7 +284,7 @@ def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.nd
     with FlopCounterMode(display=False, custom_mapping=_packed_convolution_flops()) as counter, \
             count_multiply_adds() as native:
         def so_far() -> float:  # multiply-adds counted until now
-            return counter.get_total_flops() / 2 + native[0]
+            return counter.get_total_flops() / 2 + sum(native.values())
 
         def listener(name: str, entering: bool) -> None:
             if entering:
@@ -295,13 +302,14 @@ def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.nd
     flops = counter.get_flop_counts().get("Global", {})
     convolution = sum(v for op, v in flops.items() if "convolution" in str(op))
     scale = 1e9 * counted
-    total = counter.get_total_flops() / 2 + native[0]
+    total = counter.get_total_flops() / 2 + sum(native.values())
     by_stage["other"] = total - sum(by_stage.values())
 
     def gmac(v: float) -> float:  # 9 significant digits: exact for small test cases, short in JSON
         return float(f"{v / scale:.9g}")
 
-    return {"total": gmac(total), "convolution": gmac(convolution / 2), "local_window": gmac(native[0]),
+    return {"total": gmac(total), "convolution": gmac(convolution / 2 + native["convolution"]),
+            "local_window": gmac(native["local_window"]),
             "stages": {name: gmac(v) for name, v in by_stage.items()}}
 
 

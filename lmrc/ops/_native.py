@@ -24,6 +24,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -77,6 +78,29 @@ _BF16_SIGNATURES = {"lw_attention_inf_bf16": _SIGNATURES["lw_attention_inf"],
 _lock = threading.Lock()
 _loaded: dict[tuple[torch.dtype, str], "NativeLibrary | None"] = {}
 _warned = False
+
+
+_mac_counts: dict[str, float] | None = None  # multiply-adds by kind while count_multiply_adds() is active
+
+
+@contextmanager
+def count_multiply_adds():
+    """Count the nominal multiply-adds of the native kernels called in the block, whichever path runs them (the
+    kernels run outside PyTorch, so its FLOP counter does not see them): yields a dict by kind, "local_window" (the
+    local reads, `lmrc.ops.local_window`) and "convolution" (`lmrc.ops.mask_conv`), each a running count."""
+    global _mac_counts
+    previous, counts = _mac_counts, {"local_window": 0.0, "convolution": 0.0}
+    _mac_counts = counts
+    try:
+        yield counts
+    finally:
+        _mac_counts = previous
+
+
+def count_macs(kind: str, macs: float) -> None:
+    """Add `macs` multiply-adds of `kind` to the active count_multiply_adds() block, if any."""
+    if _mac_counts is not None:
+        _mac_counts[kind] += float(macs)
 
 
 def supported_isas() -> list[str]:

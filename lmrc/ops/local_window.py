@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -21,27 +20,10 @@ from torch.autograd.function import once_differentiable
 from lmrc.ops import _native
 
 
-_mac_count: list[float] | None = None  # [multiply-adds] while count_multiply_adds() is active
-
-
-@contextmanager
-def count_multiply_adds():
-    """Count the nominal multiply-adds of the local-window ops called in the block (forward only, whichever path
-    runs them): similarity B H W (2d+1)^2 C, weighted sum B H W (2d+1)^2 C, attention B H W (2d+1)^2 (Ck + Cv).
-    Yields a one-element list holding the running count. The native kernels run outside PyTorch, so its FLOP
-    counter does not see them."""
-    global _mac_count
-    previous, counter = _mac_count, [0.0]
-    _mac_count = counter
-    try:
-        yield counter
-    finally:
-        _mac_count = previous
-
-
 def _count_macs(pixels_times_window: int, channels: int) -> None:
-    if _mac_count is not None:
-        _mac_count[0] += float(pixels_times_window) * channels
+    """The nominal multiply-adds of a local-window op (forward only, whichever path runs it): similarity
+    B H W (2d+1)^2 C, weighted sum B H W (2d+1)^2 C, attention B H W (2d+1)^2 (Ck + Cv) (`_native.count_multiply_adds`)."""
+    _native.count_macs("local_window", float(pixels_times_window) * channels)
 
 
 def window_offsets(radius: int) -> list[tuple[int, int]]:

@@ -41,6 +41,7 @@ def mask_stem_conv(masks: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dty
     if lib is None:
         return mask_stem_conv_plain(masks, weight, bias, dtype)
     b, n, h, w = masks.shape
+    _native.count_macs("convolution", b * n * c * ((h + 1) // 2) * ((w + 1) // 2) * 2 * 9)  # as the plain conv
     masks = masks.float().contiguous()
     weight = weight.detach().float()
     taps_other = weight[:, 1].reshape(c, 9).t().contiguous()  # 9 x C: W1
