@@ -383,7 +383,7 @@ def prepare_for_inference(model: LMRC, *, fold: bool = True, channels_last: bool
         trunk = prepared.value_encoder.trunk
         if isinstance(trunk, LightValueTrunk) and trunk.reads_image:  # its first conv: ~1 ms faster per frame
             trunk.input_dtype = dtype or torch.float32
-        elif isinstance(trunk, LightValueTrunk):  # the first conv from the masks: ~4 ms faster per frame (native)
+        elif isinstance(trunk, LightValueTrunk):  # the first conv natively from the masks (lmrc.ops.mask_conv)
             trunk.stem_from_masks_dtype = dtype or torch.float32
     # packed decoder stages (CPU) that sum their readout groups: the reads can add into their sums
     prepared.decoder_sums = readouts_into_decoder and all(

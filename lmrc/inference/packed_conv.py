@@ -85,7 +85,6 @@ class PackedConv2d(nn.Module):
             "relu" if fused else None, [], None)
         return y if fused or self.post_op == "none" else y.clamp_(*self.scalars)
 
-
     def sum_relu(self, x: Tensor, residual: Tensor) -> Tensor:
         """relu(conv(x) + residual) in `dtype`, in one oneDNN call (residual rounded to `dtype` first); the conv must
         have no activation of its own."""

@@ -55,7 +55,7 @@ void LW_FN(ag_upsample4_aggregate)(const float *low, const float *valid, float *
 #pragma omp parallel num_threads(nthreads)
     {
         LW_DENORMALS_TO_ZERO;
-        float *scratch = malloc(sizeof(float) * (3 * (w + 2) + 2 * W4 + VL));
+        float *scratch = malloc(sizeof(float) * ((w + 2) + 2 * W4));
         float *t = scratch, *r0 = t + (w + 2), *r1 = r0 + W4;
 #pragma omp for schedule(static)
         for (long i = 0; i < B * H4; i++) {
@@ -82,15 +82,15 @@ void LW_FN(ag_upsample4_aggregate)(const float *low, const float *valid, float *
                     bg *= 1 - p[o];
                 }
                 /* clamped odds s / (1 - s) normalised: the softmax of the clamped log-odds; an invalid object: 0 */
-                vreal s = vmin(vmax(bg, lo), hi), odds = s / (1 - s), total = odds;
-                store_floats(probs + b * (N + 1) * P4 + at, odds, n);
+                vreal s = vmin(vmax(bg, lo), hi);
+                const vreal bg_odds = s / (1 - s);
+                vreal total = bg_odds;
                 for (long o = 0; o < N; o++) {
                     s = vmin(vmax(p[o], lo), hi);
-                    odds = !valid || valid[b * N + o] != 0 ? s / (1 - s) : vsplat(0);
-                    total += odds;
-                    p[o] = odds;
+                    p[o] = !valid || valid[b * N + o] != 0 ? s / (1 - s) : vsplat(0); /* now the object's odds */
+                    total += p[o];
                 }
-                store_floats(probs + b * (N + 1) * P4 + at, load_floats(probs + b * (N + 1) * P4 + at, n) / total, n);
+                store_floats(probs + b * (N + 1) * P4 + at, bg_odds / total, n);
                 for (long o = 0; o < N; o++) store_floats(probs + (b * (N + 1) + 1 + o) * P4 + at, p[o] / total, n);
             }
         }
