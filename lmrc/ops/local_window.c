@@ -15,6 +15,11 @@
 
 #include "kernels.h"
 
+/* Channels per pass of the similarity's interior blocks over a row (sim_row_inf) */
+#ifndef LW_SIM_CHANNELS
+#define LW_SIM_CHANNELS 32
+#endif
+
 /* Largest radius the kernels accept (the Python wrapper falls back to plain PyTorch beyond it). */
 #define LW_MAX_RADIUS 7
 #define LW_MAX_O ((2 * LW_MAX_RADIUS + 1) * (2 * LW_MAX_RADIUS + 1))

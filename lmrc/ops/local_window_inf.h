@@ -45,21 +45,23 @@ static inline __attribute__((always_inline)) void LW_INF(sim_chunk)(const int n,
 }
 
 /* All 25 taps of one interior block of a 5 x 5, dilation-1 window (every window row inside the image, no tap
- * crossing the left or right border) in one pass over the channels: the query is loaded once per channel, not
- * once per window row, and 25 accumulators stay in registers. k0: the key at the window's top-left tap. Writes
- * the similarities (dot form, as sim_chunk; raw dot products when qn is NULL) of tap o to s[o * sst]. */
-static inline __attribute__((always_inline)) void LW_INF(sim_block25)(long C, long HW, long W, const LW_IN *qp,
-                                                                      const LW_IN *k0, const real *qn,
-                                                                      const real *kn0, real scale, real *s,
-                                                                      long sst) {
-    vreal a[25] = {0};
-    for (long c = 0; c < C; c++) {
+ * crossing the left or right border), channels c0 .. c1 - 1 in one pass: the query is loaded once per channel, not
+ * once per window row, and 25 accumulators stay in registers. k0: the key at the window's top-left tap. The partial
+ * sums of the channels before c0 are in s (tap o at s[o * sst]); after the last channel (c1 = C) s receives the
+ * similarities (dot form, as sim_chunk; raw dot products when qn is NULL), else the partial sums. */
+static inline __attribute__((always_inline)) void LW_INF(sim_block25)(long c0, long c1, long C, long HW, long W,
+                                                                      const LW_IN *qp, const LW_IN *k0,
+                                                                      const real *qn, const real *kn0, real scale,
+                                                                      real *s, long sst) {
+    vreal a[25];
+    for (int o = 0; o < 25; o++) a[o] = c0 ? vload(s + o * sst) : vsplat(0);
+    for (long c = c0; c < c1; c++) {
         const vreal qv = vload_in(qp + c * HW);
         const LW_IN *kc = k0 + c * HW;
         for (int r = 0; r < 5; r++)
             for (int j = 0; j < 5; j++) a[r * 5 + j] += qv * vload_in(kc + r * W + j);
     }
-    if (!qn) { /* raw dot products (the backward pass's weight gradient) */
+    if (!qn || c1 < C) { /* partial sums, or the raw dot products (the backward pass's weight gradient) */
         for (int o = 0; o < 25; o++) vstore(s + o * sst, a[o]);
         return;
     }
@@ -180,19 +182,32 @@ static void LW_INF(sim_row_inf)(const geom *g, long C, const LW_IN *q, const LW_
         if (y + dy < 0 || y + dy >= g->H)
             for (long x = 0; x < W; x++) s[o * sst + x] = qn ? (real)-INFINITY : 0;
     }
+    /* The interior blocks of a 5 x 5 window: LW_SIM_CHANNELS channels at a time over the whole row, so the window
+     * rows of those channels stay in L1 from one block to the next (all channels at once touch 5 rows of every
+     * plane per block: more lines than L1 holds) */
+    const int block25 = K == 5 && g->D == 1 && y >= 2 && y + 2 < g->H;
+    for (long c0 = 0; block25 && c0 < C; c0 += LW_SIM_CHANNELS) {
+        const long c1 = C - c0 < LW_SIM_CHANNELS ? C : c0 + LW_SIM_CHANNELS;
+        for (long bi = 0; bi < nb; bi++) {
+            const long xs = block_start(bi, W), lx = xs + LW_PREFETCH_BLOCKS * VL;
+            if (xs < 2 || xs + VL + 2 > W) continue;
+            if (ly < g->H && lx < W)
+                for (long c = c0; c < c1; c++) __builtin_prefetch(kb + c * HW + ly * W + lx, 0, 3);
+            if (!qn && W >= 96 && lx < W)
+                for (long c = c0; c < c1; c++) __builtin_prefetch(qb + c * HW + lx, 0, 3);
+            LW_INF(sim_block25)(c0, c1, C, HW, W, qb + xs, kb + (y - 2) * W + xs - 2, qn ? qn + xs : NULL,
+                                kn ? kn + (y - 2) * W + xs - 2 : NULL, scale, s + xs, sst);
+        }
+    }
     for (long bi = 0; bi < nb; bi++) {
         long xs = block_start(bi, W), lx = xs + LW_PREFETCH_BLOCKS * VL;
+        if (block25 && xs >= 2 && xs + VL + 2 <= W) continue; /* done above */
         if (ly < g->H && lx < W)
             for (long c = 0; c < C; c++) __builtin_prefetch(kb + c * HW + ly * W + lx, 0, 3);
         /* raw dot products (backward): no norm pass has brought the query rows into cache; a narrow image is
          * there anyway (1/16 of 480p: no gain, 2 % slower with the prefetches) */
         if (!qn && W >= 96 && lx < W)
             for (long c = 0; c < C; c++) __builtin_prefetch(qb + c * HW + lx, 0, 3);
-        if (K == 5 && g->D == 1 && y >= 2 && y + 2 < g->H && xs >= 2 && xs + VL + 2 <= W) {
-            LW_INF(sim_block25)(C, HW, W, qb + xs, kb + (y - 2) * W + xs - 2, qn ? qn + xs : NULL,
-                                kn ? kn + (y - 2) * W + xs - 2 : NULL, scale, s + xs, sst);
-            continue;
-        }
         for (long r0 = 0; r0 < O; r0 += K) { /* one window row (same dy) at a time */
             long dy = g->oy[r0];
             if (y + dy < 0 || y + dy >= g->H) continue;
