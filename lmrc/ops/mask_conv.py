@@ -32,7 +32,8 @@ def mask_stem_conv(masks: Tensor, weight: Tensor, bias: Tensor, dtype: torch.dty
     lib = None
     c = weight.shape[0]
     if (os.environ.get("LMRC_LOCAL_WINDOW", "auto").strip().lower() != "plain" and masks.device.type == "cpu"
-            and masks.dim() == 4 and tuple(weight.shape[1:]) == (2, 3, 3) and dtype in (torch.float32, torch.bfloat16)
+            and masks.dim() == 4 and masks.numel() > 0 and tuple(weight.shape[1:]) == (2, 3, 3)
+            and dtype in (torch.float32, torch.bfloat16)
             and not (torch.is_grad_enabled() and (masks.requires_grad or weight.requires_grad))):
         lib = _native.load(torch.float32)
         vl = (lib.vector_bytes or 0) // 4 if lib is not None else 0
