@@ -15,6 +15,21 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def native_kernels(monkeypatch):
+    """The float32 native kernels, chosen as users get them (LMRC_LOCAL_WINDOW unset), or a clean skip without a C
+    compiler."""
+    import warnings
+
+    from lmrc.ops import _native
+
+    monkeypatch.delenv("LMRC_LOCAL_WINDOW", raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        if _native.load(torch.float32) is None:
+            pytest.skip("no C compiler: PyTorch runs these ops")
+
+
 SHARED_DAVIS2016 = Path(__file__).resolve().parents[2] / "shared" / "data" / "davis2016"
 
 

@@ -2,8 +2,6 @@
 F.interpolate and `soft_aggregate` (the training path's softmax of clamped log-odds)."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,19 +9,6 @@ import torch.nn.functional as F
 from lmrc.model.aggregate import soft_aggregate, upsample_soft_aggregate
 from lmrc.ops import _native
 from lmrc.ops.aggregate import upsample4_soft_aggregate_native
-
-
-@pytest.fixture(autouse=True)
-def _auto_backend(monkeypatch):
-    monkeypatch.delenv("LMRC_LOCAL_WINDOW", raising=False)
-
-
-@pytest.fixture
-def native():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        if _native.load(torch.float32) is None:
-            pytest.skip("no C compiler: PyTorch upsamples and aggregates")
 
 
 def reference(low, valid=None):
@@ -34,7 +19,8 @@ def reference(low, valid=None):
 @pytest.mark.parametrize("isa", _native.supported_isas())
 @pytest.mark.parametrize("shape", [(1, 2, 30, 54), (2, 3, 5, 7), (1, 1, 1, 1), (1, 4, 3, 1)])
 @pytest.mark.parametrize("padding_object", [False, True])
-def test_native_pass_is_interpolate_and_soft_aggregate(native, monkeypatch, isa, shape, padding_object):
+def test_native_pass_is_interpolate_and_soft_aggregate(native_kernels, monkeypatch, isa, shape,
+                                                       padding_object):
     """Every ISA variant; borders (the clamped sample positions), one-pixel sides, a row narrower than a vector,
     1-4 objects, an invalid (padding) object of a batch, logits far into both tails of the sigmoid."""
     monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
@@ -56,7 +42,7 @@ def test_native_pass_is_interpolate_and_soft_aggregate(native, monkeypatch, isa,
         assert probs[-1, -1].abs().max() == 0
 
 
-def test_known_values(native):
+def test_known_values(native_kernels):
     """One object with logit 0 everywhere: p = 1/2, background 1/2; two objects with logit 0: background 1/4, odds
     1/3 against 1 and 1, so 1/7 and 3/7 each."""
     _, probs = upsample4_soft_aggregate_native(torch.zeros(1, 1, 2, 3))
@@ -70,7 +56,7 @@ def test_known_values(native):
     torch.testing.assert_close(logits[0, 0, 0], wanted)
 
 
-def test_fallbacks(native, monkeypatch):
+def test_fallbacks(native_kernels, monkeypatch):
     """Autograd, LMRC_LOCAL_WINDOW=plain and more objects than the kernel takes run PyTorch; the public function
     gives the same either way."""
     low = torch.randn(1, 2, 6, 8)

@@ -1,8 +1,6 @@
 """The value trunk's first conv from the objects' masks (lmrc/ops/mask_conv.c) against the convolution written out."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,19 +11,6 @@ from lmrc.ops import _native
 from lmrc.ops.mask_conv import mask_stem_conv, mask_stem_conv_plain, mask_stem_input
 
 CL = torch.channels_last
-
-
-@pytest.fixture(autouse=True)
-def _auto_backend(monkeypatch):
-    monkeypatch.delenv("LMRC_LOCAL_WINDOW", raising=False)
-
-
-@pytest.fixture
-def native():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        if _native.load(torch.float32) is None:
-            pytest.skip("no C compiler: PyTorch computes the conv")
 
 
 def written_out(masks: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -56,7 +41,7 @@ def test_the_input_is_each_mask_and_the_other_objects():
 @pytest.mark.parametrize("isa", _native.supported_isas())
 @pytest.mark.parametrize("shape", [(1, 2, 480 // 8, 864 // 8), (2, 3, 17, 33), (1, 1, 2, 3), (1, 4, 1, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_conv_is_the_convolution_written_out(native, monkeypatch, isa, shape, dtype):
+def test_native_conv_is_the_convolution_written_out(native_kernels, monkeypatch, isa, shape, dtype):
     """Every ISA variant, odd and even sides (the bottom and right borders), sides smaller than a pixel block, one to
     four objects; the output channels-last in float32, or bf16 rounded once."""
     monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
@@ -73,7 +58,7 @@ def test_native_conv_is_the_convolution_written_out(native, monkeypatch, isa, sh
     assert (got == 0).any() and (got > 0).any()  # the ReLU has cut some, not all
 
 
-def test_fallbacks_compute_the_same_conv(native, monkeypatch):
+def test_fallbacks_compute_the_same_conv(native_kernels, monkeypatch):
     """Channel counts the kernel does not take (not a multiple of the vector), autograd, and LMRC_LOCAL_WINDOW=plain
     run PyTorch's convolution: the same values, and gradients where asked for."""
     g = torch.Generator().manual_seed(5)
@@ -93,7 +78,7 @@ def test_fallbacks_compute_the_same_conv(native, monkeypatch):
     torch.testing.assert_close(leaf.grad, reference.grad)
 
 
-def test_trunk_from_masks_is_the_trunk(native):
+def test_trunk_from_masks_is_the_trunk(native_kernels):
     """`MaskValueTrunk.encode_masks` (the inference copy's) gives forward(None, mask, other objects)."""
     torch.manual_seed(0)
     assert model_config("lmrc-lite").value_trunk == "mask"
