@@ -109,13 +109,22 @@ static inline void lw_restore_csr(unsigned *saved) { _mm_setcsr(*saved); }
 #endif
 
 #ifdef LW_BF16_INPUTS /* float builds: inputs stored as bfloat16 (bf16 autocast), read as float */
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 typedef unsigned short lw_bf16; /* the upper half of a float's bits */
 typedef unsigned short vhalf __attribute__((vector_size(LW_VBYTES / 2)));
 
 static inline vreal vload_bf16(const lw_bf16 *p) {
+#if defined(__AVX512F__) && LW_VBYTES == 64 /* one widening load (GCC splits the generic one into 256-bit halves) */
+    return (vreal)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16);
+#elif defined(__AVX2__) && LW_VBYTES == 32
+    return (vreal)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+#else
     vhalf h;
     memcpy(&h, p, sizeof h);
     return (vreal)(__builtin_convertvector(h, vmask) << 16);
+#endif
 }
 static inline real ld_bf16(const lw_bf16 *p) {
     unsigned int u = (unsigned int)*p << 16;
