@@ -19,6 +19,7 @@ def test_row_top_k_equals_torch_topk(dtype, shape, k):
     x[..., ::7] = float("-inf")  # masked entries, as a similarity may hold
     if shape[-1] >= 100:  # ascending rows: every entry beats the running k-th best (the insertion path)
         x[0, 0] = torch.arange(shape[-1], dtype=dtype)
+        x[0, 1, -30:] = 100 + torch.arange(30, dtype=dtype)  # the best in the last entries, outside the floor's lanes
     values, indices = row_top_k(x, k)
     expected = x.topk(k, dim=-1)
     assert indices.dtype == torch.int64 and values.shape == expected.values.shape
@@ -54,3 +55,18 @@ def test_row_top_k_falls_back_to_torch_topk_for_gradients_and_plain_mode(monkeyp
         torch.testing.assert_close(row_top_k(x, 3)[0], x.topk(3).values)
     with pytest.raises(ValueError, match="top-k of 51"):
         row_top_k(x, 51)
+
+
+@native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_top_k_keeps_entries_tied_with_the_floor(dtype):
+    """Rows of a few distinct values (every k-th best tied with many entries, the floor among them): the k values
+    are torch.topk's, at k distinct columns holding them."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(0, 4, (64, 500), generator=g).to(dtype)
+    x[:, ::11] = float("-inf")
+    for k in (1, 5, 20, 32):
+        values, indices = row_top_k(x, k)
+        torch.testing.assert_close(values, x.topk(k, dim=-1).values, rtol=0, atol=0)
+        assert torch.equal(x.gather(-1, indices), values)
+        assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
