@@ -11,9 +11,11 @@ native = pytest.mark.skipif(_native.load(torch.float32) is None, reason="no C co
 
 
 @native
+@pytest.mark.parametrize("isa", _native.supported_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape, k", [((3, 200, 1000), 20), ((7, 37), 1), ((5, 37), 37), ((2, 16), 5), ((4, 33), 9)])
-def test_row_top_k_equals_torch_topk(dtype, shape, k):
+def test_row_top_k_equals_torch_topk(monkeypatch, isa, dtype, shape, k):
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)  # each variant's own mask moves and maxima
     g = torch.Generator().manual_seed(sum(shape) + k)
     x = torch.randn(shape, generator=g, dtype=dtype)
     x[..., ::7] = float("-inf")  # masked entries, as a similarity may hold
@@ -30,13 +32,17 @@ def test_row_top_k_equals_torch_topk(dtype, shape, k):
 
 
 @native
+@pytest.mark.parametrize("isa", _native.supported_isas())
 @pytest.mark.parametrize("shape, k", [((3, 200, 1000), 20), ((7, 37), 1), ((5, 37), 37), ((4, 33), 9)])
-def test_row_top_k_of_bfloat16_rows(shape, k):
+def test_row_top_k_of_bfloat16_rows(monkeypatch, isa, shape, k):
     """bf16 similarities (bf16 autocast) are read natively: the same values as torch.topk; bf16 has many ties, so
     the indices are checked by what they point at and by being distinct."""
     g = torch.Generator().manual_seed(sum(shape) + k)
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
     x = torch.randn(shape, generator=g).bfloat16()
     x[..., ::7] = float("-inf")
+    if shape[-1] >= 100:
+        x[0, 0] = torch.arange(shape[-1]).bfloat16()  # ascending, with the ties bf16 rounding makes
     assert _native.load(torch.float32).bf16_inputs
     values, indices = row_top_k(x, k)
     assert values.dtype == torch.bfloat16 and indices.dtype == torch.int64
@@ -58,10 +64,12 @@ def test_row_top_k_falls_back_to_torch_topk_for_gradients_and_plain_mode(monkeyp
 
 
 @native
+@pytest.mark.parametrize("isa", _native.supported_isas())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_row_top_k_keeps_entries_tied_with_the_floor(dtype):
+def test_row_top_k_keeps_entries_tied_with_the_floor(monkeypatch, isa, dtype):
     """Rows of a few distinct values (every k-th best tied with many entries, the floor among them): the k values
     are torch.topk's, at k distinct columns holding them."""
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW_ISA", isa)
     g = torch.Generator().manual_seed(6)
     x = torch.randint(0, 4, (64, 500), generator=g).to(dtype)
     x[:, ::11] = float("-inf")

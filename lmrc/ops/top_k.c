@@ -5,7 +5,6 @@
  * that almost every pair of vectors fails at once; the few lanes that pass are inserted into a sorted list of k.
  * A floor computed first (tk_floor) keeps a row in ascending order, the worst case, from inserting every entry.
  */
-#include <stdlib.h>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -125,7 +124,7 @@ static inline __attribute__((always_inline)) real tk_floor(const void *row, int 
 static inline __attribute__((always_inline)) void tk_scan(const void *row, int bf16, long j, long cols, long k,
                                                           real floor, real *val, long *idx) {
     real threshold = val[k - 1];
-    for (; j + 2 * VL <= cols; j += 2 * VL) { /* a pair of vectors with no lane reaching both bars is skipped */
+    for (; j + 2 * VL <= cols; j += 2 * VL) { /* skip a pair of vectors with no lane at the floor and the k-th best */
         const vreal v0 = tk_load(row, bf16, j), v1 = tk_load(row, bf16, j + VL);
         if (!tk_any_ge(v0, v1, floor > threshold ? floor : threshold)) continue;
         for (int h = 0; h < 2; h++) {
