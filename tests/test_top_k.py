@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmrc.ops import _native
-from lmrc.ops.top_k import row_top_k
+from lmrc.ops.top_k import amx_library, matmul_top_k, row_top_k
 
 native = pytest.mark.skipif(_native.load(torch.float32) is None, reason="no C compiler: row_top_k is torch.topk")
 
@@ -78,3 +78,57 @@ def test_row_top_k_keeps_entries_tied_with_the_floor(monkeypatch, isa, dtype):
         torch.testing.assert_close(values, x.topk(k, dim=-1).values, rtol=0, atol=0)
         assert torch.equal(x.gather(-1, indices), values)
         assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+amx = pytest.mark.skipif(amx_library() is None, reason="no AMX tiles on this CPU (or no AMX kernel in this build)")
+
+
+@amx
+@pytest.mark.parametrize("n, c, m, k", [(1620, 64, 3240, 20), (37, 64, 100, 20), (16, 32, 16, 16), (5, 64, 21, 1),
+                                        (40, 64, 1000, 32)])
+def test_matmul_top_k_on_amx_tiles_is_the_top_k_of_the_product(n, c, m, k):
+    """Row and column counts off the 16 x 16 tiles, both channel counts, k up to the columns: the values are the
+    top-k of the product plus the bias (bf16 products summed in float32), at distinct columns holding them."""
+    g = torch.Generator().manual_seed(n + m + k)
+    rows, keys = torch.randn(n, c, generator=g).bfloat16(), torch.randn(c, m, generator=g).bfloat16()
+    bias = torch.randn(m, generator=g) * 4
+    values, indices = matmul_top_k(rows, keys, bias, k)
+    exact = rows.double() @ keys.double() + bias.double()
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64 and values.shape == (n, k)
+    torch.testing.assert_close(values.double(), exact.topk(k, dim=-1).values, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(exact.gather(1, indices), values.double(), atol=1e-4, rtol=1e-5)
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+@amx
+def test_global_read_on_amx_tiles_is_as_exact_as_the_bf16_product():
+    """The bf16 global read with its top-k fused on AMX tiles against the same read through the bf16 matrix product,
+    both against float64 on the same bf16 operands: the comparator's top-k as exact (float32, where the product
+    rounds to bf16), the readout as close."""
+    from lmrc.model import memory_reads
+    from lmrc.model.memory_reads import global_memory_read, memory_key_sq
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 64, 6, 9, generator=g).bfloat16().float()  # float32 query keys, as the fast path's
+    mk, mv = torch.randn(1, 64, 300, generator=g).bfloat16(), torch.randn(1, 32, 300, generator=g).bfloat16()
+    with torch.inference_mode():
+        fused = global_memory_read(q, mk, mv, 0.125, read_top_k=20, comparator_top_k=5,
+                                   memory_sq=memory_key_sq(mk.float()))  # float norms, as the memory bank keeps them
+        assert memory_reads.global_similarity_top_k(q.flatten(2), mk, 0.125, 20) is not None
+        plain_mk = mk.float()  # float keys take the matrix product
+        assert memory_reads.global_similarity_top_k(q.flatten(2), plain_mk, 0.125, 20) is None
+    qd, kd, vd = q.flatten(2)[0].double(), mk[0].double(), mv[0].double()  # the same bf16-valued operands
+    sim = -0.125 * (qd.pow(2).sum(0)[:, None] + kd.pow(2).sum(0)[None] - 2 * qd.t() @ kd)  # eq. (1)
+    best, idx = sim.topk(20, -1)
+    readout = torch.einsum("nk,cnk->cn", torch.softmax(best, -1), vd[:, idx]).reshape(1, 32, 6, 9)
+    torch.testing.assert_close(fused.similarity_top_k.double(), best[:, :5].t().reshape(1, 5, 6, 9), atol=2e-3, rtol=0)
+    torch.testing.assert_close(fused.readout.double(), readout, atol=3e-2, rtol=0)  # bf16 values and readout
+
+
+def test_matmul_top_k_declines_what_it_cannot_take(monkeypatch):
+    rows, keys, bias = torch.randn(4, 64).bfloat16(), torch.randn(64, 50).bfloat16(), torch.zeros(50)
+    assert matmul_top_k(torch.randn(4, 48).bfloat16(), torch.randn(48, 50).bfloat16(), bias, 5) is None  # channels
+    assert matmul_top_k(rows, keys, bias, 51) is None
+    assert matmul_top_k(rows, keys.requires_grad_(), bias, 5) is None  # autograd takes the product
+    monkeypatch.setenv("LMRC_LOCAL_WINDOW", "plain")
+    assert amx_library() is None and matmul_top_k(rows, keys.detach(), bias, 5) is None

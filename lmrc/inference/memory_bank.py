@@ -56,7 +56,7 @@ class MemoryBank:
         self.initial_capacity = initial_capacity
         self.dtype = dtype  # of the global buffers (None: the first key's and value's)
         self.keys: Tensor | None = None  # B x Ck x T_cap x P
-        self.key_sq: Tensor | None = None  # B x T_cap x P: ||key||^2, computed once per memory frame
+        self.key_sq: Tensor | None = None  # B x T_cap x P: ||key||^2 in float32, computed once per memory frame
         self.values: Tensor | None = None  # B x T_cap x P x N_cap x Cv4
         self.slot_frame: list[int] = []  # frame index held by each used slot
         self.pinned: set[int] = set()  # frame indices that are never evicted
@@ -111,7 +111,7 @@ class MemoryBank:
             self.pinned.add(frame)
         slot = self._free_slot(key, value)
         self.keys[:, :, slot] = key.flatten(2)
-        self.key_sq[:, slot] = memory_key_sq(self.keys[:, :, slot])
+        self.key_sq[:, slot] = memory_key_sq(self.keys[:, :, slot].float())
         self.values[:, slot, :, : value.shape[1]] = value.flatten(3).permute(0, 3, 1, 2)
         self.values[:, slot, :, value.shape[1]:] = 0
         if slot == len(self.slot_frame):
@@ -126,7 +126,7 @@ class MemoryBank:
             p = key.shape[-2] * key.shape[-1]
             cap = self.initial_capacity if self.max_frames is None else min(self.initial_capacity, self.max_frames)
             self.keys = key.new_zeros(b, ck, cap, p, dtype=self.dtype or key.dtype)
-            self.key_sq = self.keys.new_zeros(b, cap, p)
+            self.key_sq = self.keys.new_zeros(b, cap, p, dtype=torch.float32)  # in float whatever the keys' dtype
             self.values = value.new_zeros(b, cap, p, max(value.shape[1], 1), value.shape[2],
                                           dtype=self.dtype or value.dtype)
             return 0

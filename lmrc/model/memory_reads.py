@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lmrc.ops import local_window
-from lmrc.ops.top_k import row_top_k
+from lmrc.ops.top_k import matmul_top_k, row_top_k
 
 
 @dataclass
@@ -57,6 +57,25 @@ def global_similarity(query_key: Tensor, memory_key: Tensor, scale: float, *, me
         yield start, torch.bmm(rows[:, start: start + step], keys)
 
 
+def global_similarity_top_k(query_key: Tensor, memory_key: Tensor, scale: float, k: int, *,
+                            memory_sq: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """The k largest similarities of `global_similarity` per query (B x n x k, descending, float32) and their memory
+    positions, the product and the top-k fused on AMX tiles (`lmrc.ops.top_k.matmul_top_k`: the n x M similarity
+    matrix is never written). For bf16 memory keys (a bf16 read computes its product in bf16 anyway) on a CPU with
+    AMX, without autograd; None elsewhere (the caller takes `global_similarity`)."""
+    if memory_key.dtype != torch.bfloat16:
+        return None
+    m_sq = memory_key_sq(memory_key.float()) if memory_sq is None else memory_sq
+    values, indices = [], []
+    for b in range(query_key.shape[0]):
+        top = matmul_top_k((query_key[b] * (2 * scale)).t(), memory_key[b], m_sq[b].float() * -scale, k)
+        if top is None:
+            return None
+        values.append(top[0])
+        indices.append(top[1])
+    return torch.stack(values), torch.stack(indices)
+
+
 def global_memory_read(
     query_key: Tensor,
     memory_key: Tensor,
@@ -86,9 +105,16 @@ def global_memory_read(
         value_rows = memory_value.transpose(1, 2).contiguous().view(b * m, -1)
         row_offsets = (torch.arange(b, device=memory_key.device) * m).view(b, 1, 1)
     readouts, tops = [], []
-    for start, sim in global_similarity(q, memory_key, scale, memory_sq=memory_sq, chunk_size=chunk_size):
-        if sparse:  # sorted, so the comparator's top-k is a prefix
-            best, indices = row_top_k(sim, min(max(read_top_k, comparator_top_k), m))
+    kept = min(max(read_top_k, comparator_top_k), m) if sparse else 0  # sorted: the comparator's top-k is a prefix
+    fused = global_similarity_top_k(q, memory_key, scale, kept, memory_sq=memory_sq) if sparse else None
+    if fused is not None:
+        parts = [(0, *fused)]
+    else:
+        parts = ((start, *(row_top_k(sim, kept) if sparse else (sim, None)))
+                 for start, sim in global_similarity(q, memory_key, scale, memory_sq=memory_sq, chunk_size=chunk_size))
+    for start, sim, indices in parts:
+        if sparse:
+            best = sim
             sim, indices = best[..., :read_top_k], indices[..., :read_top_k]
         if comparator_top_k:
             rows = q[:, :, start: start + sim.shape[1]]

@@ -74,6 +74,9 @@ _SIGNATURES = {
 # float build only: the inference kernels reading bfloat16 inputs (same arguments)
 _BF16_SIGNATURES = {"lw_attention_inf_bf16": _SIGNATURES["lw_attention_inf"],
                     "lw_wsum_inf_bf16": _SIGNATURES["lw_wsum_inf"], "tk_rows_bf16": _SIGNATURES["tk_rows"]}
+# the float AVX-512 build on x86-64 Linux with GCC >= 11 only: the global read's product and top-k on AMX tiles (it
+# returns 0, or -1 when Linux refuses the tile state)
+_AMX_SIGNATURES = {"tk_matmul_amx": [_P, _L, _L, _P, _P, _L, _L, _P, _P, _I]}
 
 _lock = threading.Lock()
 _loaded: dict[tuple[torch.dtype, str], "NativeLibrary | None"] = {}
@@ -139,16 +142,19 @@ class NativeLibrary:
         self._functions = {}
         signatures = {**_SIGNATURES, **(_BF16_SIGNATURES if hasattr(lib, "lw_attention_inf_bf16" + suffix) else {})}
         self.bf16_inputs = len(signatures) > len(_SIGNATURES)
+        self.amx = hasattr(lib, "tk_matmul_amx" + suffix)  # built with the AMX kernel (the CPU may still lack AMX)
+        if self.amx:
+            signatures.update(_AMX_SIGNATURES)
         for name, argtypes in signatures.items():
             fn = getattr(lib, name + suffix)
             fn.argtypes = argtypes
-            fn.restype = None
+            fn.restype = ctypes.c_int if name in _AMX_SIGNATURES else None
             self._functions[name] = fn
         self._lib = lib
 
-    def __call__(self, name: str, *args) -> None:
+    def __call__(self, name: str, *args):
         # ctypes.CDLL releases the GIL during the call; the kernel's OpenMP team uses torch's thread count.
-        self._functions[name](*args, torch.get_num_threads())
+        return self._functions[name](*args, torch.get_num_threads())
 
 
 def cache_dir() -> Path:

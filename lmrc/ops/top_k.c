@@ -180,3 +180,118 @@ void LW_FN(tk_rows_bf16)(const lw_bf16 *x, long rows, long cols, long k, real *v
     for (long r = 0; r < rows; r++) tk_row(x + r * cols, 1, cols, k, val + r * k, idx + r * k);
 }
 #endif
+
+#if defined(LW_BF16_INPUTS) && LW_VBYTES == 64 && defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) \
+    && !defined(__clang__) && __GNUC__ >= 11
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* The top-k of the global read's similarities straight from the matrix product, on AMX tiles: each 16 x 16 block of
+ * products is made in a tile, stored to a 1 KB buffer, and scanned there against the running k-th best of its 16
+ * rows; the n x M similarity matrix is never written (at 20 memory frames of 480p it is 105 MB in bf16, written by
+ * the matrix product and read back by the scan, against 4 MB of keys).
+ *
+ * q: n16 x C bf16 (query rows, zero rows up to a multiple of 16; the scale folded in), keys: C/2 x m16 x 2 bf16
+ * (channel pairs, the tiles' VNNI layout; positions up to a multiple of 16), bias: m16 floats added to each product
+ * (-inf at the padding positions). val/idx: n x k, each row sorted descending. C a multiple of 32, at most 64.
+ * Returns 0, or -1 when the kernel cannot ask Linux for the tile state (the caller then takes the matrix product). */
+#define TK_AMX_BLOCKS 64 /* memory blocks of 16 positions whose keys stay in cache across the query tiles */
+
+typedef struct {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tk_tile_config;
+
+static int tk_amx_permitted(void) {
+    static int state; /* 0 unknown, 1 granted, -1 refused (process-wide) */
+    if (!state) state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) ? -1 : 1;
+    return state > 0;
+}
+
+/* 16 query rows' products with one block of 16 keys (c, 16 x 16 floats) plus the block's bias, into the rows' lists */
+static inline void tk_amx_scan(const float *c, const float *bias, long blk, long rows, long k, float *val, long *idx) {
+    const vreal bv = vload(bias + blk * 16);
+    for (long i = 0; i < rows; i++) {
+        real *vi = val + i * k;
+        const vreal v = vload(c + i * 16) + bv;
+        unsigned long bits = tk_bits(v > vsplat(vi[k - 1]));
+        while (bits) {
+            const int l = __builtin_ctzl(bits);
+            bits &= bits - 1;
+            if (v[l] > vi[k - 1]) tk_insert(vi, idx + i * k, k, v[l], blk * 16 + l);
+        }
+    }
+}
+
+/* One block's products into tile ACC (tiles 1, 2: the query rows' two halves of 32 channels; B0, B1: its keys) */
+#define TK_AMX_BLOCK(ACC, B0, B1, blk)                                    \
+    do {                                                                  \
+        _tile_zero(ACC);                                                  \
+        _tile_loadd(B0, keys + (blk) * 32, kstride);                      \
+        _tile_dpbf16ps(ACC, 1, B0);                                       \
+        if (steps > 1) {                                                  \
+            _tile_loadd(B1, keys + 16 * m16 * 2 + (blk) * 32, kstride);   \
+            _tile_dpbf16ps(ACC, 2, B1);                                   \
+        }                                                                 \
+    } while (0)
+
+__attribute__((target("amx-tile,amx-bf16"))) static void tk_amx_tiles(const lw_bf16 *q, long n, long C,
+                                                                      const lw_bf16 *keys, const float *bias,
+                                                                      long m16, long k, float *val, long *idx,
+                                                                      long t0, long t1) {
+    tk_tile_config cfg = {0};
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { /* 0, 4, 5, 6: 16 x 16 float products; 1, 2: query rows; 3, 7: key pairs */
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    float c[4][16 * 16] __attribute__((aligned(64)));
+    const long blocks = m16 / 16, steps = C / 32, kstride = m16 * 2 * (long)sizeof(lw_bf16);
+    for (long b0 = 0; b0 < blocks; b0 += TK_AMX_BLOCKS) {
+        const long b1 = b0 + TK_AMX_BLOCKS < blocks ? b0 + TK_AMX_BLOCKS : blocks;
+        for (long t = t0; t < t1; t++) {
+            const lw_bf16 *qt = q + t * 16 * C;
+            _tile_loadd(1, qt, C * (long)sizeof(lw_bf16));
+            if (steps > 1) _tile_loadd(2, qt + 32, C * (long)sizeof(lw_bf16));
+            const long rows = n - t * 16 < 16 ? n - t * 16 : 16;
+            float *vt = val + t * 16 * k;
+            long *it = idx + t * 16 * k, blk = b0;
+            for (; blk + 4 <= b1; blk += 4) { /* four accumulators: the blocks' products overlap in the tile unit */
+                TK_AMX_BLOCK(0, 3, 7, blk);
+                TK_AMX_BLOCK(4, 3, 7, blk + 1);
+                TK_AMX_BLOCK(5, 3, 7, blk + 2);
+                TK_AMX_BLOCK(6, 3, 7, blk + 3);
+                _tile_stored(0, c[0], 64);
+                _tile_stored(4, c[1], 64);
+                _tile_stored(5, c[2], 64);
+                _tile_stored(6, c[3], 64);
+                for (int u = 0; u < 4; u++) tk_amx_scan(c[u], bias, blk + u, rows, k, vt, it);
+            }
+            for (; blk < b1; blk++) {
+                TK_AMX_BLOCK(0, 3, 7, blk);
+                _tile_stored(0, c[0], 64);
+                tk_amx_scan(c[0], bias, blk, rows, k, vt, it);
+            }
+        }
+    }
+    _tile_release();
+}
+
+int LW_FN(tk_matmul_amx)(const lw_bf16 *q, long n, long C, const lw_bf16 *keys, const float *bias, long m16, long k,
+                         float *val, long *idx, int nthreads) {
+    if (C % 32 || C > 64 || m16 % 16 || !tk_amx_permitted()) return -1;
+    for (long e = 0; e < n * k; e++) {
+        val[e] = -INFINITY;
+        idx[e] = -1;
+    }
+    const long tiles = (n + 15) / 16, parts = nthreads < tiles ? nthreads : tiles;
+    /* a contiguous run of query tiles per thread: each brings the keys into its cache once per run */
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (long p = 0; p < parts; p++)
+        tk_amx_tiles(q, n, C, keys, bias, m16, k, val, idx, tiles * p / parts, tiles * (p + 1) / parts);
+    return 0;
+}
+#endif

@@ -35,3 +35,46 @@ def row_top_k(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     if bf16:
         values = values.to(torch.bfloat16)  # exact: they are the row's own values
     return values, indices
+
+
+def amx_library():
+    """The native library whose AMX kernel this CPU can run (AMX-BF16 tiles, the float AVX-512 build), else None."""
+    from lmrc.utils.device import cpu_flags
+
+    if os.environ.get("LMRC_LOCAL_WINDOW", "auto").strip().lower() == "plain":
+        return None
+    if not {"amx_tile", "amx_bf16"} <= cpu_flags():
+        return None
+    lib = _native.load(torch.float32)
+    return lib if lib is not None and getattr(lib, "amx", False) else None
+
+
+def matmul_top_k(rows: Tensor, keys: Tensor, bias: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """The k largest entries of each row of `rows @ keys + bias` (sorted, descending) and their columns, with the
+    product made on AMX tiles a 16 x 16 block at a time and scanned in cache: the n x M matrix is never written.
+
+    rows n x C, keys C x M (multiplied in bfloat16, summed in float32), bias M (float32), C 32 or 64, k <= M. Returns
+    (float32 values, int64 indices), both n x k; None where this CPU or build has no AMX kernel, or Linux refuses
+    the tile state: the caller then takes the matrix product. Ties may pick other columns than torch.topk.
+    """
+    n, c = rows.shape
+    m = keys.shape[1]
+    lib = amx_library()
+    if (lib is None or keys.shape[0] != c or c not in (32, 64) or not 1 <= k <= m or bias.shape != (m,)
+            or any(t.device.type != "cpu" or (torch.is_grad_enabled() and t.requires_grad) for t in (rows, keys, bias))):
+        return None
+    n16, m16 = -(-n // 16) * 16, -(-m // 16) * 16
+    query = torch.zeros(n16, c, dtype=torch.bfloat16)
+    query[:n] = rows
+    pairs = torch.zeros(c // 2, m16, 2, dtype=torch.bfloat16)  # the tiles' layout: channel pairs x positions x 2
+    pairs[:, :m] = keys.view(c // 2, 2, m).transpose(1, 2)
+    padded_bias = torch.full((m16,), float("-inf"))  # padding positions never enter a top-k
+    padded_bias[:m] = bias
+    values = torch.empty(n, k)
+    indices = torch.empty(n, k, dtype=torch.int64)
+    if lib("tk_matmul_amx", query.data_ptr(), n, c, pairs.data_ptr(), padded_bias.data_ptr(), m16, k,
+           values.data_ptr(), indices.data_ptr()) != 0:
+        return None
+    if n and int(indices.min()) < 0:  # a row with fewer than k entries above -inf (non-finite inputs)
+        return None
+    return values, indices
