@@ -101,6 +101,34 @@ def test_matmul_top_k_on_amx_tiles_is_the_top_k_of_the_product(n, c, m, k):
 
 
 @amx
+@pytest.mark.parametrize("k", [1, 20, 32])
+def test_matmul_top_k_keeps_entries_tied_with_its_floor(k):
+    """Small integers (exact in bf16 and float32): the k-th best ties with many entries, and the floor a first pass
+    takes from every 4th key block (1000 columns: enough blocks for it) often equals it. Exact values, k distinct
+    columns holding them."""
+    g = torch.Generator().manual_seed(k)
+    rows = torch.randint(-2, 3, (50, 64), generator=g).bfloat16()
+    keys = torch.randint(-2, 3, (64, 1000), generator=g).bfloat16()
+    bias = torch.randint(-3, 4, (1000,), generator=g).float()
+    values, indices = matmul_top_k(rows, keys, bias, k)
+    exact = rows.double() @ keys.double() + bias.double()
+    torch.testing.assert_close(values.double(), exact.topk(k, dim=-1).values, rtol=0, atol=0)
+    assert torch.equal(exact.gather(1, indices), values.double())
+    assert (indices.sort(-1).values.diff(dim=-1) > 0).all()
+
+
+@amx
+def test_matmul_top_k_floor_is_at_most_the_kth_best():
+    """The 32 largest entries are exactly the lane maxima the floor pass sees (key blocks 0 and 4 hold them), so
+    the floor is the k-th best itself: a floor one place higher would drop the k-th."""
+    bias = -torch.rand(1000) - 1  # every other entry below -1
+    bias[0:16], bias[64:80] = torch.arange(32.0)[::2], torch.arange(32.0)[1::2]
+    values, indices = matmul_top_k(torch.zeros(3, 64).bfloat16(), torch.zeros(64, 1000).bfloat16(), bias, 20)
+    assert torch.equal(values, bias.topk(20).values.expand(3, 20))
+    assert torch.equal(bias[indices], values)
+
+
+@amx
 def test_global_read_on_amx_tiles_is_as_exact_as_the_bf16_product():
     """The bf16 global read with its top-k fused on AMX tiles against the same read through the bf16 matrix product,
     both against float64 on the same bf16 operands: the comparator's top-k as exact (float32, where the product
