@@ -273,6 +273,26 @@ def test_multiply_adds_count_every_convolution(optimize, monkeypatch):
     assert seg.frame_index == 0 and not seg.memory_frames  # counting leaves the segmenter reset
 
 
+def test_multiply_adds_count_the_global_read_on_amx_tiles(monkeypatch):
+    """A bf16 global read whose product and top-k run on AMX tiles counts the multiply-adds of the product it
+    replaces: the global read stage's count equals the count with the matrix product."""
+    from lmrc.model import memory_reads
+    from lmrc.ops.top_k import amx_library
+
+    if amx_library() is None:
+        pytest.skip("no AMX tiles on this CPU")
+    frames = list(synthetic_video(4, (64, 96)))
+    seg = Segmenter(build_model("lmrc-lite", "F"), size=64, mem_every=3, precision="bf16")
+    called = []
+    fused = memory_reads.matmul_top_k
+    monkeypatch.setattr(memory_reads, "matmul_top_k", lambda *a: called.append(1) or fused(*a))
+    on_tiles = multiply_adds_per_frame(seg, frames)["stages"]["global_read"]
+    assert called
+    monkeypatch.setattr(memory_reads, "matmul_top_k", lambda *a: None)
+    product = multiply_adds_per_frame(seg, frames)["stages"]["global_read"]
+    assert on_tiles > 0 and on_tiles == pytest.approx(product, rel=1e-6)
+
+
 def test_macs_option_reports_the_arithmetic_ratio(capsys):
     report = run_json(capsys, "--size", "32", "--frames", "4", "--warmup", "1", "--compare", "A", "F", "--macs",
                       "--mem-every", "2")

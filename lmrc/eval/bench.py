@@ -265,7 +265,8 @@ def multiply_adds_per_frame(segmenter: "Segmenter", frames: Iterator[tuple[np.nd
     """Mean multiply-adds per frame, in GMAC, over the frames after the first (which takes the mask). PyTorch's
     FLOP counter counts the convolutions and matrix products; the native kernels run outside PyTorch and count
     their nominal multiply-adds themselves (`lmrc.ops._native.count_multiply_adds`): `local_window` (the local
-    reads), and the native convolution is added to `convolution`; `total` is all of them. `stages`: the same split
+    reads), the native convolution is added to `convolution`, the global read's product on AMX tiles counts as the
+    matrix product it replaces; `total` is all of them. `stages`: the same split
     by the stage of the segmenter's `timer` they ran in, `other` for what ran outside every stage. Pass `mem_every` + 1 frames so each kind of frame counts as often as in a
     long video. Resets the segmenter. None when there is no frame after the first."""
     from torch.utils.flop_counter import FlopCounterMode

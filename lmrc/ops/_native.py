@@ -90,9 +90,10 @@ _mac_counts: dict[str, float] | None = None  # multiply-adds by kind while count
 def count_multiply_adds():
     """Count the nominal multiply-adds of the native kernels called in the block, whichever path runs them (the
     kernels run outside PyTorch, so its FLOP counter does not see them): yields a dict by kind, "local_window" (the
-    local reads, `lmrc.ops.local_window`) and "convolution" (`lmrc.ops.mask_conv`), each a running count."""
+    local reads, `lmrc.ops.local_window`), "convolution" (`lmrc.ops.mask_conv`) and "matrix_product" (the global
+    read's product on AMX tiles, `lmrc.ops.top_k.matmul_top_k`), each a running count."""
     global _mac_counts
-    previous, counts = _mac_counts, {"local_window": 0.0, "convolution": 0.0}
+    previous, counts = _mac_counts, {"local_window": 0.0, "convolution": 0.0, "matrix_product": 0.0}
     _mac_counts = counts
     try:
         yield counts

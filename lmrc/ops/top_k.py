@@ -72,6 +72,7 @@ def matmul_top_k(rows: Tensor, keys: Tensor, bias: Tensor, k: int) -> tuple[Tens
     padded_bias[:m] = bias
     values = torch.empty(n, k)
     indices = torch.empty(n, k, dtype=torch.int64)
+    _native.count_macs("matrix_product", n * m * (c + 1))  # as the product with the bias as one more channel
     if lib("tk_matmul_amx", query.data_ptr(), n, c, pairs.data_ptr(), padded_bias.data_ptr(), m16, k,
            values.data_ptr(), indices.data_ptr()) != 0:
         return None
