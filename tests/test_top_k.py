@@ -153,6 +153,15 @@ def test_global_read_on_amx_tiles_is_as_exact_as_the_bf16_product():
     torch.testing.assert_close(fused.readout.double(), readout, atol=3e-2, rtol=0)  # bf16 values and readout
 
 
+@amx
+def test_matmul_top_k_declines_rows_it_cannot_fill():
+    """A row whose products are all NaN fills no list: None, so the read takes the product (torch.topk then decides)."""
+    rows = torch.randn(4, 64).bfloat16()
+    rows[2] = float("nan")
+    assert matmul_top_k(rows, torch.randn(64, 50).bfloat16(), torch.zeros(50), 5) is None
+    assert matmul_top_k(rows[:2], torch.randn(64, 50).bfloat16(), torch.zeros(50), 5) is not None
+
+
 def test_matmul_top_k_declines_what_it_cannot_take(monkeypatch):
     rows, keys, bias = torch.randn(4, 64).bfloat16(), torch.randn(64, 50).bfloat16(), torch.zeros(50)
     assert matmul_top_k(torch.randn(4, 48).bfloat16(), torch.randn(48, 50).bfloat16(), bias, 5) is None  # channels

@@ -72,10 +72,10 @@ def matmul_top_k(rows: Tensor, keys: Tensor, bias: Tensor, k: int) -> tuple[Tens
     padded_bias[:m] = bias
     values = torch.empty(n, k)
     indices = torch.empty(n, k, dtype=torch.int64)
-    _native.count_macs("matrix_product", n * m * (c + 1))  # as the product with the bias as one more channel
     if lib("tk_matmul_amx", query.data_ptr(), n, c, pairs.data_ptr(), padded_bias.data_ptr(), m16, k,
            values.data_ptr(), indices.data_ptr()) != 0:
         return None
     if n and int(indices.min()) < 0:  # a row with fewer than k entries above -inf (non-finite inputs)
         return None
+    _native.count_macs("matrix_product", n * m * (c + 1))  # as the product with the bias as one more channel
     return values, indices
