@@ -200,7 +200,7 @@ void LW_FN(tk_rows_bf16)(const lw_bf16 *x, long rows, long cols, long k, real *v
  * q: n16 x C bf16 (query rows, zero rows up to a multiple of 16; the scale folded in), keys: C/2 x m16 x 2 bf16
  * (channel pairs, the tiles' VNNI layout; positions up to a multiple of 16), bias: m16 floats added to each product
  * (-inf at the padding positions). val/idx: n x k, each row sorted descending. C a multiple of 32, at most 64.
- * Returns 0, or -1 when the kernel cannot ask Linux for the tile state (the caller then takes the matrix product). */
+ * Returns 0, or -1 when Linux refuses the tile state or memory runs out (the caller then takes the matrix product). */
 #define TK_AMX_BLOCKS 64 /* memory blocks of 16 positions whose keys stay in cache across the query tiles */
 #define TK_AMX_SAMPLE 4  /* the floor pass takes every 4th block */
 
