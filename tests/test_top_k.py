@@ -87,10 +87,12 @@ amx = pytest.mark.skipif(amx_library() is None, reason="no AMX tiles on this CPU
 @pytest.mark.parametrize("n, c, m, k", [(1620, 64, 3240, 20), (37, 64, 100, 20), (16, 32, 16, 16), (5, 64, 21, 1),
                                         (40, 64, 1000, 32)])
 def test_matmul_top_k_on_amx_tiles_is_the_top_k_of_the_product(n, c, m, k):
-    """Row and column counts off the 16 x 16 tiles, both channel counts, k up to the columns: the values are the
-    top-k of the product plus the bias (bf16 products summed in float32), at distinct columns holding them."""
+    """Row and column counts off the 16 x 16 tiles, both channel counts, k up to the columns, keys read in place
+    from a wider buffer: the values are the top-k of the product plus the bias (bf16 products summed in float32), at
+    distinct columns holding them."""
     g = torch.Generator().manual_seed(n + m + k)
-    rows, keys = torch.randn(n, c, generator=g).bfloat16(), torch.randn(c, m, generator=g).bfloat16()
+    rows = torch.randn(n, c, generator=g).bfloat16()
+    keys = torch.randn(c, m + 40, generator=g).bfloat16()[:, 30: 30 + m]  # rows m + 40 apart, as a memory window
     bias = torch.randn(m, generator=g) * 4
     values, indices = matmul_top_k(rows, keys, bias, k)
     exact = rows.double() @ keys.double() + bias.double()
