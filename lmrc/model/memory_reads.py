@@ -112,9 +112,9 @@ def global_memory_read(
     else:
         parts = ((start, *(row_top_k(sim, kept) if sparse else (sim, None)))
                  for start, sim in global_similarity(q, memory_key, scale, memory_sq=memory_sq, chunk_size=chunk_size))
-    for start, sim, indices in parts:
+    for start, best, indices in parts:  # best: the chunk's similarities, or its sorted k best when sparse
+        sim = best
         if sparse:
-            best = sim
             sim, indices = best[..., :read_top_k], indices[..., :read_top_k]
         if comparator_top_k:
             rows = q[:, :, start: start + sim.shape[1]]

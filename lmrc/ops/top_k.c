@@ -11,7 +11,8 @@
 
 #include "kernels.h"
 
-/* x into the sorted (descending) list val/idx of k entries, dropping the smallest; x > val[k-1] */
+/* x into the sorted (descending) list val/idx of k entries, dropping the smallest (val[k - 1], which x beats; a list
+ * being filled passes k = entries so far + 1) */
 static inline void tk_insert(real *val, long *idx, long k, real x, long j) {
     long p = k - 1;
     while (p > 0 && val[p - 1] < x) {
@@ -21,6 +22,15 @@ static inline void tk_insert(real *val, long *idx, long k, real x, long j) {
     }
     val[p] = x;
     idx[p] = j;
+}
+
+/* The lanes of v flagged in bits that still beat the list's k-th best, into the list (column of lane l: col0 + l) */
+static inline void tk_insert_lanes(vreal v, unsigned long bits, real *val, long *idx, long k, long col0) {
+    while (bits) {
+        const int l = __builtin_ctzl(bits);
+        bits &= bits - 1;
+        if (v[l] > val[k - 1]) tk_insert(val, idx, k, v[l], col0 + l);
+    }
 }
 
 /* The lanes of m (all ones or zero) as bits, lane l -> bit l: one instruction on x86 (a lane-by-lane loop
@@ -134,15 +144,8 @@ static inline __attribute__((always_inline)) void tk_scan(const void *row, int b
         if (!tk_any_ge(v0, v1, floor > threshold ? floor : threshold)) continue;
         for (int h = 0; h < 2; h++) {
             const vreal v = h ? v1 : v0;
-            unsigned long bits = tk_bits((v > vsplat(threshold)) & (v >= vsplat(floor)));
-            while (bits) {
-                const int l = __builtin_ctzl(bits);
-                bits &= bits - 1;
-                if (v[l] > threshold) {
-                    tk_insert(val, idx, k, v[l], j + h * VL + l);
-                    threshold = val[k - 1];
-                }
-            }
+            tk_insert_lanes(v, tk_bits((v > vsplat(threshold)) & (v >= vsplat(floor))), val, idx, k, j + h * VL);
+            threshold = val[k - 1];
         }
     }
     for (; j < cols; j++) {
@@ -157,17 +160,7 @@ static inline __attribute__((always_inline)) void tk_scan(const void *row, int b
 /* One row (cols >= k): the list begins with its first k entries, insertion-sorted, then the scan. */
 static inline __attribute__((always_inline)) void tk_row(const void *row, int bf16, long cols, long k, real *val,
                                                          long *idx) {
-    for (long j = 0; j < k; j++) {
-        const real x = tk_load1(row, bf16, j);
-        long p = j;
-        while (p > 0 && val[p - 1] < x) {
-            val[p] = val[p - 1];
-            idx[p] = idx[p - 1];
-            p--;
-        }
-        val[p] = x;
-        idx[p] = j;
-    }
+    for (long j = 0; j < k; j++) tk_insert(val, idx, j + 1, tk_load1(row, bf16, j), j); /* a list of j + 1 */
     tk_scan(row, bf16, k, cols, k, tk_floor(row, bf16, cols, k), val, idx);
 }
 
@@ -230,12 +223,7 @@ static inline void tk_amx_visit(const float *c, const float *bias, long blk, lon
     for (long i = 0; i < rows; i++) {
         real *vi = val + i * k;
         const vreal v = vload(c + i * 16) + bv;
-        unsigned long bits = tk_bits((v > vsplat(vi[k - 1])) & (v >= vsplat(floors[i])));
-        while (bits) {
-            const int l = __builtin_ctzl(bits);
-            bits &= bits - 1;
-            if (v[l] > vi[k - 1]) tk_insert(vi, idx + i * k, k, v[l], blk * 16 + l);
-        }
+        tk_insert_lanes(v, tk_bits((v > vsplat(vi[k - 1])) & (v >= vsplat(floors[i]))), vi, idx + i * k, k, blk * 16);
     }
 }
 
